@@ -1,0 +1,45 @@
+# embedforge: `make demo` runs the pipeline on the bundled defaults, `make test` runs the tests.
+# Each target sets up .venv itself. torch is pinned to the CPU build that lies on disk here
+# (an unpinned torch would pull a multi-GB CUDA build); on a GPU machine install torch first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --quiet --disable-pip-version-check
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup setup-bench test lint demo bench proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip 2>/dev/null || true
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch"
+	$(PIP) install -e ".[train,serve,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import embedforge, onnxruntime, grpc, transformers, pytest"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PIP) install -e ".[bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import sentence_transformers"
+	touch $@
+
+setup-bench: $(VENV)/.installed-bench
+
+lint: setup
+	$(VENV)/bin/ruff check embedforge tests benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/embedforge train --num-epochs 1 --save-steps 10 --save-path output/demo
+
+bench: setup-bench
+	@echo "see benchmarks/README.md"
+
+clean:
+	rm -rf $(VENV) output .pytest_cache .ruff_cache

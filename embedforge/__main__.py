@@ -1,0 +1,3 @@
+from embedforge.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""The `embedforge` command: a click group whose subcommands are imported only when run.
+
+Lazy loading keeps `embedforge serve` free of torch and quick to start: the serving side never
+imports the training modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("embedforge.train.cli", "train_command", "Fine-tune an encoder on query-document pairs."),
+    "evaluate": ("embedforge.evaluate.cli", "evaluate_command", "Score checkpoints; pick the best one."),
+    "export": ("embedforge.export.cli", "export_command", "Export a checkpoint to optimized ONNX."),
+    "serve": ("embedforge.server.cli", "serve_command", "Serve an ONNX export over gRPC."),
+    "embed": ("embedforge.server.cli", "embed_command", "Embed texts with a running server."),
+    "loadtest": ("embedforge.loadtest_cli", "loadtest_command", "Load-test a running server."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports each subcommand's module on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module_name, attribute, _ = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="embedforge")
+def main() -> None:
+    """Fine-tune, evaluate, export and serve text-embedding models."""
+
+
+if __name__ == "__main__":
+    main()

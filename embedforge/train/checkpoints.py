@@ -1,0 +1,179 @@
+"""Checkpoints on disk: atomic writes, listing, and the choice of the best one.
+
+Layout under a save path::
+
+    <save_path>/checkpoint-step-N/      model files, embedforge.json, trainer_state.json, training_state.pt
+    <save_path>/best_checkpoint.json    {"checkpoint", "step", "val_loss", "selected_by"} (written by evaluate)
+
+A checkpoint is built in a hidden temporary directory and renamed into place once complete, so a run
+killed at any moment leaves either the whole checkpoint or none. Only this module's save/load of the
+training state imports torch; listing and selection are plain file reads (the serving side uses them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+TRAINING_STATE_FILE = "training_state.pt"
+BEST_RECORD = "best_checkpoint.json"
+REQUIRED_FILES = ("embedforge.json", "config.json", "model.safetensors", "tokenizer.json", STATE_FILE)
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was asked for; the message says what is missing and where."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    val_loss: float | None
+    state: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-step-{step}"
+
+
+def missing_files(path: Path) -> list[str]:
+    return [name for name in REQUIRED_FILES if not (path / name).is_file()]
+
+
+def read_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Read one checkpoint directory, or raise CheckpointError naming the missing files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    missing = missing_files(path)
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    state = json.loads((path / STATE_FILE).read_text())
+    val_loss = state.get("val_loss")
+    return CheckpointInfo(path, int(state.get("step", 0)), None if val_loss is None else float(val_loss), state)
+
+
+def list_checkpoints(save_path: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints under `save_path`, by step. Temporary and incomplete directories are skipped."""
+    save_path = Path(save_path)
+    if not save_path.is_dir():
+        return []
+    found = []
+    for child in save_path.iterdir():
+        if child.is_dir() and CHECKPOINT_PATTERN.match(child.name) and not missing_files(child):
+            found.append(read_checkpoint(child))
+    return sorted(found, key=lambda info: info.step)
+
+
+def select_best(save_path: str | Path) -> CheckpointInfo:
+    """The complete checkpoint with the lowest validation loss (the latest one when none has a val_loss)."""
+    checkpoints = list_checkpoints(save_path)
+    if not checkpoints:
+        raise CheckpointError(f"{save_path}: no complete checkpoint (run `embedforge train --save-path {save_path}`)")
+    scored = [info for info in checkpoints if info.val_loss is not None]
+    if not scored:
+        return checkpoints[-1]
+    return min(scored, key=lambda info: (info.val_loss, -info.step))
+
+
+def write_best_record(save_path: str | Path, info: CheckpointInfo, selected_by: str = "val_loss") -> Path:
+    record = {"checkpoint": info.name, "step": info.step, "val_loss": info.val_loss, "selected_by": selected_by}
+    return write_json_atomic(Path(save_path) / BEST_RECORD, record)
+
+
+def read_best_record(save_path: str | Path) -> CheckpointInfo | None:
+    """The checkpoint recorded as best in `save_path`, or None when nothing is recorded."""
+    record_path = Path(save_path) / BEST_RECORD
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    try:
+        return read_checkpoint(Path(save_path) / record["checkpoint"])
+    except CheckpointError as error:
+        raise CheckpointError(f"{record_path} names a checkpoint that cannot be used: {error}") from error
+
+
+def resolve_checkpoint(save_path: str | Path | None = None, checkpoint_dir: str | Path | None = None) -> CheckpointInfo:
+    """An explicit checkpoint dir; else the recorded best of save_path; else its lowest val_loss."""
+    if checkpoint_dir is not None:
+        return read_checkpoint(checkpoint_dir)
+    if save_path is None:
+        raise CheckpointError("give a save path or a checkpoint directory")
+    return read_best_record(save_path) or select_best(save_path)
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+    return path
+
+
+def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)` in a hidden temporary dir beside `final`, then swap it into place.
+
+    A crash inside `write` removes the temporary dir and leaves any existing `final` untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        write(tmp)
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def remove_stale_temporaries(save_path: Path) -> None:
+    """Delete temporary dirs a killed run left behind (they never count as checkpoints)."""
+    if save_path.is_dir():
+        for child in save_path.iterdir():
+            if child.is_dir() and child.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def save_checkpoint(save_path: Path, step: int, model, trainer_state: dict, training_state: dict) -> CheckpointInfo:
+    """Atomically write `checkpoint-step-N`: model, trainer_state.json and what --resume needs."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        torch.save(training_state, tmp / TRAINING_STATE_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+
+    return read_checkpoint(write_dir_atomic(Path(save_path) / checkpoint_name(step), write))
+
+
+def prune_checkpoints(save_path: Path, keep: int, protect: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints (and `protect`, the best so far); delete the rest."""
+    if keep <= 0:
+        return
+    checkpoints = list_checkpoints(save_path)
+    for info in checkpoints[:-keep]:
+        if protect is None or info.path.resolve() != Path(protect).resolve():
+            shutil.rmtree(info.path, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""`embedforge train`: every option of the original script, spelled with dashes (underscores accepted)."""
+
+from __future__ import annotations
+
+import click
+
+from embedforge.train.trainer import TrainConfig
+
+
+def _option(name: str, **kwargs):
+    """A click option accepting both --some-name and --some_name."""
+    dashed = f"--{name.replace('_', '-')}"
+    names = [dashed, f"--{name}"] if "_" in name else [dashed]
+    return click.option(*names, name, show_default=True, **kwargs)
+
+
+DEFAULTS = TrainConfig()
+
+
+@click.command(name="train")
+@_option("train_path", type=click.Path(dir_okay=False), default=None,
+         help="Training pairs (JSON or JSONL). Default: the bundled sample set.")
+@_option("val_path", type=click.Path(dir_okay=False), default=None,
+         help="Validation pairs. Default: the bundled sample set.")
+@_option("model_name", default=None, help="Base model: a local directory or cached hub id. Default: the bundled "
+         "all-MiniLM-L6-v2.")
+@_option("max_length", type=int, default=DEFAULTS.max_length, help="Truncate texts at this many tokens.")
+@_option("batch_size", type=int, default=DEFAULTS.batch_size)
+@_option("learning_rate", type=float, default=DEFAULTS.learning_rate)
+@_option("num_epochs", type=int, default=DEFAULTS.num_epochs)
+@_option("warmup_steps", type=int, default=DEFAULTS.warmup_steps)
+@_option("save_steps", type=int, default=DEFAULTS.save_steps, help="Validate and checkpoint every N optimizer steps.")
+@_option("save_path", type=click.Path(file_okay=False), default=DEFAULTS.save_path)
+@_option("device", default=DEFAULTS.device, help="auto (cuda if available), cpu, cuda or cuda:N.")
+@_option("pooling", type=click.Choice(["auto", "cls", "mean"]), default=DEFAULTS.pooling,
+         help="auto: the model's sentence-transformers pooling config if it has one, else cls.")
+@_option("projection_dim", type=int, default=None, help="Add a linear projection to this many dimensions.")
+@_option("seed", type=int, default=DEFAULTS.seed)
+@_option("grad_accum_steps", type=int, default=DEFAULTS.grad_accum_steps)
+@_option("max_steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@_option("amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=DEFAULTS.amp,
+         help="Mixed precision. auto: bf16 (or fp16) on CUDA, off on CPU.")
+@_option("save_total_limit", type=int, default=None, help="Keep only the newest N checkpoints (and the best).")
+@_option("early_stopping_patience", type=int, default=None,
+         help="Stop after N checkpoints without a better validation loss.")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None,
+              help="Continue from the latest checkpoint in --save-path, or from the given checkpoint dir.")
+@click.option("--group-by-length/--no-group-by-length", "group_by_length", default=True, show_default=True,
+              help="Batch texts of similar length together (less padding).")
+def train_command(**options) -> None:
+    """Fine-tune an encoder so that cosine(query, document) matches rel."""
+    from embedforge.data import DataError
+    from embedforge.model import ModelError
+    from embedforge.train.checkpoints import CheckpointError
+    from embedforge.train.trainer import TrainError, train
+
+    config = TrainConfig(**options)
+    try:
+        result = train(config)
+    except (TrainError, DataError, ModelError, CheckpointError) as error:
+        raise click.ClickException(str(error)) from error
+    if result.best_checkpoint is not None:
+        click.echo(f"trained {result.global_step} steps; {len(result.checkpoints)} checkpoint(s) in "
+                   f"{result.save_path}; lowest val_loss: {result.best_checkpoint.name}")

@@ -1,0 +1,466 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+One step = one batch of (query, document, rel, weight) pairs -> embed both sides -> cosine ->
+weighted MSE against rel -> backward. Every `grad_accum_steps` batches: clip gradients at 1.0,
+AdamW step, linear warmup/decay schedule step. Every `save_steps` optimizer steps (and at the end):
+validation loss, validation NDCG@10 and an atomic checkpoint.
+
+Multi-GPU / multi-node: run under `torchrun`; each rank trains on its shard (DistributedSampler-style
+sharding of the same seeded permutation), DDP averages gradients, rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from embedforge.data import DataError, Pair, read_pairs
+from embedforge.model import BertVectorModel, pad_batch
+from embedforge.train import checkpoints
+from embedforge.train.loss import WeightedMSELoss
+
+METRICS_LOG = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass
+class TrainConfig:
+    train_path: str | None = None
+    val_path: str | None = None
+    model_name: str | None = None
+    max_length: int = 512
+    batch_size: int = 16
+    learning_rate: float = 2e-5
+    num_epochs: int = 3
+    warmup_steps: int = 100
+    save_steps: int = 200
+    save_path: str = "./output/vector_model"
+    device: str = "auto"
+    pooling: str = "auto"
+    projection_dim: int | None = None
+    seed: int = 42
+    grad_accum_steps: int = 1
+    max_steps: int | None = None
+    amp: str = "auto"
+    save_total_limit: int | None = None
+    early_stopping_patience: int | None = None
+    resume: str | None = None
+    weight_decay: float = 0.01
+    group_by_length: bool = True
+    eval_batch_size: int = 64
+    show_progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    save_path: Path
+    checkpoints: list[Path] = field(default_factory=list)
+    global_step: int = 0
+    best_checkpoint: Path | None = None
+    stopped_early: bool = False
+
+
+class TrainError(ValueError):
+    """A training setup that cannot run; the message says which option or file is wrong."""
+
+
+# -- setup helpers -------------------------------------------------------------------------
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda was asked for but CUDA is not available")
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+    return torch.device(device)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: auto = bf16 where the GPU supports it, else fp16, and off on CPU."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or --amp off on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        skip = parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith(".bias")
+        (no_decay if skip else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Learning rate factor: rises linearly from 0 over warmup_steps, then falls linearly to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+class TokenizedPairs:
+    """Pairs with both texts tokenized once up front (unique texts only); batches pad dynamically."""
+
+    def __init__(self, pairs: Sequence[Pair], model: BertVectorModel) -> None:
+        texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
+        index = {text: i for i, text in enumerate(texts)}
+        self.token_ids = model.tokenize(texts)
+        self.query = np.array([index[p.query] for p in pairs])
+        self.document = np.array([index[p.document] for p in pairs])
+        self.rel = torch.tensor([p.rel for p in pairs], dtype=torch.float32)
+        self.weight = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
+        self.length = np.array([max(len(self.token_ids[q]), len(self.token_ids[d]))
+                                for q, d in zip(self.query, self.document, strict=True)])
+        self.pad_id = model.tokenizer.pad_token_id or 0
+
+    def __len__(self) -> int:
+        return len(self.rel)
+
+    def batches(self, batch_size: int, seed: int, epoch: int, group_by_length: bool, rank: int = 0,
+                world_size: int = 1) -> list[np.ndarray]:
+        """This rank's batches of pair indices for one epoch; the same on every call with the same arguments.
+
+        With group_by_length, each window of 50 batches is sorted by length before cutting, so a
+        batch holds texts of similar length (less padding); batch order is then shuffled.
+        """
+        generator = np.random.default_rng(seed + epoch)
+        order = generator.permutation(len(self))
+        per_rank = math.ceil(len(order) / world_size)
+        order = np.resize(order, per_rank * world_size)[rank::world_size]  # pad by wrapping, like DistributedSampler
+        if group_by_length:
+            window = batch_size * 50
+            order = np.concatenate([chunk[np.argsort(-self.length[chunk], kind="stable")]
+                                    for chunk in np.array_split(order, max(1, math.ceil(len(order) / window)))])
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if group_by_length:
+            batches = [batches[i] for i in generator.permutation(len(batches))]
+        return batches
+
+    def collate(self, batch: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        query_ids, query_mask = pad_batch([self.token_ids[i] for i in self.query[batch]], self.pad_id, device)
+        doc_ids, doc_mask = pad_batch([self.token_ids[i] for i in self.document[batch]], self.pad_id, device)
+        return {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask,
+                "rel": self.rel[batch].to(device), "weight": self.weight[batch].to(device)}
+
+
+class PairCosine(nn.Module):
+    """cosine(query, document) for a batch, in one forward call (what DDP needs: one forward per backward)."""
+
+    def __init__(self, model: BertVectorModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, query_ids, query_mask, doc_ids, doc_mask) -> torch.Tensor:
+        return (self.model(query_ids, query_mask) * self.model(doc_ids, doc_mask)).sum(dim=-1)
+
+
+def load_pairs(path: str | None, what: str) -> list[Pair]:
+    if path is None:
+        from embedforge.sample_data import sample_path
+
+        path = str(sample_path(what))
+    return read_pairs(path)
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int) -> dict[str, float]:
+    """Validation loss (weighted MSE, as in training) and ranking metrics, texts embedded once each."""
+    from embedforge.evaluate.runner import evaluate_pairs
+
+    loss_fn = WeightedMSELoss()
+    texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
+    vectors = dict(zip(texts, model.encode(texts, batch_size=batch_size), strict=True))
+    cosine = torch.tensor(np.array([vectors[p.query] @ vectors[p.document] for p in pairs]))
+    rel = torch.tensor([p.rel for p in pairs])
+    weight = torch.tensor([p.weight for p in pairs])
+    result = {"val_loss": float(loss_fn(cosine, rel, weight))}
+    report = evaluate_pairs(pairs, lambda batch: np.stack([vectors[t] for t in batch]), ks=(10,), mode="rerank")
+    result["val_ndcg@10"] = report["rerank"]["ndcg@10"]
+    result["val_spearman"] = report["spearman"]
+    return result
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune per `config`; returns where the checkpoints are."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world_size > 1
+    device = resolve_device(config.device, local_rank)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    is_main = rank == 0
+    try:
+        return _train(config, device, rank, world_size, is_main)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_config(config: TrainConfig) -> None:
+    positive = {"batch_size": config.batch_size, "num_epochs": config.num_epochs, "save_steps": config.save_steps,
+                "grad_accum_steps": config.grad_accum_steps, "max_length": config.max_length}
+    for name, value in positive.items():
+        if value < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if config.learning_rate <= 0:
+        raise TrainError(f"--learning-rate must be > 0, got {config.learning_rate}")
+    if config.warmup_steps < 0:
+        raise TrainError(f"--warmup-steps must be >= 0, got {config.warmup_steps}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise TrainError(f"--max-steps must be >= 1, got {config.max_steps}")
+
+
+def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int, is_main: bool) -> TrainResult:
+    _check_config(config)
+    save_path = Path(config.save_path)
+    # Read and check all data before loading anything heavy: a bad file stops the run at once.
+    try:
+        train_pairs = load_pairs(config.train_path, "train")
+        val_pairs = load_pairs(config.val_path, "valid")
+    except DataError as error:
+        raise TrainError(str(error)) from error
+    if sum(p.weight for p in train_pairs) == 0:
+        raise TrainError(f"{config.train_path}: every record has weight 0; nothing to learn from")
+
+    seed_everything(config.seed)
+    resume_from = _find_resume_checkpoint(config, save_path)
+    if resume_from is not None:
+        model = BertVectorModel.from_pretrained(resume_from.path)
+    else:
+        model = BertVectorModel.from_base(config.model_name, config.pooling, config.projection_dim,
+                                          config.max_length)
+    model.to(device)
+    data = TokenizedPairs(train_pairs, model)
+    batches_per_epoch = math.ceil(math.ceil(len(data) / world_size) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
+    total_steps = steps_per_epoch * config.num_epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    optimizer = adamw(model, config.learning_rate, config.weight_decay)
+    scheduler = linear_schedule(optimizer, config.warmup_steps, total_steps)
+    amp_dtype = resolve_amp(config.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    pair_cosine: nn.Module = PairCosine(model)
+    if world_size > 1:
+        ddp_devices = [device.index] if device.type == "cuda" else None
+        pair_cosine = nn.parallel.DistributedDataParallel(pair_cosine, device_ids=ddp_devices)
+    loss_fn = WeightedMSELoss()
+
+    global_step, start_epoch, skip_batches = 0, 0, 0
+    history: list[dict] = []
+    if resume_from is not None:
+        training_state = torch.load(resume_from.path / checkpoints.TRAINING_STATE_FILE, weights_only=False,
+                                    map_location="cpu")
+        optimizer.load_state_dict(training_state["optimizer"])
+        scheduler.load_state_dict(training_state["scheduler"])
+        scaler.load_state_dict(training_state["scaler"])
+        set_rng_state(training_state["rng"])
+        global_step = training_state["global_step"]
+        start_epoch = training_state["epoch"]
+        skip_batches = training_state["batches_done_in_epoch"]
+        history = training_state.get("history", [])
+    elif is_main and save_path.is_dir() and checkpoints.list_checkpoints(save_path):
+        raise TrainError(f"{save_path} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --save-path")
+
+    if is_main:
+        save_path.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_stale_temporaries(save_path)
+        (save_path / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    result = TrainResult(save_path=save_path, global_step=global_step)
+    best_val, bad_evals = math.inf, 0
+    for record in history:
+        if record.get("val_loss") is not None and record["val_loss"] < best_val:
+            best_val, bad_evals = record["val_loss"], 0
+        elif record.get("val_loss") is not None:
+            bad_evals += 1
+    last_saved_step = global_step if resume_from is not None else -1
+
+    def save(epoch: int, batches_done: int, train_loss: float | None) -> bool:
+        """Validate and checkpoint (rank 0). Returns True when early stopping says stop."""
+        nonlocal best_val, bad_evals, last_saved_step
+        stop = False
+        if is_main:
+            val = validate(model, val_pairs, config.eval_batch_size)
+            model.train()
+            record = {"step": global_step, "epoch": epoch, "train_loss": train_loss, **val,
+                      "learning_rate": scheduler.get_last_lr()[0], "time": time.time()}
+            history.append(record)
+            with open(save_path / METRICS_LOG, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            state = {"step": global_step, "epoch": epoch, "train_loss": train_loss, "val_loss": val["val_loss"],
+                     "val_metrics": val, "train_path": config.train_path, "val_path": config.val_path,
+                     "base_model": model.base_model}
+            training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "scaler": scaler.state_dict(), "rng": rng_state(), "global_step": global_step,
+                              "epoch": epoch, "batches_done_in_epoch": batches_done, "history": history}
+            info = checkpoints.save_checkpoint(save_path, global_step, model, state, training_state)
+            result.checkpoints.append(info.path)
+            if val["val_loss"] < best_val:
+                best_val, bad_evals = val["val_loss"], 0
+            else:
+                bad_evals += 1
+            if config.save_total_limit:
+                best = checkpoints.select_best(save_path)
+                checkpoints.prune_checkpoints(save_path, config.save_total_limit, protect=best.path)
+            plot_losses(history, save_path / LOSS_PLOT)
+            stop = bool(config.early_stopping_patience and bad_evals >= config.early_stopping_patience)
+            tqdm.write(f"step {global_step}: val_loss {val['val_loss']:.4f}  val_ndcg@10 {val['val_ndcg@10']:.4f}"
+                       f"  -> {info.path}")
+        last_saved_step = global_step
+        if world_size > 1:
+            flag = torch.tensor([int(stop)], device=device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        return stop
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",
+                    disable=not (is_main and config.show_progress), dynamic_ncols=True)
+    running_loss, running_count, samples, started = 0.0, 0, 0, time.perf_counter()
+    window_loss = None
+    epoch = start_epoch
+    done = global_step >= total_steps
+    while not done and epoch < config.num_epochs:
+        batches = data.batches(config.batch_size, config.seed, epoch, config.group_by_length, rank, world_size)
+        for batch_index, batch in enumerate(batches):
+            if batch_index < skip_batches:
+                continue
+            inputs = data.collate(batch, device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                cosine = pair_cosine(inputs["query_ids"], inputs["query_mask"], inputs["doc_ids"], inputs["doc_mask"])
+            loss = loss_fn(cosine, inputs["rel"], inputs["weight"])
+            scaler.scale(loss / config.grad_accum_steps).backward()
+            running_loss += float(loss)
+            running_count += 1
+            samples += len(batch) * world_size
+            end_of_epoch = batch_index == len(batches) - 1
+            if (batch_index + 1) % config.grad_accum_steps and not end_of_epoch:
+                continue
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            global_step += 1
+            window_loss = running_loss / running_count
+            progress.update(1)
+            progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                 samples_s=f"{samples / (time.perf_counter() - started):.1f}")
+            if global_step % config.save_steps == 0:
+                running_loss, running_count = 0.0, 0
+                if save(epoch, batch_index + 1, window_loss):
+                    result.stopped_early = True
+                    done = True
+            if global_step >= total_steps:
+                done = True
+            if done:
+                break
+        skip_batches = 0
+        if not done:
+            epoch += 1
+    progress.close()
+    if last_saved_step != global_step:
+        save(min(epoch, config.num_epochs - 1), 0, window_loss)
+    result.global_step = global_step
+    if is_main:
+        result.best_checkpoint = checkpoints.select_best(save_path).path
+    return result
+
+
+def _find_resume_checkpoint(config: TrainConfig, save_path: Path) -> checkpoints.CheckpointInfo | None:
+    if config.resume is None:
+        return None
+    if config.resume != "latest":
+        return checkpoints.read_checkpoint(config.resume)
+    found = checkpoints.list_checkpoints(save_path)
+    if not found:
+        raise TrainError(f"--resume: {save_path} holds no complete checkpoint to resume from")
+    return found[-1]
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and validation loss over steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, marker, label in (("train_loss", "o", "train loss (since last checkpoint)"),
+                               ("val_loss", "s", "validation loss")):
+        values = [math.nan if r.get(key) is None else r[key] for r in history]
+        axis.plot(steps, values, marker=marker, label=label)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("weighted MSE")
+    axis.set_title("embedforge training")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
