@@ -28,6 +28,10 @@ from tqdm.auto import tqdm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+# Loading drops the unused pooler head, which transformers would otherwise report on every load.
+hf_logging.set_verbosity_error()
 
 CONFIG_FILE = "embedforge.json"
 PROJECTION_FILE = "projection.safetensors"
@@ -107,6 +111,8 @@ class BertVectorModel(nn.Module):
         if not 1 <= max_length <= limit:
             raise ModelError(f"max_length {max_length} is outside 1..{limit}, the position limit of "
                              f"{base_model or 'the encoder'}")
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # the [CLS] pooler head is unused here: skip its compute and its gradients
         self.encoder = encoder
         self.pooling = pooling
         self.max_length = max_length

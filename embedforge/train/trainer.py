@@ -70,6 +70,7 @@ class TrainResult:
     global_step: int = 0
     best_checkpoint: Path | None = None
     stopped_early: bool = False
+    model: BertVectorModel | None = None
 
 
 class TrainError(ValueError):
@@ -228,8 +229,9 @@ def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int) -> 
     rel = torch.tensor([p.rel for p in pairs])
     weight = torch.tensor([p.weight for p in pairs])
     result = {"val_loss": float(loss_fn(cosine, rel, weight))}
-    report = evaluate_pairs(pairs, lambda batch: np.stack([vectors[t] for t in batch]), ks=(10,), mode="rerank")
-    result["val_ndcg@10"] = report["rerank"]["ndcg@10"]
+    report = evaluate_pairs(pairs, lambda batch: np.stack([vectors[t] for t in batch]), ks=(10,), mode="retrieval",
+                            show_progress=False)
+    result["val_ndcg@10"] = report["retrieval"]["ndcg@10"]
     result["val_spearman"] = report["spearman"]
     return result
 
@@ -392,7 +394,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
                 cosine = pair_cosine(inputs["query_ids"], inputs["query_mask"], inputs["doc_ids"], inputs["doc_mask"])
             loss = loss_fn(cosine, inputs["rel"], inputs["weight"])
             scaler.scale(loss / config.grad_accum_steps).backward()
-            running_loss += float(loss)
+            running_loss += loss.item()
             running_count += 1
             samples += len(batch) * world_size
             end_of_epoch = batch_index == len(batches) - 1
@@ -425,6 +427,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
     if last_saved_step != global_step:
         save(min(epoch, config.num_epochs - 1), 0, window_loss)
     result.global_step = global_step
+    result.model = model
     if is_main:
         result.best_checkpoint = checkpoints.select_best(save_path).path
     return result

@@ -1,0 +1,121 @@
+"""`embedforge evaluate`: score checkpoints (or a base model) on a test pair file, pick the best one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from embedforge.evaluate.metrics import DEFAULT_REL_THRESHOLD
+from embedforge.evaluate.runner import MODES, format_table, plot_report, write_report
+
+
+def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(part) for part in value.split(",") if part.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1,3,5,10, got {value!r}") from None
+    if not ks or ks[0] < 1:
+        raise click.BadParameter(f"k values must be integers >= 1, got {value!r}")
+    return ks
+
+
+@click.command(name="evaluate")
+@click.option("--test-path", "--test_path", "test_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Test pairs (JSON or JSONL).")
+@click.option("--save-path", "--save_path", "save_path", type=click.Path(file_okay=False, path_type=Path),
+              help="Training output dir: evaluate every complete checkpoint in it.")
+@click.option("--checkpoint-dir", "--checkpoint_dir", "checkpoint_dir",
+              type=click.Path(file_okay=False, path_type=Path), help="Evaluate one checkpoint.")
+@click.option("--model-name", "--model_name", "model_name",
+              help="Evaluate a base model before fine-tuning (a local dir, or all-MiniLM-L6-v2 = bundled).")
+@click.option("--select-best", "--select_best", "select_best", is_flag=True,
+              help="With --save-path: record the lowest-val_loss checkpoint in best_checkpoint.json.")
+@click.option("--mode", type=click.Choice(MODES), default="both", show_default=True,
+              help="rerank: each query ranks its labelled documents; retrieval: all documents of the file.")
+@click.option("--k", "ks", default="1,3,5,10", show_default=True, callback=_parse_ks,
+              help="Cut-offs for NDCG/MRR/MAP/Recall.")
+@click.option("--rel-threshold", "--rel_threshold", "rel_threshold", type=float,
+              default=DEFAULT_REL_THRESHOLD, show_default=True,
+              help="rel >= this counts as relevant for MRR, MAP and Recall.")
+@click.option("--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=64,
+              show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON report [default: <save-path>/eval_report.json, beside the checkpoint, "
+                   "or ./eval_report.json for --model-name]. A PNG plot goes beside it for --save-path.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Path | None,
+                     model_name: str | None, select_best: bool, mode: str, ks: tuple[int, ...],
+                     rel_threshold: float, batch_size: int, output: Path | None, device: str) -> None:
+    """Score checkpoints on a test file: NDCG, MRR, MAP, Recall @k (rerank and retrieval) and Spearman.
+
+    \b
+    embedforge evaluate --test-path test.jsonl --save-path output/vector_model --select-best
+    embedforge evaluate --test-path test.jsonl --checkpoint-dir output/vector_model/checkpoint-step-400
+    embedforge evaluate --test-path test.jsonl --model-name all-MiniLM-L6-v2
+    """
+    sources = [name for name, value in (("--save-path", save_path), ("--checkpoint-dir", checkpoint_dir),
+                                        ("--model-name", model_name)) if value is not None]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of --save-path, --checkpoint-dir, --model-name"
+                               + (f" (got {', '.join(sources)})" if sources else ""))
+    if select_best and save_path is None:
+        raise click.UsageError("--select-best needs --save-path")
+
+    from embedforge.data import read_pairs
+    from embedforge.evaluate.runner import evaluate_base_model, evaluate_checkpoint
+    from embedforge.train.checkpoints import list_checkpoints, read_checkpoint
+    from embedforge.train.checkpoints import select_best as best_checkpoint
+
+    settings = {"ks": ks, "rel_threshold": rel_threshold, "mode": mode, "batch_size": batch_size,
+                "device": device}
+    try:
+        pairs = read_pairs(test_path)
+        if save_path is not None:
+            checkpoints = list_checkpoints(save_path)
+            best = best_checkpoint(save_path)  # raises CheckpointError when there is no complete checkpoint
+            default_output = save_path / "eval_report.json"
+        elif checkpoint_dir is not None:
+            if any(checkpoint_dir.glob("checkpoint-step-*")):
+                raise click.UsageError(f"{checkpoint_dir} holds checkpoints: use --save-path {checkpoint_dir}")
+            checkpoints = [read_checkpoint(checkpoint_dir)]
+            best = None
+            default_output = checkpoint_dir.parent / f"eval_report_{checkpoint_dir.name}.json"
+        else:
+            checkpoints, best = [], None
+            default_output = Path("eval_report.json")
+        results = []
+        for info in checkpoints:
+            click.echo(f"evaluating {info.path}", err=True)
+            results.append({"name": info.name, "path": str(info.path), "step": info.step,
+                            "val_loss": info.val_loss, "metrics": evaluate_checkpoint(info.path, pairs, **settings)})
+        if model_name is not None:
+            click.echo(f"evaluating base model {model_name}", err=True)
+            results.append({"name": model_name, "path": None, "step": None, "val_loss": None,
+                            "metrics": evaluate_base_model(model_name, pairs, **settings)})
+    except (ValueError, OSError) as error:  # DataError, CheckpointError, ModelError are ValueErrors
+        raise click.ClickException(str(error)) from error
+
+    best_name = best.name if best is not None else None
+    selected_by = "val_loss" if best is not None and best.val_loss is not None else "latest step"
+    report = {"test_path": str(test_path), "mode": mode, "ks": list(ks), "rel_threshold": rel_threshold,
+              "results": results,
+              "best": None if best is None else {"checkpoint": best.name, "step": best.step,
+                                                 "val_loss": best.val_loss, "selected_by": selected_by}}
+    click.echo(format_table(results, ks, best_name, selected_by))
+
+    output = output or default_output
+    try:
+        write_report(report, output)
+        click.echo(f"report: {output}")
+        if save_path is not None:
+            plot_path = output.with_suffix(".png")
+            plot_report(report, plot_path)
+            click.echo(f"plot: {plot_path}")
+        if select_best:
+            from embedforge.train.checkpoints import write_best_record
+
+            record = write_best_record(save_path, best, selected_by=selected_by)
+            click.echo(f"best checkpoint: {best.name} (recorded in {record})")
+    except OSError as error:
+        raise click.ClickException(f"cannot write the report: {error}") from error

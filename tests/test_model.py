@@ -1,0 +1,106 @@
+"""BertVectorModel: pooling, projection, normalisation, save/load, encode, limits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from embedforge.model import BertVectorModel, ModelError, build_tiny_model, detect_pooling, pad_batch, pool
+from embedforge.tokenization import load_tokenizer
+
+TEXTS = ["how to boil an egg", "boil the eggs in hot water for seven minutes", "coffee", "bread and butter"]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+@pytest.mark.parametrize(("pooling", "projection_dim"), [("cls", None), ("mean", None), ("mean", 8)])
+def test_save_load_round_trip_gives_the_same_normalised_vectors(tmp_path, model_type, pooling, projection_dim):
+    model = build_tiny_model(tmp_path / "m", pooling=pooling, projection_dim=projection_dim, model_type=model_type)
+    before = model.encode(TEXTS)
+    loaded = BertVectorModel.from_pretrained(tmp_path / "m")
+    after = loaded.encode(TEXTS)
+    assert after.shape == (len(TEXTS), projection_dim or 32)
+    np.testing.assert_allclose(np.linalg.norm(after, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(before, after, atol=1e-6)
+    settings = json.loads((tmp_path / "m" / "embedforge.json").read_text())
+    assert settings["pooling"] == pooling and settings["projection_dim"] == projection_dim
+    assert settings["dim"] == loaded.dim and settings["base_model"] == f"tiny-random-{model_type}"
+
+
+def test_encode_matches_unbatched_forward_whatever_the_batch(tmp_path):
+    model = build_tiny_model(tmp_path / "m", pooling="mean")
+    model.eval()
+    expected = []
+    with torch.no_grad():
+        for text in TEXTS:
+            ids = torch.tensor([model.tokenize([text])[0]])
+            expected.append(model(ids, torch.ones_like(ids))[0].numpy())
+    for batch_size in (1, 3, 16):
+        np.testing.assert_allclose(model.encode(TEXTS, batch_size=batch_size), np.stack(expected), atol=1e-5)
+
+
+def test_mean_pooling_ignores_padding():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert pool(hidden, mask, "mean").tolist() == [[2.0, 3.0]]
+    assert pool(hidden, mask, "cls").tolist() == [[1.0, 2.0]]
+
+
+def test_pad_batch_pads_to_the_longest():
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_pooling_auto_reads_a_sentence_transformers_config(tmp_path):
+    assert detect_pooling(tmp_path) == "cls"
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert detect_pooling(tmp_path) == "mean"
+
+
+def test_from_base_with_auto_pooling_and_a_projection(tmp_path):
+    build_tiny_model(tmp_path / "base", pooling="cls")
+    model = BertVectorModel.from_base(str(tmp_path / "base"), pooling="auto", projection_dim=4, max_length=128)
+    assert (model.pooling, model.dim, model.max_length) == ("cls", 4, 128)
+
+
+def test_max_length_beyond_the_position_limit_is_a_clear_error(tmp_path):
+    build_tiny_model(tmp_path / "base", max_length=64)
+    with pytest.raises(ModelError, match=r"max_length 512 is outside 1..64"):
+        BertVectorModel.from_base(str(tmp_path / "base"), max_length=512)
+
+
+def test_texts_are_truncated_at_max_length_and_never_padded(tmp_path):
+    model = build_tiny_model(tmp_path / "m", max_length=16)
+    ids = model.tokenize(["egg " * 100, "egg"])
+    assert [len(x) for x in ids] == [16, 3]
+    serving = load_tokenizer(tmp_path / "m", 16)
+    assert [len(e.ids) for e in serving.encode_batch(["egg " * 100, "egg"])] == [16, 3]
+
+
+def test_pinned_padding_in_tokenizer_json_is_switched_off(tmp_path):
+    model = build_tiny_model(tmp_path / "m", max_length=64)
+    config = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
+    config["padding"] = {"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": None,
+                         "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+    config["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(config))
+    loaded = BertVectorModel.from_pretrained(tmp_path / "m")
+    assert [len(x) for x in loaded.tokenize(["egg " * 30, "egg"])] == [32, 3]
+    assert [len(e.ids) for e in load_tokenizer(tmp_path / "m", 64).encode_batch(["egg " * 30, "egg"])] == [32, 3]
+    np.testing.assert_allclose(loaded.encode(["egg"]), model.encode(["egg"]), atol=1e-6)
+
+
+def test_loading_a_directory_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelError, match="embedforge.json is missing"):
+        BertVectorModel.from_pretrained(tmp_path)
+
+
+def test_the_bundled_default_model_loads_offline_with_mean_pooling():
+    model = BertVectorModel.from_base(None)
+    assert (model.pooling, model.dim) == ("mean", 384)
+    vectors = model.encode(["A man is playing a flute.", "A man plays the flute.", "A cat sleeps."])
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3

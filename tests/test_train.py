@@ -1,0 +1,192 @@
+"""The trainer end to end on a tiny random BERT: checkpoints, logs, resume, atomic writes, errors, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import SAMPLE_PAIRS, write_jsonl
+from safetensors.torch import load_file
+
+from embedforge.model import build_tiny_model
+from embedforge.train import checkpoints
+from embedforge.train.cli import train_command
+from embedforge.train.trainer import TrainConfig, TrainError, linear_schedule, train
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    build_tiny_model(path, pooling="mean", max_length=64)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", SAMPLE_PAIRS * 3)
+
+
+def config(base_model, pairs, save_path, **overrides) -> TrainConfig:
+    settings = dict(train_path=str(pairs), val_path=str(pairs), model_name=str(base_model), max_length=64,
+                    batch_size=4, learning_rate=1e-3, num_epochs=2, warmup_steps=2, save_steps=4,
+                    save_path=str(save_path), pooling="mean", show_progress=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def test_training_writes_complete_checkpoints_logs_and_a_plot(base_model, pairs, tmp_path):
+    result = train(config(base_model, pairs, tmp_path / "run"))
+    # 24 pairs / batch 4 = 6 steps per epoch, 2 epochs = 12 steps: checkpoints at 4, 8, 12.
+    assert result.global_step == 12
+    found = checkpoints.list_checkpoints(tmp_path / "run")
+    assert [info.step for info in found] == [4, 8, 12]
+    for info in found:
+        assert set(info.state) >= {"step", "epoch", "train_loss", "val_loss", "val_metrics"}
+        assert info.val_loss is not None and "val_ndcg@10" in info.state["val_metrics"]
+        assert (info.path / "training_state.pt").is_file()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == [4, 8, 12]
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.best_checkpoint == checkpoints.select_best(tmp_path / "run").path
+    # Training moved the weights, and the loss on the training data went down.
+    assert not torch.equal(weights(found[-1].path)["encoder.layer.0.attention.self.query.weight"],
+                           weights(base_model)["encoder.layer.0.attention.self.query.weight"])
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(base_model, pairs, tmp_path, monkeypatch):
+    reference = train(config(base_model, pairs, tmp_path / "reference", save_steps=3))
+
+    real_save = checkpoints.save_checkpoint
+    calls = []
+
+    def crash_on_second_save(save_path, step, *args):
+        calls.append(step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while writing")  # dies in the middle of the second checkpoint
+        return real_save(save_path, step, *args)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(base_model, pairs, tmp_path / "crashed", save_steps=3))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    assert [info.step for info in checkpoints.list_checkpoints(tmp_path / "crashed")] == [3]
+
+    resumed = train(config(base_model, pairs, tmp_path / "crashed", save_steps=3, resume="latest"))
+    assert resumed.global_step == reference.global_step == 12
+    final_reference, final_resumed = weights(reference.best_checkpoint.parent / "checkpoint-step-12"), \
+        weights(tmp_path / "crashed" / "checkpoint-step-12")
+    for name, tensor in final_reference.items():
+        torch.testing.assert_close(final_resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_crash_while_writing_leaves_no_partial_checkpoint(base_model, tmp_path, monkeypatch):
+    from embedforge.model import BertVectorModel
+
+    model = BertVectorModel.from_pretrained(base_model)
+
+    def broken_save(self, path):
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(BertVectorModel, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.save_checkpoint(tmp_path, 5, model, {"step": 5}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_training_data_stops_before_the_model_loads(base_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "document": "d", "rel": 1.7}\n')
+    with pytest.raises(TrainError, match=r"bad.jsonl:line 1: field 'rel' must be in \[0, 1\]"):
+        train(config("/nonexistent-model", bad, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(base_model, pairs, tmp_path):
+    train(config(base_model, pairs, tmp_path / "run", num_epochs=1, save_steps=100))
+    with pytest.raises(TrainError, match="already holds checkpoints: pass --resume"):
+        train(config(base_model, pairs, tmp_path / "run", num_epochs=1))
+
+
+def test_save_total_limit_keeps_the_newest_and_the_best(base_model, pairs, tmp_path):
+    train(config(base_model, pairs, tmp_path / "run", save_steps=2, save_total_limit=2))
+    kept = checkpoints.list_checkpoints(tmp_path / "run")
+    best = checkpoints.select_best(tmp_path / "run")
+    assert [info.step for info in kept][-2:] == [10, 12]
+    assert len(kept) <= 3 and best.path in [info.path for info in kept]
+
+
+def test_early_stopping_stops_when_validation_stops_improving(base_model, pairs, tmp_path):
+    result = train(config(base_model, pairs, tmp_path / "run", learning_rate=1e-9, warmup_steps=0, save_steps=1,
+                          num_epochs=5, early_stopping_patience=2))
+    assert result.stopped_early and result.global_step < 30
+
+
+def test_linear_warmup_then_decay():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = linear_schedule(optimizer, warmup_steps=4, total_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[4:] == pytest.approx([1.0 - i / 8 for i in range(8)])
+
+
+def test_cli_accepts_both_option_spellings_and_reports_errors_cleanly(base_model, pairs, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(train_command, ["--train_path", str(pairs), "--val-path", str(pairs), "--model-name",
+                                           str(base_model), "--max-length", "64", "--num_epochs", "1",
+                                           "--save-path", str(tmp_path / "run"), "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output
+    result = runner.invoke(train_command, ["--train-path", str(pairs), "--model-name", str(base_model),
+                                           "--save-path", str(tmp_path / "other")])
+    assert result.exit_code == 1
+    assert "Error: max_length 512 is outside 1..64" in result.output
+
+
+DDP_SCRIPT = """
+import sys, torch
+from embedforge.train.trainer import TrainConfig, train
+cfg = TrainConfig(train_path=sys.argv[1], val_path=sys.argv[1], model_name=sys.argv[2], max_length=64, batch_size=2,
+                  learning_rate=1e-3, num_epochs=1, warmup_steps=1, save_steps=100, save_path=sys.argv[3],
+                  pooling="mean", show_progress=False, device="cpu")
+result = train(cfg)
+rank = int(__import__("os").environ["RANK"])
+torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()}, f"{sys.argv[3]}/rank{rank}.pt")
+"""
+
+
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(base_model, pairs, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(port),
+                          str(script), str(pairs), str(base_model), str(tmp_path / "run")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "run" / "rank0.pt"), torch.load(tmp_path / "run" / "rank1.pt")
+    for name, tensor in rank0.items():
+        torch.testing.assert_close(rank1[name], tensor, rtol=0, atol=0)
+    # 24 pairs over 2 ranks with batch 2: 6 steps; only rank 0 wrote the checkpoint.
+    assert [info.step for info in checkpoints.list_checkpoints(tmp_path / "run")] == [6]
+    assert not torch.equal(rank0["encoder.encoder.layer.0.attention.self.query.weight"],
+                           weights(base_model)["encoder.layer.0.attention.self.query.weight"])
