@@ -59,7 +59,10 @@ def resolve_model_name(model_name: str | None) -> str:
     """Map None or the default model's name to the bundled directory; pass anything else through."""
     if model_name in (None, "", DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"):
         return str(default_model_path())
-    return model_name
+    looks_like_path = model_name.startswith((".", "~", os.sep)) or model_name.count("/") > 1
+    if looks_like_path and not Path(model_name).expanduser().is_dir():
+        raise ModelError(f"{model_name}: no such model directory")
+    return str(Path(model_name).expanduser()) if looks_like_path else model_name
 
 
 def position_limit(config) -> int:

@@ -104,3 +104,8 @@ def test_the_bundled_default_model_loads_offline_with_mean_pooling():
     assert (model.pooling, model.dim) == ("mean", 384)
     vectors = model.encode(["A man is playing a flute.", "A man plays the flute.", "A cat sleeps."])
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
+
+
+def test_a_missing_model_directory_is_named():
+    with pytest.raises(ModelError, match="/nonexistent/model: no such model directory"):
+        BertVectorModel.from_base("/nonexistent/model")

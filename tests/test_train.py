@@ -190,3 +190,17 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(base_model, pairs, t
     assert [info.step for info in checkpoints.list_checkpoints(tmp_path / "run")] == [6]
     assert not torch.equal(rank0["encoder.encoder.layer.0.attention.self.query.weight"],
                            weights(base_model)["encoder.layer.0.attention.self.query.weight"])
+
+
+def test_checkpoint_listing_skips_temporaries_and_names_broken_state(tiny_model_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "checkpoint-step-3")
+    shutil.copytree(tiny_model_dir, tmp_path / ".tmp-checkpoint-step-6-abc")
+    (tmp_path / "checkpoint-step-9").mkdir()  # incomplete: no files
+    assert [info.step for info in checkpoints.list_checkpoints(tmp_path)] == [1]  # step read from its state
+    (tmp_path / "checkpoint-step-3" / "trainer_state.json").write_text("{broken")
+    with pytest.raises(checkpoints.CheckpointError, match="trainer_state.json: not valid JSON"):
+        checkpoints.read_checkpoint(tmp_path / "checkpoint-step-3")
+    with pytest.raises(checkpoints.CheckpointError, match="incomplete checkpoint, missing embedforge.json"):
+        checkpoints.read_checkpoint(tmp_path / "checkpoint-step-9")

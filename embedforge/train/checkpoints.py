@@ -60,7 +60,10 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
     missing = missing_files(path)
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except ValueError as error:
+        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({error})") from error
     val_loss = state.get("val_loss")
     return CheckpointInfo(path, int(state.get("step", 0)), None if val_loss is None else float(val_loss), state)
 

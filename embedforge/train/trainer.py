@@ -126,7 +126,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and LayerNorm weights."""
+    """AdamW with no weight decay on biases and LayerNorm weights.
+
+    The fused implementation updates each tensor in one pass. On CPU the optimizer step is bound by
+    memory bandwidth (22M parameters, four tensors each), and the default per-tensor loop of ~10
+    elementwise passes made it the slowest part of a MiniLM training step.
+    """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -134,7 +139,7 @@ def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.
         skip = parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith(".bias")
         (no_decay if skip else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate)
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -401,7 +406,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
             if (batch_index + 1) % config.grad_accum_steps and not end_of_epoch:
                 continue
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0, foreach=True)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
