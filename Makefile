@@ -36,10 +36,10 @@ test: setup lint
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/embedforge train --num-epochs 1 --save-steps 10 --save-path output/demo
+	bash scripts/demo.sh
 
 bench: setup-bench
-	@echo "see benchmarks/README.md"
+	$(PY) benchmarks/run_all.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) output .pytest_cache .ruff_cache

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole pipeline on the bundled defaults: train -> evaluate -> export -> serve -> load test.
+# Everything lands in output/demo (see README, "What make demo leaves behind").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+OUT=${DEMO_OUT:-output/demo}
+PORT=${DEMO_PORT:-50151}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "train: bundled all-MiniLM-L6-v2 on the bundled cooking pairs (1 epoch)"
+$BIN/embedforge train --num-epochs 1 --save-steps 10 --warmup-steps 5 --save-path "$OUT/model"
+
+step "evaluate: every checkpoint on the bundled test set, best by validation loss"
+$BIN/embedforge evaluate --save-path "$OUT/model" --select-best \
+    --test-path embedforge/sample_data/test.jsonl
+$BIN/embedforge evaluate --model-name all-MiniLM-L6-v2 --test-path embedforge/sample_data/test.jsonl \
+    --output "$OUT/base_model_report.json" | tail -n 3
+
+step "export: best checkpoint to ONNX fp32 + int8, parity against PyTorch"
+$BIN/embedforge export --save-path "$OUT/model" --precision fp32 --precision int8
+
+step "serve: gRPC on 127.0.0.1:$PORT (background)"
+$BIN/embedforge serve --save-path "$OUT/model" --port "$PORT" > "$OUT/server.log" 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+
+step "embed: one call from the command line"
+$BIN/embedforge embed --target "127.0.0.1:$PORT" --wait-ready 60 "how long to boil an egg" | cut -c1-160
+
+step "loadtest: 8 concurrent callers, 8 texts a call, 5 s"
+$BIN/embedforge loadtest --target "127.0.0.1:$PORT" --concurrency 8 --batch 8 --duration 5 --warmup 1 \
+    --data embedforge/sample_data/test.jsonl --output "$OUT/loadtest.json" --plot "$OUT/loadtest.png"
+
+step "summary"
+$BIN/python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+best = json.loads((out / "model" / "best_checkpoint.json").read_text())
+report = json.loads((out / "model" / "eval_report.json").read_text())
+base = json.loads((out / "base_model_report.json").read_text())
+manifest = json.loads((out / "model" / "export" / "manifest.json").read_text())
+print(f"best checkpoint : {best['checkpoint']} (val_loss {best['val_loss']:.4f})")
+print(f"export          : {', '.join(manifest['models'])} in {out / 'model' / 'export'}")
+print(f"files           : {out}/model/loss.png, {out}/model/eval_report.png, {out}/loadtest.png")
+PY
