@@ -1,0 +1,105 @@
+"""Tokens/s of PyTorch vs the exported ONNX fp32 and int8 graphs, measured in one run.
+
+    python benchmarks/export_speed.py                      # exports the bundled model into a temp dir first
+    python benchmarks/export_speed.py --export-dir output/vector_model/export
+
+Shapes: batch 32 x 128 tokens and batch 8 x 512 tokens (every token real, no padding). PyTorch runs the
+source checkpoint with its default attention (SDPA) under inference_mode; ONNX Runtime runs on CPU with
+all graph optimizations; both use the same thread count. Engines are interleaved round by round and each
+one's fastest round counts (as timeit does: other work on the machine only ever adds time).
+Targets on the 2-core dev machine: fp32 >= 1.1x PyTorch, int8 1.8-2.2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedforge.export import export_checkpoint
+from embedforge.export.parity import format_parity_table, onnx_session
+from embedforge.model import BertVectorModel
+
+SHAPES = ((32, 128), (8, 512))
+STSB_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb" / "stsb_test.jsonl"
+
+
+def export_bundled(workdir: Path, parity_path: Path | None, max_parity_texts: int) -> Path:
+    """Save the bundled model as a checkpoint in `workdir` and export it; prints the parity table."""
+    checkpoint = workdir / "bundled" / "checkpoint-step-0"
+    BertVectorModel.from_base(None).save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 0, "val_loss": None}))
+    print(f"exporting the bundled model (parity on {parity_path or 'the sample valid set'}) ...", flush=True)
+    start = time.perf_counter()
+    manifest = export_checkpoint(checkpoint, workdir / "export", parity_path=parity_path,
+                                 max_parity_texts=max_parity_texts, show_progress=True)
+    print(f"export took {time.perf_counter() - start:.1f} s; fused ops: {manifest['fusion']['with_pooling']}")
+    print(f"parity vs PyTorch on {manifest['parity_data']['texts']} texts:")
+    print(format_parity_table(manifest["models"]))
+    return workdir / "export"
+
+
+def measure(engines: dict, batch: int, length: int, vocab_size: int, rounds: int) -> dict[str, float]:
+    """Fastest seconds per call of each engine on one random [batch, length] input, engines interleaved."""
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(1000, vocab_size, size=(batch, length), dtype=np.int64)
+    attention_mask = np.ones_like(input_ids)
+    outputs = {name: run(input_ids, attention_mask) for name, run in engines.items()}  # warm-up, and a check
+    for name, output in outputs.items():
+        cosine = float(np.einsum("ij,ij->i", output, outputs["pytorch"]).min())
+        if cosine < 0.95:
+            sys.exit(f"{name} disagrees with PyTorch at {batch}x{length} (min cosine {cosine:.4f})")
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, run in engines.items():
+            start = time.perf_counter()
+            run(input_ids, attention_mask)
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export-dir", type=Path, help="an export dir (default: export the bundled model)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed calls per engine and shape")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for PyTorch and ORT")
+    parser.add_argument("--parity-path", type=Path, default=STSB_TEST if STSB_TEST.is_file() else None,
+                        help="pair file for the export's parity check (default: STS-B test when present)")
+    parser.add_argument("--max-parity-texts", type=int, default=100_000)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="export-speed-") as workdir:
+        export_dir = args.export_dir or export_bundled(Path(workdir), args.parity_path, args.max_parity_texts)
+        manifest = json.loads((export_dir / "manifest.json").read_text())
+        torch.set_num_threads(args.threads)
+        model = BertVectorModel.from_pretrained(manifest["source_checkpoint"]).eval()
+
+        def pytorch(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+
+        engines = {"pytorch": pytorch}
+        for precision in ("fp32", "int8"):
+            if precision in manifest["models"]:
+                session = onnx_session(export_dir / manifest["models"][precision]["file"], threads=args.threads)
+                engines[f"onnx {precision}"] = (lambda s: lambda ids, mask: s.run(
+                    ["embedding"], {"input_ids": ids, "attention_mask": mask})[0])(session)
+
+        print(f"\n{args.threads} threads, best of {args.rounds} rounds")
+        print(f"{'shape':<10}{'engine':<12}{'tokens/s':>10}{'vs pytorch':>12}")
+        for batch, length in SHAPES:
+            seconds = measure(engines, batch, length, model.encoder.config.vocab_size, args.rounds)
+            for name, value in seconds.items():
+                ratio = seconds["pytorch"] / value
+                print(f"{f'{batch}x{length}':<10}{name:<12}{batch * length / value:>10.0f}{ratio:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()

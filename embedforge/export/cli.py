@@ -1,0 +1,62 @@
+"""`embedforge export`: a checkpoint -> an optimized, parity-checked ONNX directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from embedforge.export import PRECISIONS, ExportError, default_output_dir, default_precisions, export_checkpoint
+from embedforge.export.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
+from embedforge.export.parity import format_parity_table
+
+
+@click.command(name="export")
+@click.option("--save-path", "--save_path", "save_path", type=click.Path(path_type=Path, file_okay=False),
+              help="Training output dir: exports its recorded best checkpoint (else the lowest val_loss).")
+@click.option("--checkpoint-dir", "--checkpoint_dir", "checkpoint_dir", type=click.Path(path_type=Path),
+              help="Export this checkpoint directory.")
+@click.option("--output", "output", type=click.Path(path_type=Path, file_okay=False),
+              help="Export dir [default: <save-path>/export or <checkpoint-dir>/../export].")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
+              help="Precision(s) to write, repeatable; fp32 is always written "
+                   "[default: fp32 and int8, plus fp16 where CUDA is available].")
+@click.option("--parity-path", "--parity_path", "parity_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Pair file for the parity check [default: the checkpoint's val file, else the sample set].")
+@click.option("--max-parity-texts", "--max_parity_texts", "max_parity_texts", type=click.IntRange(min=2),
+              default=512, show_default=True, help="Most unique texts embedded for the parity check.")
+@click.option("--opset", type=click.Choice([str(v) for v in SUPPORTED_OPSETS]), default=str(DEFAULT_OPSET),
+              show_default=True, help="ONNX opset.")
+def export_command(save_path: Path | None, checkpoint_dir: Path | None, output: Path | None,
+                   precisions: tuple[str, ...], parity_path: Path | None, max_parity_texts: int, opset: str) -> None:
+    """Export a checkpoint to ONNX (pooling and L2 norm inside), optimize it, check parity with PyTorch.
+
+    Example: embedforge export --save-path output/vector_model --precision fp32 --precision int8
+    """
+    from embedforge.data import DataError
+    from embedforge.model import ModelError
+    from embedforge.train.checkpoints import CheckpointError, resolve_checkpoint
+
+    if (save_path is None) == (checkpoint_dir is None):
+        raise click.UsageError("give exactly one of --save-path and --checkpoint-dir")
+    try:
+        info = resolve_checkpoint(save_path=save_path, checkpoint_dir=checkpoint_dir)
+        output = output or default_output_dir(info.path, save_path)
+        click.echo(f"exporting {info.path} -> {output}", err=True)
+        manifest = export_checkpoint(info.path, output, precisions or default_precisions(),
+                                     parity_path=parity_path, max_parity_texts=max_parity_texts, opset=int(opset),
+                                     show_progress=True)
+    except (CheckpointError, ModelError, DataError, ExportError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+
+    fusion = manifest["fusion"]
+    fused = ", ".join(f"{op} {count}" for op, count in fusion["with_pooling"].items())
+    click.echo(f"fused ops ({fusion['num_layers']} layers): {fused}")
+    if not fusion["complete"] or not fusion["kept_by_pooling"]:
+        click.echo(f"warning: not every layer was fused (encoder alone: {fusion['encoder_only']}); "
+                   "the graph runs correctly but slower", err=True)
+    data = manifest["parity_data"]
+    click.echo(f"parity vs PyTorch on {data['texts']} texts ({data.get('path', 'given texts')}):")
+    click.echo(format_parity_table(manifest["models"]))
+    files = ", ".join(entry["file"] for entry in manifest["models"].values())
+    click.echo(f"wrote {output}: {files}, manifest.json, tokenizer files")

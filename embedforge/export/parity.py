@@ -1,0 +1,123 @@
+"""Parity between the PyTorch model and an exported ONNX graph (numpy + onnxruntime + tokenizers, no torch).
+
+For reference vectors r_i (PyTorch) and candidate vectors c_i (ONNX Runtime) of the same texts, both
+L2-normalised:
+
+    cosine_i      = r_i . c_i                     -> min_cosine, mean_cosine
+    max_abs_diff  = max_i,j |r_ij - c_ij|
+    delta metric  = metric(candidate vectors) - metric(reference vectors)   (NDCG@10, Spearman; x100)
+
+The metrics are those of :func:`embedforge.evaluate.runner.evaluate_pairs` in retrieval mode on the
+parity pairs. The candidate side runs exactly as a server would: tokenizer.json through
+:func:`embedforge.tokenization.load_tokenizer`, batches padded to their longest text, one session run
+per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from embedforge.data import Pair
+from embedforge.evaluate.runner import evaluate_pairs
+
+NDCG_K = 10
+
+
+def select_parity_pairs(pairs: Sequence[Pair], max_texts: int) -> tuple[list[Pair], list[str]]:
+    """The leading pairs whose unique texts number at most `max_texts`, and those texts in first-seen order."""
+    if max_texts < 2:
+        raise ValueError(f"max_texts must be >= 2, got {max_texts}")
+    chosen: list[Pair] = []
+    texts: dict[str, None] = {}
+    for pair in pairs:
+        new = [text for text in dict.fromkeys((pair.query, pair.document)) if text not in texts]
+        if len(texts) + len(new) > max_texts:
+            break
+        chosen.append(pair)
+        texts.update(dict.fromkeys(new))
+    return chosen, list(texts)
+
+
+def onnx_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
+    """An onnxruntime InferenceSession for `path` with full graph optimizations (threads 0: ORT's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def onnx_embed(session, tokenizer, texts: Sequence[str], batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+    """Vectors of `texts` (float32 [N, dim]) from an exported graph; batches padded to their longest text."""
+    encodings = tokenizer.encode_batch(list(texts))
+    order = np.argsort([-len(encoding.ids) for encoding in encodings], kind="stable")
+    vectors: np.ndarray | None = None
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="onnx embedding", unit="batch", disable=not show_progress):
+        batch = order[start:start + batch_size]
+        longest = max(len(encodings[i].ids) for i in batch)
+        input_ids = np.zeros((len(batch), longest), dtype=np.int64)
+        attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
+        for row, index in enumerate(batch):
+            ids = encodings[index].ids
+            input_ids[row, :len(ids)] = ids
+            attention_mask[row, :len(ids)] = 1
+        (output,) = session.run(["embedding"], {"input_ids": input_ids, "attention_mask": attention_mask})
+        if vectors is None:
+            vectors = np.empty((len(texts), output.shape[1]), dtype=np.float32)
+        vectors[batch] = output
+    if vectors is None:
+        raise ValueError("no texts to embed")
+    return vectors
+
+
+def _metrics(pairs: Sequence[Pair], texts: Sequence[str], vectors: np.ndarray) -> dict[str, float]:
+    row = {text: i for i, text in enumerate(texts)}
+    report = evaluate_pairs(pairs, lambda batch: vectors[[row[text] for text in batch]], ks=(NDCG_K,),
+                            mode="retrieval", show_progress=False)
+    return {f"ndcg@{NDCG_K}": report["retrieval"][f"ndcg@{NDCG_K}"], "spearman": report["spearman"]}
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, pairs: Sequence[Pair] = (),
+            texts: Sequence[str] = ()) -> dict:
+    """Parity figures of `candidate` against `reference` (rows = `texts`); metric deltas when >= 2 pairs."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"shape mismatch: reference {reference.shape}, candidate {candidate.shape}")
+    reference = reference.astype(np.float64)
+    candidate = candidate.astype(np.float64)
+    cosines = np.einsum("ij,ij->i", reference, candidate) / np.maximum(
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1), 1e-12)
+    result: dict = {"texts": len(reference), "min_cosine": float(cosines.min()),
+                    "mean_cosine": float(cosines.mean()),
+                    "max_abs_diff": float(np.abs(reference - candidate).max())}
+    if len(pairs) >= 2:
+        before = _metrics(pairs, texts, reference)
+        after = _metrics(pairs, texts, candidate)
+        result["pairs"] = len(pairs)
+        for name in before:
+            result[name] = {"pytorch": before[name], "onnx": after[name], "delta": after[name] - before[name]}
+    return result
+
+
+def format_parity_table(models: dict[str, dict]) -> str:
+    """A short text table of the parity figures per precision (manifest["models"])."""
+    header = f"{'precision':<10}{'min cos':>10}{'mean cos':>10}{'max |diff|':>12}{'dNDCG@10':>10}{'dSpearman':>11}"
+    lines = [header, "-" * len(header)]
+    for precision, entry in models.items():
+        parity = entry.get("parity", {})
+        if "skipped" in parity:
+            lines.append(f"{precision:<10}skipped: {parity['skipped']}")
+            continue
+
+        def delta(name: str, parity: dict = parity) -> str:
+            return f"{parity[name]['delta']:+.2f}" if name in parity else "-"
+
+        lines.append(f"{precision:<10}{parity['min_cosine']:>10.5f}{parity['mean_cosine']:>10.5f}"
+                     f"{parity['max_abs_diff']:>12.2e}{delta(f'ndcg@{NDCG_K}'):>10}{delta('spearman'):>11}")
+    return "\n".join(lines)
