@@ -1,0 +1,272 @@
+"""Serving throughput: the gRPC server vs raw ONNX Runtime and sentence-transformers, measured in one run.
+
+    python benchmarks/serve_throughput.py                         # exports the bundled model into a temp dir
+    python benchmarks/serve_throughput.py --export-dir output/vector_model/export --threads 2
+
+Texts: the unique sentences of STS-B test (../shared/data/stsb/stsb_test.jsonl), in file order.
+- raw ORT: the same session options as the server, texts pre-tokenized and cut into length-sorted batches
+  of --raw-batch texts; no server, no gRPC. The compute limit the server is measured against.
+- sentence-transformers: SentenceTransformer(bundled model).encode(texts, batch_size=32) on CPU.
+- server: `embedforge serve` in a subprocess (--threads), driven from this process by --clients concurrent
+  asyncio clients, each sending --texts-per-call texts per Embed call, until every text was sent once.
+Engines run interleaved for --rounds rounds and the median counts, so a busy moment hits all of them alike.
+- latency: one client, one text per call, sequential; p50 and p99 of the client-side wall time.
+- serialization: encode + decode of 32 x 384 vectors as packed bytes vs `repeated float`.
+Goals: server/raw-ORT >= 0.85, server/ST >= 1.4 (fp32), int8 server/ST >= 2, single-text p50 <= 4 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STSB_TEST = ROOT.parent / "shared" / "data" / "stsb" / "stsb_test.jsonl"
+
+
+def read_texts(path: Path) -> list[str]:
+    texts: dict[str, None] = {}
+    with path.open() as f:
+        for line in f:
+            record = json.loads(line)
+            texts[record["query"]] = None
+            texts[record["document"]] = None
+    return list(texts)
+
+
+def export_bundled(workdir: Path, texts: list[str]) -> Path:
+    from embedforge.export import export_checkpoint
+    from embedforge.model import BertVectorModel
+
+    checkpoint = workdir / "checkpoint-step-0"
+    BertVectorModel.from_base(None).save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 0, "val_loss": None}))
+    print("exporting the bundled model (fp32, int8) ...", flush=True)
+    export_checkpoint(checkpoint, workdir / "export", precisions=("fp32", "int8"), parity_texts=texts[:256])
+    return workdir / "export"
+
+
+def bench_serialization(count: int = 32, dim: int = 384, rounds: int = 200) -> dict[str, float]:
+    """Microseconds to build + serialize + parse + decode one response of count x dim vectors."""
+    from embedforge._proto import embedding_pb2 as pb
+
+    vectors = np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)
+
+    def packed() -> np.ndarray:
+        wire = pb.EmbedResponse(vectors=vectors.astype("<f4").tobytes(), dim=dim, count=count).SerializeToString()
+        message = pb.EmbedResponse.FromString(wire)
+        return np.frombuffer(message.vectors, "<f4").reshape(message.count, message.dim)
+
+    def repeated() -> np.ndarray:  # ScoreResponse.scores is a `repeated float`
+        wire = pb.ScoreResponse(scores=vectors.ravel().tolist()).SerializeToString()
+        return np.asarray(pb.ScoreResponse.FromString(wire).scores, dtype=np.float32).reshape(count, dim)
+
+    result = {}
+    for name, fn in (("packed bytes", packed), ("repeated float", repeated)):
+        np.testing.assert_array_equal(fn(), vectors)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            fn()
+        result[name] = (time.perf_counter() - start) / rounds * 1e6
+    return result
+
+
+class RawOrt:
+    """The server's own session on pre-tokenized, length-sorted batches: no server, no gRPC."""
+
+    def __init__(self, export_dir: Path, precision: str, texts: list[str], threads: int, batch: int) -> None:
+        from embedforge.server.runtime import OnnxEmbedder
+
+        self.embedder = OnnxEmbedder(export_dir, precision=precision, provider="cpu", threads=threads)
+        ids = sorted(self.embedder.tokenize(texts).ids, key=len)
+        self.batches = [ids[i: i + batch] for i in range(0, len(ids), batch)]
+        for b in self.batches[:: max(1, len(self.batches) // 8)]:  # warm-up over several shapes
+            self.embedder.run_batch(b)
+
+    def texts_per_s(self) -> float:
+        start, cpu = time.perf_counter(), time.process_time()
+        for b in self.batches:
+            self.embedder.run_batch(b)
+        self.cpu_ms_per_text = (time.process_time() - cpu) * 1e3 / sum(map(len, self.batches))
+        return sum(map(len, self.batches)) / (time.perf_counter() - start)
+
+
+class SentenceTransformersEncode:
+    def __init__(self, texts: list[str], threads: int) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        from embedforge.model import default_model_path
+
+        torch.set_num_threads(threads)
+        self.texts = texts
+        self.model = SentenceTransformer(str(default_model_path()), device="cpu")
+        self.model.encode(texts[:64], batch_size=32)
+
+    def texts_per_s(self) -> float:
+        start = time.perf_counter()
+        self.model.encode(self.texts, batch_size=32)
+        return len(self.texts) / (time.perf_counter() - start)
+
+
+def process_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(export_dir: Path, precision: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    from embedforge.client import EmbedClient
+
+    port = free_port()
+    command = [sys.executable, "-m", "embedforge", "serve", "--model-dir", str(export_dir), "--port", str(port),
+               "--precision", precision, "--provider", "cpu", "--threads", str(threads), "--log-level", "warning",
+               *extra]
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    target = f"127.0.0.1:{port}"
+    with EmbedClient(target, timeout=1) as client:
+        for _ in range(600):
+            try:
+                if client.health() == "SERVING":
+                    return process, target
+            except Exception:  # not listening yet
+                if process.poll() is not None:
+                    sys.exit(f"server exited with {process.returncode}")
+            time.sleep(0.1)
+    process.kill()
+    sys.exit("server did not become SERVING within 60 s")
+
+
+async def drive(target: str, texts: list[str], clients: int, per_call: int, passes: int = 1) -> float:
+    """texts/s with `clients` concurrent callers sending `per_call` texts per call, `passes` over the texts."""
+    from embedforge.client import AsyncEmbedClient
+
+    calls = [texts[i: i + per_call] for i in range(0, len(texts), per_call)] * passes
+    next_call = iter(range(len(calls)))
+
+    async with AsyncEmbedClient(target, timeout=120) as client:
+        async def worker() -> int:
+            sent = 0
+            for i in next_call:
+                result = await client.embed(calls[i])
+                assert result.vectors.shape[0] == len(calls[i])
+                sent += len(calls[i])
+            return sent
+
+        await asyncio.gather(*(client.embed(c) for c in calls[:clients]))  # warm-up
+        start = time.perf_counter()
+        total = sum(await asyncio.gather(*(worker() for _ in range(clients))))
+        return total / (time.perf_counter() - start)
+
+
+def single_text_latency(target: str, texts: list[str], calls: int) -> tuple[float, float]:
+    from embedforge.client import EmbedClient
+
+    rng = np.random.default_rng(0)
+    with EmbedClient(target, timeout=10) as client:
+        for text in texts[:20]:
+            client.embed([text])
+        times = []
+        for i in rng.integers(0, len(texts), size=calls):
+            start = time.perf_counter()
+            client.embed([texts[i]])
+            times.append(time.perf_counter() - start)
+    p50, p99 = np.percentile(np.array(times) * 1e3, [50, 99])
+    return float(p50), float(p99)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export-dir", type=Path, help="export with fp32 (+ int8) models (default: export the "
+                        "bundled model into a temp dir)")
+    parser.add_argument("--data", type=Path, default=STSB_TEST)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--texts-per-call", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="engines run interleaved, one pass each per round; "
+                        "the median round counts (robust to a busy machine)")
+    parser.add_argument("--raw-batch", type=int, default=32)
+    parser.add_argument("--latency-calls", type=int, default=500)
+    parser.add_argument("--server-args", default="", help="extra `embedforge serve` options, e.g. '--max-wait-ms 0'")
+    args = parser.parse_args()
+
+    texts = read_texts(args.data)
+    print(f"{len(texts)} unique STS-B test texts, {args.threads} threads, {os.cpu_count()} cores", flush=True)
+    serialization = bench_serialization()
+    print("serialization of 32 x 384 vectors (build+serialize+parse+decode): "
+          + ", ".join(f"{k} {v:.0f} us" for k, v in serialization.items()), flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as workdir:
+        export_dir = args.export_dir or export_bundled(Path(workdir), texts)
+        exported = json.loads((export_dir / "manifest.json").read_text())["models"]
+        precisions = [p for p in ("fp32", "int8") if p in exported]
+        try:
+            engines: dict[str, object] = {"st": SentenceTransformersEncode(texts, args.threads)}
+        except ImportError:
+            engines = {}
+            print("sentence-transformers is not installed: no ST comparison")
+        servers = {}
+        try:
+            for precision in precisions:
+                engines[f"raw-{precision}"] = RawOrt(export_dir, precision, texts, args.threads, args.raw_batch)
+                servers[precision] = start_server(export_dir, precision, args.threads, args.server_args.split())
+            runs: dict[str, list[float]] = {}
+            cpu_ms: dict[str, list[float]] = {}  # CPU ms per text: server process vs raw ORT in this process
+            for round_index in range(args.rounds):
+                for name, engine in engines.items():
+                    runs.setdefault(name, []).append(engine.texts_per_s())
+                    if isinstance(engine, RawOrt):
+                        cpu_ms.setdefault(name, []).append(engine.cpu_ms_per_text)
+                for precision, (process, target) in servers.items():
+                    cpu = process_cpu_s(process.pid)
+                    runs.setdefault(f"server-{precision}", []).append(
+                        asyncio.run(drive(target, texts, args.clients, args.texts_per_call, passes=1)))
+                    cpu_ms.setdefault(f"server-{precision}", []).append(
+                        (process_cpu_s(process.pid) - cpu) * 1e3 / len(texts))
+                print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()),
+                      flush=True)
+            latency = {p: single_text_latency(target, texts, args.latency_calls) for p, (_, target) in servers.items()}
+        finally:
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait(30)
+
+    best = {name: float(np.median(values)) for name, values in runs.items()}
+    st = best.get("st")
+    print(f"\ntexts/s, median of {args.rounds} interleaved rounds; server: {args.clients} clients x "
+          f"{args.texts_per_call} texts/call; raw ORT: length-sorted batches of {args.raw_batch}; "
+          f"ST: encode batch 32 = {st or float('nan'):.0f} texts/s")
+    print("precision  server t/s  raw ORT t/s  server/raw  server/ST  p50 ms  p99 ms  CPU ms/text server raw")
+    for precision in precisions:
+        served, raw = best[f"server-{precision}"], best[f"raw-{precision}"]
+        p50, p99 = latency[precision]
+        vs_st = f"{served / st:9.2f}" if st else "      n/a"
+        cpu_server, cpu_raw = (float(np.median(cpu_ms[f"{k}-{precision}"])) for k in ("server", "raw"))
+        print(f"{precision:9}  {served:10.0f}  {raw:11.0f}  {served / raw:10.2f}  {vs_st}  {p50:6.2f}  {p99:6.2f}"
+              f"  {cpu_server:17.2f} {cpu_raw:4.2f}")
+    print("CPU ms/text: CPU time per text of the server process (all its threads) and of raw ORT; on a shared "
+          "machine it shows the server's own cost better than texts/s do")
+    print("goals: fp32 server/raw >= 0.85, fp32 server/ST >= 1.4, int8 server/ST >= 2.0, p50 <= 4 ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Typed Python client for the embedforge gRPC API (no torch; grpcio + numpy only).
+
+Synchronous use:
+
+    with EmbedClient("127.0.0.1:50051") as client:
+        result = client.embed(["first text", "second text"])
+        result.vectors.shape          # (2, dim), float32, L2-normalised
+        client.score("query", ["doc a", "doc b"], top_k=1).top_indices
+
+Asynchronous use (many concurrent calls from one asyncio loop, e.g. a load generator):
+
+    async with AsyncEmbedClient("127.0.0.1:50051") as client:
+        results = await asyncio.gather(*(client.embed([t]) for t in texts))
+
+Failed calls raise `grpc.RpcError` (use `.code()` and `.details()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedforge._proto import embedding_pb2 as pb
+from embedforge._proto import embedding_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Server-side time spent on a call, in milliseconds."""
+
+    queue_ms: float
+    tokenize_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: np.ndarray  # float32 [len(texts), dim], row i belongs to texts[i]
+    tokens: int  # tokens the model processed (after truncation, no padding)
+    timing: Timing
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    scores: np.ndarray  # float32 [len(documents)], cosine similarity, document order
+    top_indices: list[int]  # best first, at most top_k
+    tokens: int
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    model_name: str
+    dim: int
+    max_length: int
+    precision: str
+    provider: str
+    pooling: str
+    max_texts_per_request: int
+    max_chars_per_text: int
+    max_batch_tokens: int
+    max_queue_tokens: int
+    max_wait_ms: float
+    min_batch_tokens: int
+    server_version: str
+
+
+# ---- building requests and decoding responses (shared by the sync and async clients) ----
+
+def build_embed_request(texts: Sequence[str], truncate: bool = True, normalize: bool = True) -> pb.EmbedRequest:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not one string")
+    return pb.EmbedRequest(texts=list(texts), truncate=truncate, normalize=normalize)
+
+
+def build_score_request(query: str, documents: Sequence[str], top_k: int = 0,
+                        truncate: bool = True) -> pb.ScoreRequest:
+    if isinstance(documents, str):
+        raise TypeError("documents must be a sequence of strings, not one string")
+    return pb.ScoreRequest(query=query, documents=list(documents), top_k=top_k, truncate=truncate)
+
+
+def decode_vectors(response: pb.EmbedResponse) -> np.ndarray:
+    """The response's vectors as float32 [count, dim] (zero-copy view of the little-endian bytes)."""
+    return np.frombuffer(response.vectors, dtype="<f4").reshape(response.count, response.dim)
+
+
+def decode_timing(timing: pb.Timing) -> Timing:
+    return Timing(timing.queue_ms, timing.tokenize_ms, timing.inference_ms, timing.total_ms)
+
+
+def decode_embed_response(response: pb.EmbedResponse) -> EmbedResult:
+    return EmbedResult(decode_vectors(response), response.usage.tokens, decode_timing(response.timing))
+
+
+def decode_score_response(response: pb.ScoreResponse) -> ScoreResult:
+    return ScoreResult(np.asarray(response.scores, dtype=np.float32), list(response.top_indices),
+                       response.usage.tokens, decode_timing(response.timing))
+
+
+def decode_info_response(r: pb.InfoResponse) -> ServerInfo:
+    lim = r.limits
+    return ServerInfo(r.model_name, r.dim, r.max_length, r.precision, r.provider, r.pooling,
+                      lim.max_texts_per_request, lim.max_chars_per_text, lim.max_batch_tokens,
+                      lim.max_queue_tokens, lim.max_wait_ms, lim.min_batch_tokens, r.server_version)
+
+
+# ---- channels ----
+
+def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+def _credentials(tls_root_cert: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
+    if tls_root_cert is None:
+        return None
+    pem = tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=pem)
+
+
+def create_channel(target: str, tls_root_cert: str | Path | bytes | None = None) -> grpc.Channel:
+    """A blocking channel; TLS when a root certificate (path or PEM bytes) is given."""
+    creds = _credentials(tls_root_cert)
+    if creds is None:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+
+
+def create_aio_channel(target: str, tls_root_cert: str | Path | bytes | None = None) -> grpc.aio.Channel:
+    """An asyncio channel (create it inside the running event loop)."""
+    creds = _credentials(tls_root_cert)
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+
+
+def create_stub(channel: grpc.Channel | grpc.aio.Channel) -> pb_grpc.EmbeddingServiceStub:
+    return pb_grpc.EmbeddingServiceStub(channel)
+
+
+# ---- clients ----
+
+class EmbedClient:
+    """Blocking client. `timeout` (seconds) is the default deadline of each call; `api_key` is sent as
+    "authorization: Bearer KEY"; `tls_root_cert` (path or PEM bytes) switches the channel to TLS."""
+
+    def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
+                 tls_root_cert: str | Path | bytes | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = call_metadata(api_key)
+        self._channel = create_channel(target, tls_root_cert)
+        self._stub = create_stub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _deadline(self, deadline_s: float | None) -> float | None:
+        return self.timeout if deadline_s is None else deadline_s
+
+    def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
+              deadline_s: float | None = None) -> EmbedResult:
+        request = build_embed_request(texts, truncate, normalize)
+        response = self._stub.Embed(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
+        return decode_embed_response(response)
+
+    def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
+              deadline_s: float | None = None) -> ScoreResult:
+        request = build_score_request(query, documents, top_k, truncate)
+        response = self._stub.Score(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
+        return decode_score_response(response)
+
+    def info(self) -> ServerInfo:
+        return decode_info_response(self._stub.Info(pb.InfoRequest(), timeout=self.timeout,
+                                                    metadata=self._metadata))
+
+    def health(self, service: str = "") -> str:
+        """Health status name: "SERVING", "NOT_SERVING", ... ("" = the whole server)."""
+        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EmbedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEmbedClient:
+    """asyncio client with the same methods as EmbedClient (all `async`); create it inside the event loop."""
+
+    def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
+                 tls_root_cert: str | Path | bytes | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = call_metadata(api_key)
+        self._channel = create_aio_channel(target, tls_root_cert)
+        self._stub = create_stub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _deadline(self, deadline_s: float | None) -> float | None:
+        return self.timeout if deadline_s is None else deadline_s
+
+    async def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
+                    deadline_s: float | None = None) -> EmbedResult:
+        request = build_embed_request(texts, truncate, normalize)
+        response = await self._stub.Embed(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
+        return decode_embed_response(response)
+
+    async def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
+                    deadline_s: float | None = None) -> ScoreResult:
+        request = build_score_request(query, documents, top_k, truncate)
+        response = await self._stub.Score(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
+        return decode_score_response(response)
+
+    async def info(self) -> ServerInfo:
+        return decode_info_response(await self._stub.Info(pb.InfoRequest(), timeout=self.timeout,
+                                                          metadata=self._metadata))
+
+    async def health(self, service: str = "") -> str:
+        response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncEmbedClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

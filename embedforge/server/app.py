@@ -1,0 +1,239 @@
+"""Server lifecycle: grpc.aio server, health, reflection, API key, TLS, Prometheus metrics, graceful drain.
+
+    server = EmbeddingServer(embedder, ServerConfig(port=0))
+    port = await server.start()      # health NOT_SERVING until the model is warmed up, then SERVING
+    ...
+    await server.drain()             # NOT_SERVING, refuse new calls, finish in-flight ones within grace_s
+
+`run_server` wraps this for the command line and drains on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import prometheus_client as prom
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from embedforge._proto import embedding_pb2 as pb
+from embedforge._proto import embedding_pb2_grpc as pb_grpc
+from embedforge.server.batcher import Batcher, BatchStats
+from embedforge.server.embedder import Embedder
+from embedforge.server.service import EmbeddingServicer, Limits
+
+log = logging.getLogger("embedforge.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (start() returns it)
+    max_batch_tokens: int = 16384
+    min_batch_tokens: int = 256
+    workers: int = 1  # batches run at once
+    max_wait_ms: float = 2.0
+    max_queue_tokens: int = 524288  # 32 x max_batch_tokens: room for max_texts_per_request x max_length
+    limits: Limits = field(default_factory=Limits)
+    metrics_port: int | None = None  # 0: any free port
+    grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    api_key: str | None = None
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (several servers may live in one test process)."""
+
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.requests = prom.Counter("embedforge_requests", "Finished RPCs", ["rpc", "code"], registry=r)
+        self.latency = prom.Histogram("embedforge_request_seconds", "RPC latency", ["rpc"], registry=r,
+                                      buckets=(.001, .002, .004, .008, .016, .032, .064, .128, .256, .512, 1, 2, 4, 8))
+        self.stage = prom.Histogram("embedforge_stage_seconds", "Time per call in each stage", ["stage"], registry=r,
+                                    buckets=(.0001, .0005, .001, .002, .004, .008, .016, .032, .064, .128, .256, 1, 4))
+        self.batch_size = prom.Histogram("embedforge_batch_size", "Texts per model batch", registry=r,
+                                         buckets=tuple(2 ** i for i in range(11)))
+        self.batch_tokens = prom.Histogram("embedforge_batch_tokens", "Padded tokens per model batch",
+                                           registry=r, buckets=tuple(2 ** i for i in range(4, 18)))
+        self.batch_seconds = prom.Histogram("embedforge_batch_seconds", "Model time per batch", registry=r,
+                                            buckets=(.001, .002, .004, .008, .016, .032, .064, .128, .256, .512, 1, 2))
+
+    def watch_queue(self, batcher: Batcher) -> None:
+        r = self.registry
+        queue_tokens = prom.Gauge("embedforge_queue_tokens", "Tokens waiting for a batch", registry=r)
+        queue_tokens.set_function(lambda: batcher.queued_tokens)
+        queue_texts = prom.Gauge("embedforge_queue_texts", "Texts waiting for a batch", registry=r)
+        queue_texts.set_function(lambda: batcher.queued_texts)
+
+    def on_call(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.requests.labels(rpc, code.name).inc()
+        self.latency.labels(rpc).observe(seconds)
+
+    def on_timing(self, queue_s: float, tokenize_s: float, inference_s: float) -> None:
+        self.stage.labels("queue").observe(queue_s)
+        self.stage.labels("tokenize").observe(tokenize_s)
+        self.stage.labels("inference").observe(inference_s)
+
+    def on_batch(self, stats: BatchStats) -> None:
+        self.batch_size.observe(stats.size)
+        self.batch_tokens.observe(stats.padded_tokens)
+        self.batch_seconds.observe(stats.seconds)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Require "authorization: Bearer KEY" or "x-api-key: KEY" on every call except health checks."""
+
+    def __init__(self, api_key: str) -> None:
+        self._key = api_key.encode()
+
+    def _allowed(self, metadata: tuple) -> bool:
+        values = dict(metadata or ())
+        sent = values.get("x-api-key") or ""
+        auth = values.get("authorization") or ""
+        if auth.lower().startswith("bearer "):
+            sent = auth[7:].strip()
+        return hmac.compare_digest(sent.encode(), self._key)
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX) or self._allowed(details.invocation_metadata):
+            return handler
+
+        async def deny(request, context: grpc.aio.ServicerContext):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key "
+                                "(send metadata 'authorization: Bearer KEY')")
+
+        async def deny_stream(request_iterator, context: grpc.aio.ServicerContext):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+            yield  # pragma: no cover (makes this an async generator)
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
+                                                     handler.response_serializer)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EmbeddingServer:
+    """One gRPC server around one Embedder."""
+
+    def __init__(self, embedder: Embedder, config: ServerConfig) -> None:
+        self.embedder = embedder
+        self.config = config
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+
+    async def start(self) -> int:
+        """Bind, start serving (health NOT_SERVING), warm the model up, then report SERVING; returns the port."""
+        cfg = self.config
+        if (cfg.tls_cert is None) != (cfg.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        self.metrics = Metrics()
+        self.batcher = Batcher(self.embedder.run_batch, max_batch_tokens=cfg.max_batch_tokens,
+                               min_batch_tokens=cfg.min_batch_tokens, workers=cfg.workers,
+                               max_wait_ms=cfg.max_wait_ms, max_queue_tokens=cfg.max_queue_tokens,
+                               on_batch=self.metrics.on_batch)
+        self.metrics.watch_queue(self.batcher)
+        self.servicer = EmbeddingServicer(self.embedder, self.batcher, cfg.limits,
+                                          on_call=self.metrics.on_call, on_timing=self.metrics.on_timing)
+        self.health = health.aio.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert is not None:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind {address}")
+        if not is_loopback(cfg.host) and cfg.tls_cert is None and not cfg.api_key:
+            log.warning("event=insecure_bind host=%s detail=\"listening beyond localhost without TLS or API key\"",
+                        cfg.host)
+        self.batcher.start()
+        await self.server.start()
+        if cfg.metrics_port is not None:
+            self._metrics_http, _ = prom.start_http_server(cfg.metrics_port, addr=cfg.host,
+                                                           registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        warmup = getattr(self.embedder, "warmup", None)
+        if warmup is not None:
+            await asyncio.get_running_loop().run_in_executor(None, warmup)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        info = self.embedder.info
+        log.info("event=serving address=%s:%d tls=%s api_key=%s model=%s precision=%s provider=%s metrics_port=%s",
+                 cfg.host, self.port, cfg.tls_cert is not None, bool(cfg.api_key), info.model_name, info.precision,
+                 info.provider, self.metrics_port)
+        return self.port
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight calls finish within grace_s, then stop everything."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        log.info("event=draining grace_s=%s queued_texts=%d", grace, self.batcher.queued_texts)
+        await self.health.enter_graceful_shutdown()
+        self.servicer.draining = True
+        await self.server.stop(grace)
+        await self.batcher.stop()
+        self.servicer.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("event=stopped")
+
+
+def run_server(make_embedder: Callable[[], Embedder], config: ServerConfig) -> None:
+    """Load the model, serve until SIGTERM/SIGINT, then drain and return."""
+    asyncio.run(_serve_until_signal(make_embedder, config))
+
+
+async def _serve_until_signal(make_embedder: Callable[[], Embedder], config: ServerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    embedder = await loop.run_in_executor(None, make_embedder)
+    server = EmbeddingServer(embedder, config)
+    await server.start()
+    await stop.wait()
+    await server.drain()

@@ -1,0 +1,41 @@
+"""The narrow interface between the gRPC servicer and a model backend (runtime.py implements it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    dim: int
+    max_length: int
+    pooling: str
+    precision: str
+    provider: str
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids: list[Any]  # one payload per text, handed to run_batch (token ids)
+    lengths: list[int]  # tokens per text (special tokens included, after truncation)
+    truncated: list[int]  # indices of texts that were longer than max_length
+
+
+class Embedder(Protocol):
+    info: ModelInfo
+
+    def tokenize(self, texts: list[str]) -> Tokenized:
+        """Tokenize texts (truncating at max_length); called from a worker thread."""
+
+    def run_batch(self, batch: list[Any]) -> np.ndarray:
+        """Embed a batch of tokenized texts: float32 [len(batch), dim]; called from a worker thread."""
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """v / max(||v||_2, 1e-12) per row, in place."""
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors

@@ -1,0 +1,162 @@
+"""ONNX Runtime model + tokenizer for serving (no torch).
+
+Reads an export directory: manifest.json, the .onnx file of the chosen precision and the tokenizer files.
+Implements the Embedder interface used by the servicer: `tokenize` (Rust tokenizer, batch) and
+`run_batch` (pad to the batch's longest text, run the session; the graph pools and L2-normalises).
+
+Adaptive intra-op threads (CPU, `workers` > 1): a batch that runs alone uses `threads` threads (low latency);
+a batch that starts while another is running uses a second session with threads // workers threads, so
+that concurrent batches share the cores instead of fighting over them (throughput under load).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from embedforge.server.embedder import ModelInfo, Tokenized
+from embedforge.tokenization import load_tokenizer
+
+log = logging.getLogger("embedforge.server.runtime")
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class RuntimeConfigError(Exception):
+    """The export directory or the requested precision/provider cannot be served."""
+
+
+def read_manifest(model_dir: Path) -> dict:
+    """Load and check manifest.json of an export directory."""
+    path = model_dir / "manifest.json"
+    if not path.is_file():
+        raise RuntimeConfigError(f"{path}: not found; is {model_dir} an export directory (embedforge export)?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RuntimeConfigError(f"{path}: invalid JSON: {exc}") from exc
+    for field in ("dim", "max_length", "inputs", "output", "models"):
+        if field not in manifest:
+            raise RuntimeConfigError(f"{path}: missing field {field!r}")
+    if not manifest["models"]:
+        raise RuntimeConfigError(f"{path}: field 'models' lists no model file")
+    return manifest
+
+
+def choose_provider(requested: str) -> str:
+    """auto: CUDA when onnxruntime offers it, else CPU; cuda: error if it is not available."""
+    available = ort.get_available_providers()
+    if requested == "auto":
+        return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]
+    if requested not in PROVIDERS:
+        raise RuntimeConfigError(f"provider {requested!r}: choose auto, cpu or cuda")
+    if PROVIDERS[requested] not in available:
+        raise RuntimeConfigError(f"provider {requested!r}: {PROVIDERS[requested]} is not available in this "
+                                 f"onnxruntime (available: {', '.join(available)}); install onnxruntime-gpu for cuda")
+    return PROVIDERS[requested]
+
+
+def choose_precision(requested: str, exported: list[str], provider: str) -> str:
+    """auto: fp16 on CUDA when exported, else fp32 (else whatever was exported)."""
+    if requested == "auto":
+        preferred = ("fp16", "fp32") if provider == PROVIDERS["cuda"] else ("fp32",)
+        for precision in (*preferred, *exported):
+            if precision in exported:
+                return precision
+    if requested not in exported:
+        raise RuntimeConfigError(f"precision {requested!r} was not exported (available: {', '.join(exported)}); "
+                                 f"run `embedforge export --precision {requested}`")
+    return requested
+
+
+class OnnxEmbedder:
+    """An exported model behind ONNX Runtime, with its tokenizer."""
+
+    def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
+                 threads: int | None = None, workers: int = 1) -> None:
+        model_dir = Path(model_dir)
+        manifest = read_manifest(model_dir)
+        self.max_length = int(manifest["max_length"])
+        self.dim = int(manifest["dim"])
+        self._input_names = list(manifest["inputs"])
+        self._output_name = manifest["output"]
+        provider_name = choose_provider(provider)
+        precision = choose_precision(precision, list(manifest["models"]), provider_name)
+        model_path = model_dir / manifest["models"][precision]["file"]
+        if not model_path.is_file():
+            raise RuntimeConfigError(f"{model_path}: listed in manifest.json but missing")
+
+        providers = [provider_name] if provider_name == PROVIDERS["cpu"] else [provider_name, PROVIDERS["cpu"]]
+        self.threads = threads or os.cpu_count() or 1
+        self.session = _session(model_path, self.threads, providers)
+        narrow = max(1, self.threads // workers)
+        self._shared_session = self.session if narrow == self.threads else _session(model_path, narrow, providers)
+        self._running = 0
+        self._lock = threading.Lock()
+        active = self.session.get_providers()[0]
+        if active != provider_name:
+            if provider == "cuda":
+                raise RuntimeConfigError(f"{provider_name} failed to initialise (onnxruntime fell back to {active})")
+            log.warning("event=provider_fallback requested=%s active=%s", provider_name, active)
+        self._int_type = {i.name: (np.int32 if i.type == "tensor(int32)" else np.int64)
+                          for i in self.session.get_inputs()}
+        missing = set(self._input_names) - set(self._int_type)
+        if missing:
+            raise RuntimeConfigError(f"{model_path}: graph lacks inputs {sorted(missing)} named in manifest.json")
+        self.tokenizer = load_tokenizer(model_dir, self.max_length)
+        self.info = ModelInfo(model_name=str(manifest.get("base_model") or model_dir.name), dim=self.dim,
+                              max_length=self.max_length, pooling=str(manifest.get("pooling", "")),
+                              precision=precision, provider=active)
+
+    def tokenize(self, texts: list[str]) -> Tokenized:
+        """Tokenize in one batch call of the Rust tokenizer; texts over max_length are truncated and listed."""
+        encodings = self.tokenizer.encode_batch_fast(texts)
+        ids = [np.array(e.ids, dtype=np.int64) for e in encodings]
+        truncated = [i for i, e in enumerate(encodings) if e.overflowing]
+        return Tokenized(ids=ids, lengths=[len(x) for x in ids], truncated=truncated)
+
+    def run_batch(self, batch: list[np.ndarray]) -> np.ndarray:
+        """Pad token id arrays to the longest one and run the model: float32 [len(batch), dim]."""
+        feeds = self._feeds(batch)
+        with self._lock:
+            session = self.session if self._running == 0 else self._shared_session
+            self._running += 1
+        try:
+            (vectors,) = session.run([self._output_name], feeds)
+        finally:
+            with self._lock:
+                self._running -= 1
+        return np.asarray(vectors, dtype=np.float32)
+
+    def _feeds(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
+        lengths = np.fromiter((len(x) for x in batch), dtype=np.int64, count=len(batch))
+        width = int(lengths.max())
+        input_ids = np.zeros((len(batch), width), dtype=np.int64)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = ids
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        arrays = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+        return {name: arrays[name].astype(self._int_type[name], copy=False) for name in self._input_names}
+
+    def warmup(self) -> None:
+        """Run a few shapes once so that the first real call does not pay for allocation."""
+        for count, words in ((1, 4), (8, 32)):
+            tokenized = self.tokenize([" ".join(["warmup"] * words)] * count)
+            for session in {id(s): s for s in (self.session, self._shared_session)}.values():
+                session.run([self._output_name], self._feeds(tokenized.ids))
+
+
+def _session(model_path: Path, threads: int, providers: list[str]) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_path), options, providers=providers)

@@ -1,0 +1,281 @@
+"""Batcher unit tests: no model, no gRPC. run_batch is a fake that records every batch it gets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from embedforge.server.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull, TooLarge
+
+
+class Recorder:
+    """run_batch fake: payloads are ints; vector of payload p is [p, -p]. Optionally blocks on a gate."""
+
+    def __init__(self, gated: bool = False, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.fail_on = fail_on
+
+    def __call__(self, payloads: list[int]) -> np.ndarray:
+        self.batches.append(list(payloads))
+        self.entered.set()
+        self.gate.wait(10)
+        if self.fail_on in payloads:
+            raise RuntimeError("boom")
+        return np.array([[p, -p] for p in payloads], dtype=np.float32)
+
+    @property
+    def computed(self) -> set[int]:
+        return {p for batch in self.batches for p in batch}
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def started(recorder: Recorder, **kwargs) -> Batcher:
+    batcher = Batcher(recorder, **kwargs)
+    batcher.start()
+    return batcher
+
+
+async def wait_entered(recorder: Recorder) -> None:
+    """Wait (without blocking the loop) until run_batch has been entered."""
+    while not recorder.entered.is_set():
+        await asyncio.sleep(0.001)
+
+
+def test_single_request_keeps_order_and_reports_timing():
+    async def main():
+        recorder = Recorder()
+        batcher = await started(recorder)
+        result = await batcher.submit([5, 1, 3], [7, 2, 4])
+        await batcher.stop()
+        return recorder, result
+
+    recorder, result = run(main())
+    np.testing.assert_array_equal(result.vectors[:, 0], [5, 1, 3])
+    assert recorder.batches == [[1, 3, 5]]  # sorted by length inside the batch
+    assert result.queue_s >= 0 and result.inference_s > 0
+
+
+def test_concurrent_requests_merge_into_one_batch():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, max_wait_ms=0)
+        first = asyncio.create_task(batcher.submit([0], [3]))
+        await wait_entered(recorder)  # batch 1 is running; the next requests queue up behind it
+        others = [asyncio.create_task(batcher.submit([10 * i + 1, 10 * i + 2], [3, 5])) for i in range(1, 20)]
+        await asyncio.sleep(0.05)
+        recorder.gate.set()
+        results = await asyncio.gather(first, *others)
+        await batcher.stop()
+        return recorder, results
+
+    recorder, results = run(main())
+    assert len(recorder.batches) == 2
+    assert len(recorder.batches[1]) == 38
+    for i, result in enumerate(results[1:], start=1):
+        np.testing.assert_array_equal(result.vectors[:, 0], [10 * i + 1, 10 * i + 2])
+
+
+def test_token_budget_splits_large_request_and_reassembles_in_order():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=200).tolist()
+
+    async def main():
+        recorder = Recorder()
+        batcher = await started(recorder, max_batch_tokens=256)
+        result = await batcher.submit(list(range(200)), lengths)
+        await batcher.stop()
+        return recorder, result
+
+    recorder, result = run(main())
+    np.testing.assert_array_equal(result.vectors[:, 0], np.arange(200))
+    assert len(recorder.batches) > 1
+    for batch in recorder.batches:
+        batch_lengths = [lengths[p] for p in batch]
+        assert len(batch) * max(batch_lengths) <= 256
+        assert batch_lengths == sorted(batch_lengths)
+    padded = sum(len(b) * max(lengths[p] for p in b) for b in recorder.batches)
+    assert padded < 1.25 * sum(lengths)  # length sorting keeps padding small (unsorted: ~1.9x here)
+
+
+def test_no_wait_when_idle():
+    async def main():
+        batcher = await started(Recorder(), max_wait_ms=5000)
+        t0 = time.monotonic()
+        await batcher.submit([1], [4])
+        elapsed = time.monotonic() - t0
+        await batcher.stop()
+        return elapsed
+
+    assert run(main()) < 1.0
+
+
+def test_waits_up_to_max_wait_to_fill_a_batch_when_busy():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, max_wait_ms=400)
+        first = asyncio.create_task(batcher.submit([0], [3]))
+        await wait_entered(recorder)
+        second = asyncio.create_task(batcher.submit([1], [3]))  # an idle worker prepares it as the next batch
+        await asyncio.sleep(0.01)
+        third = asyncio.create_task(batcher.submit([2], [3]))
+        await asyncio.sleep(0.01)
+        recorder.gate.set()  # batch [0] ends; [2] is young, so its worker waits for more
+        await asyncio.sleep(0.05)
+        fourth = asyncio.create_task(batcher.submit([3], [3]))
+        await asyncio.gather(first, second, third, fourth)
+        await batcher.stop()
+        return recorder
+
+    recorder = run(main())
+    assert recorder.batches == [[0], [1], [2, 3]]
+
+
+def test_several_workers_run_batches_at_once():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def run_batch(payloads):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return np.array([[p, -p] for p in payloads], dtype=np.float32)
+
+    async def main():
+        batcher = Batcher(run_batch, workers=2, min_batch_tokens=1)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit([i], [i + 1]) for i in range(6)))  # one batch each
+        await batcher.stop()
+        return results
+
+    results = run(main())
+    assert [r.vectors[0, 0] for r in results] == list(range(6))
+    assert peak[0] == 2
+
+
+def test_queue_full_is_refused_at_once_for_single_texts_too():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, max_queue_tokens=100)
+        first = asyncio.create_task(batcher.submit([0], [10]))
+        await wait_entered(recorder)
+        queued = asyncio.create_task(batcher.submit([1, 2, 3], [30, 30, 30]))
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        with pytest.raises(QueueFull):
+            await batcher.submit([4], [11])
+        refused_in = time.monotonic() - t0
+        recorder.gate.set()
+        await asyncio.gather(first, queued)
+        after = await batcher.submit([5], [11])  # room again once the queue drained
+        await batcher.stop()
+        return refused_in, after
+
+    refused_in, after = run(main())
+    assert refused_in < 0.1
+    assert after.vectors[0, 0] == 5
+
+
+def test_cancelled_and_expired_work_is_never_computed():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder)
+        first = asyncio.create_task(batcher.submit([0], [3]))
+        await wait_entered(recorder)
+        cancelled = asyncio.create_task(batcher.submit([1, 2], [3, 3]))
+        expiring = asyncio.create_task(batcher.submit([3], [3], deadline=time.monotonic() + 0.05))
+        kept = asyncio.create_task(batcher.submit([4], [3]))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(DeadlineExceeded):
+            await expiring
+        recorder.gate.set()
+        await asyncio.gather(first, kept)
+        await batcher.stop()
+        return recorder, cancelled
+
+    recorder, cancelled = run(main())
+    assert cancelled.cancelled()
+    assert recorder.computed == {0, 4}
+
+
+def test_failing_batch_fails_only_its_requests(caplog):
+    async def main():
+        batcher = await started(Recorder(fail_on=13))
+        with pytest.raises(BatchFailed, match="boom"):
+            await batcher.submit([13, 14], [2, 2], request_id="req-bad")
+        good = await batcher.submit([15], [2])
+        await batcher.stop()
+        return good
+
+    with caplog.at_level(logging.ERROR, logger="embedforge.server.batcher"):
+        good = run(main())
+    assert good.vectors[0, 0] == 15
+    assert "req-bad" in caplog.text
+
+
+def test_stop_fails_queued_work_and_refuses_new():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder)
+        first = asyncio.create_task(batcher.submit([0], [3]))
+        await wait_entered(recorder)
+        queued = asyncio.create_task(batcher.submit([1], [3]))
+        await asyncio.sleep(0.01)
+        recorder.gate.set()
+        await first
+        await batcher.stop()
+        with pytest.raises(BatcherStopped):
+            await batcher.submit([2], [3])
+        return queued
+
+    queued = run(main())
+    # the queued request either made it into the last batch or was failed cleanly; never left hanging
+    assert queued.done()
+    if queued.exception() is not None:
+        assert isinstance(queued.exception(), BatcherStopped)
+
+
+def test_rejects_requests_that_can_never_fit():
+    async def main():
+        batcher = await started(Recorder(), max_batch_tokens=8, max_queue_tokens=20)
+        with pytest.raises(TooLarge, match="max_batch_tokens"):
+            await batcher.submit([1], [9])
+        with pytest.raises(TooLarge, match="more than the queue holds"):
+            await batcher.submit([1, 2, 3], [8, 8, 8])
+        await batcher.stop()
+
+    run(main())
+
+
+def test_min_batch_tokens_closes_a_batch_before_it_widens():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, min_batch_tokens=8)
+        first = asyncio.create_task(batcher.submit([0], [1]))
+        await wait_entered(recorder)
+        lengths = [1, 5, 1, 1, 5, 1, 1, 5, 1, 1, 5, 1]  # eight texts of 1 token, four of 5; the oldest is short
+        queued = asyncio.create_task(batcher.submit(list(range(1, 13)), lengths))
+        await asyncio.sleep(0.01)
+        recorder.gate.set()
+        result = await queued
+        await first
+        await batcher.stop()
+        return recorder, result
+
+    recorder, result = run(main())
+    np.testing.assert_array_equal(result.vectors[:, 0], np.arange(1, 13))
+    assert recorder.batches == [[0], [1, 3, 4, 6, 7, 9, 10, 12], [2, 5, 8, 11]]
