@@ -1,0 +1,199 @@
+"""`embedforge loadtest`: drive a running embedforge server over gRPC and report latency and throughput."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from embedforge.loadtest import (
+    Call,
+    CallResult,
+    LoadSpec,
+    LoadTestError,
+    RunResult,
+    Workload,
+    build_report,
+    load_texts,
+    parse_batch,
+    parse_sweep,
+    run_load,
+    run_sweep,
+    synthetic_texts,
+)
+
+DEFAULT_DURATION_S = 10.0
+DEFAULT_OPEN_LOOP_IN_FLIGHT = 256
+DEFAULT_TOKENS = 32
+
+
+def make_grpc_call(client, rpc: str, deadline_s: float | None) -> Call:
+    """Adapt an ``embedforge.client.AsyncEmbedClient`` to the engine's ``call(texts) -> CallResult``.
+
+    For ``score`` the first text is the query and the rest are the documents.
+    """
+    import grpc
+
+    async def call(texts: list[str]) -> CallResult:
+        try:
+            if rpc == "embed":
+                result = await client.embed(texts, deadline_s=deadline_s)
+            else:
+                result = await client.score(texts[0], texts[1:], deadline_s=deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            return CallResult(ok=False, code=exc.code().name, message=exc.details() or "")
+        timing = result.timing
+        return CallResult(
+            ok=True, code="OK", n_texts=len(texts), tokens=result.tokens,
+            server_timing={"queue": timing.queue_ms, "tokenize": timing.tokenize_ms,
+                           "inference": timing.inference_ms, "total": timing.total_ms},
+        )
+
+    return call
+
+
+async def _server_info(client, target: str, wait_ready_s: float):
+    """The server's Info; first wait up to ``wait_ready_s`` for its health to say SERVING."""
+    import grpc
+
+    give_up = time.monotonic() + wait_ready_s
+    while True:
+        try:
+            if wait_ready_s > 0 and await client.health() != "SERVING":
+                raise click.ClickException(f"{target} is not SERVING")
+            return await client.info()
+        except (grpc.aio.AioRpcError, click.ClickException) as exc:
+            if time.monotonic() >= give_up:
+                reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else exc
+                raise click.ClickException(f"cannot reach an embedforge server at {target}: {reason}") from None
+            await asyncio.sleep(0.2)
+
+
+async def _run(target: str, rpc: str, deadline_s: float | None, api_key: str | None, tls_root_cert: str | None,
+               wait_ready_s: float, workload: Workload, spec: LoadSpec,
+               sweep: list[int] | None) -> tuple[dict, list[RunResult]]:
+    from embedforge.client import AsyncEmbedClient
+
+    # timeout: the deadline of the Info/health calls; every load call carries --deadline-ms instead.
+    async with AsyncEmbedClient(target, timeout=5.0, api_key=api_key, tls_root_cert=tls_root_cert) as client:
+        info = await _server_info(client, target, wait_ready_s)
+        call = make_grpc_call(client, rpc, deadline_s)
+        if sweep is None:
+            runs = [await run_load(call, workload.next_texts, spec)]
+        else:
+            def progress(step: RunResult) -> None:
+                p99 = step.latency.get_value_at_percentile(99) / 1000 if step.ok else float("nan")
+                click.echo(f"  concurrency {step.spec.concurrency}: {step.ok / step.elapsed_s:.1f} calls/s, "
+                           f"p99 {p99:.2f} ms, {sum(step.errors.values())} errors", err=True)
+
+            runs = await run_sweep(call, workload.next_texts, sweep, spec, on_step=progress)
+    server = {"model_name": info.model_name, "dim": info.dim, "max_length": info.max_length,
+              "precision": info.precision, "provider": info.provider, "server_version": info.server_version}
+    return server, runs
+
+
+@click.command(name="loadtest")
+@click.option("--target", metavar="HOST:PORT", help="Address of a running `embedforge serve`.")
+@click.option("--rpc", type=click.Choice(["embed", "score"]), default="embed", show_default=True,
+              help="Call Embed (texts) or Score (one query + --batch documents).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help="Closed loop: number of concurrent callers [default: 1]. "
+                   f"With --rate: most calls in flight [default: {DEFAULT_OPEN_LOOP_IN_FLIGHT}].")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Open loop: calls per second, sent on schedule; latency is measured from the scheduled time.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"Seconds to measure (after warmup) [default: {DEFAULT_DURATION_S:g} unless --requests].")
+@click.option("--requests", type=click.IntRange(min=1), default=None,
+              help="Measured calls to send (stops at whichever of --duration/--requests comes first).")
+@click.option("--warmup", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds of load before measuring starts.")
+@click.option("--batch", default="1", show_default=True, help="Texts per call: a number (8) or a range (1-16).")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Texts from a pair file (.json/.jsonl) or a text file with one text per line.")
+@click.option("--tokens", type=click.IntRange(min=3), default=None,
+              help=f"Synthetic texts of exactly this many tokens [default without --data: {DEFAULT_TOKENS}].")
+@click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True), default=10000.0, show_default=True,
+              help="Deadline of each call.")
+@click.option("--api-key-env", metavar="NAME", default=None,
+              help="Environment variable holding the server's API key.")
+@click.option("--tls-root-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM root certificate: connect with TLS.")
+@click.option("--wait-ready", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds to wait for the server's health to report SERVING before starting.")
+@click.option("--sweep", metavar="C1,C2,...", default=None,
+              help="Closed-loop concurrency levels, one measured step each: the latency-throughput curve.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the text and batch-size draws.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Draw the report as PNG.")
+@click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="A.json B.json", help="Print two JSON reports side by side with ratios (no load is sent).")
+def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate: float | None,
+                     duration: float | None, requests: int | None, warmup: float, batch: str, data: str | None,
+                     tokens: int | None, deadline_ms: float, api_key_env: str | None, tls_root_cert: str | None,
+                     wait_ready: float, sweep: str | None, seed: int, output: str | None, plot: str | None,
+                     compare: tuple[str, str] | None) -> None:
+    """Load-test a running embedforge server: closed loop (--concurrency), open loop (--rate) or a --sweep.
+
+    Example: embedforge loadtest --target 127.0.0.1:50051 --rate 50 --batch 1-16 --duration 10 --plot lt.png
+    """
+    from embedforge import loadtest_report as report_io
+
+    try:
+        if compare is not None:
+            a, b = (report_io.read_json(path) for path in compare)
+            click.echo(report_io.format_compare(a, b, compare[0], compare[1]))
+            return
+        if not target:
+            raise click.UsageError("--target HOST:PORT is required (or --compare A.json B.json)")
+        if sweep is not None and (rate is not None or concurrency is not None):
+            raise click.UsageError("--sweep sets the concurrency of each step; drop --rate/--concurrency")
+        if data is not None and tokens is not None:
+            raise click.UsageError("use --data or --tokens, not both")
+        levels = parse_sweep(sweep) if sweep is not None else None
+        if concurrency is None:
+            concurrency = DEFAULT_OPEN_LOOP_IN_FLIGHT if rate is not None else 1
+        if duration is None and requests is None:
+            duration = DEFAULT_DURATION_S
+        spec = LoadSpec(concurrency=concurrency, rate=rate, duration_s=duration, requests=requests, warmup_s=warmup)
+        batch_range = parse_batch(batch)
+        if data is not None:
+            texts = load_texts(data)
+            texts_desc = f"{data} ({len(texts)} distinct)"
+        else:
+            tokens = tokens or DEFAULT_TOKENS
+            texts = synthetic_texts(tokens, seed=seed)
+            texts_desc = f"synthetic, {tokens} tokens each"
+        workload = Workload(texts, batch_range, rpc, seed=seed)
+    except LoadTestError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise click.UsageError(f"--api-key-env: environment variable {api_key_env} is not set or empty")
+
+    config = {
+        "target": target, "rpc": rpc, "batch": batch, "texts": texts_desc, "deadline_ms": deadline_ms,
+        "seed": seed, "tls": tls_root_cert is not None,
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "client_cpus": os.cpu_count(), "python": sys.version.split()[0],
+    }
+    server, runs = asyncio.run(_run(target, rpc, deadline_ms / 1000.0, api_key, tls_root_cert, wait_ready,
+                                    workload, spec, levels))
+    config["server"] = server
+    report = build_report(config, runs, sweep=levels is not None)
+    click.echo(report_io.format_report(report))
+    if output:
+        report_io.write_json(report, output)
+        click.echo(f"report: {Path(output)}", err=True)
+    if plot:
+        report_io.write_plot(report, plot)
+        click.echo(f"plot: {Path(plot)}", err=True)
+    if not any(run.ok for run in runs):
+        raise click.ClickException("no call succeeded (see the errors above)")
