@@ -17,6 +17,7 @@ Failed calls raise `grpc.RpcError` (use `.code()` and `.details()`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,20 @@ class EmbedClient:
         """Health status name: "SERVING", "NOT_SERVING", ... ("" = the whole server)."""
         response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout_s: float, poll_s: float = 0.2) -> None:
+        """Block until health says SERVING; raise the last RpcError (or TimeoutError) after `timeout_s`."""
+        give_up = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.health() == "SERVING":
+                    return
+                failure: Exception = TimeoutError(f"not SERVING after {timeout_s:g} s")
+            except grpc.RpcError as error:
+                failure = error
+            if time.monotonic() >= give_up:
+                raise failure
+            time.sleep(poll_s)
 
     def close(self) -> None:
         self._channel.close()

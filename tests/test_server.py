@@ -443,6 +443,15 @@ def test_embed_cli(server):
     assert '"dim": 32' in result.output
     result = CliRunner().invoke(embed_command, ["--target", server.target, ""])
     assert result.exit_code != 0 and "INVALID_ARGUMENT" in result.output
+    result = CliRunner().invoke(embed_command, ["--target", server.target, "--wait-ready", "5", "egg"])
+    assert result.exit_code == 0, result.output
+
+
+def test_embed_cli_wait_ready_gives_up_on_a_missing_server():
+    nothing_listens = "127.0.0.1:1"
+    result = CliRunner().invoke(embed_command, ["--target", nothing_listens, "--wait-ready", "0.5",
+                                                "--timeout", "0.2", "egg"])
+    assert result.exit_code != 0 and "UNAVAILABLE" in result.output
 
 
 def test_overlapping_batches_use_the_narrow_session_with_equal_results(tiny_export_dir):

@@ -117,8 +117,10 @@ def serve_command(model_dir: Path | None, save_path: Path | None, host: str, por
               help="Environment variable holding the API key to send, if set.")
 @click.option("--tls-root-cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="PEM root certificate: connect with TLS.")
+@click.option("--wait-ready", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds to wait for the server's health to report SERVING first.")
 def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncate: bool, no_normalize: bool,
-                  timeout: float, api_key_env: str, tls_root_cert: Path | None) -> None:
+                  timeout: float, api_key_env: str, tls_root_cert: Path | None, wait_ready: float) -> None:
     """Embed TEXTS with a running server; prints one vector per line (space-separated floats)."""
     import grpc
 
@@ -127,9 +129,13 @@ def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncat
     try:
         with EmbedClient(target, timeout=timeout, api_key=os.environ.get(api_key_env) or None,
                          tls_root_cert=tls_root_cert) as client:
+            if wait_ready > 0:
+                client.wait_until_serving(wait_ready)
             result = client.embed(list(texts), truncate=not no_truncate, normalize=not no_normalize)
     except grpc.RpcError as exc:
         raise click.ClickException(f"{target}: {exc.code().name}: {exc.details()}") from exc
+    except TimeoutError as exc:
+        raise click.ClickException(f"{target}: {exc}") from exc
     if as_json:
         click.echo(json.dumps({"dim": result.dim, "tokens": result.tokens, "vectors": result.vectors.tolist()}))
     else:
