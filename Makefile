@@ -30,7 +30,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 setup-bench: $(VENV)/.installed-bench
 
 lint: setup
-	$(VENV)/bin/ruff check embedforge tests benchmarks
+	$(VENV)/bin/ruff check embedforge tests benchmarks scripts
 
 test: setup lint
 	$(PY) -m pytest -q

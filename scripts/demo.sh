@@ -37,15 +37,4 @@ $BIN/embedforge loadtest --target "127.0.0.1:$PORT" --concurrency 8 --batch 8 --
     --data embedforge/sample_data/test.jsonl --output "$OUT/loadtest.json" --plot "$OUT/loadtest.png"
 
 step "summary"
-$BIN/python - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-best = json.loads((out / "model" / "best_checkpoint.json").read_text())
-report = json.loads((out / "model" / "eval_report.json").read_text())
-base = json.loads((out / "base_model_report.json").read_text())
-manifest = json.loads((out / "model" / "export" / "manifest.json").read_text())
-print(f"best checkpoint : {best['checkpoint']} (val_loss {best['val_loss']:.4f})")
-print(f"export          : {', '.join(manifest['models'])} in {out / 'model' / 'export'}")
-print(f"files           : {out}/model/loss.png, {out}/model/eval_report.png, {out}/loadtest.png")
-PY
+$BIN/python scripts/demo_summary.py "$OUT"
