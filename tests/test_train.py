@@ -204,3 +204,10 @@ def test_checkpoint_listing_skips_temporaries_and_names_broken_state(tiny_model_
         checkpoints.read_checkpoint(tmp_path / "checkpoint-step-3")
     with pytest.raises(checkpoints.CheckpointError, match="incomplete checkpoint, missing embedforge.json"):
         checkpoints.read_checkpoint(tmp_path / "checkpoint-step-9")
+
+
+def test_atomic_directories_get_ordinary_permissions(tmp_path):
+    final = checkpoints.write_dir_atomic(tmp_path / "out", lambda tmp: (tmp / "f").write_text("x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert final.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -137,6 +137,9 @@ def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the result should read like any new directory
     try:
         write(tmp)
         if final.exists():
