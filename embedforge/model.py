@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 # Loading drops the unused pooler head, which transformers would otherwise report on every load.
@@ -148,11 +148,17 @@ class BertVectorModel(nn.Module):
     @classmethod
     def from_base(cls, model_name_or_path: str | None = None, pooling: str = "auto",
                   projection_dim: int | None = None, max_length: int = 512,
-                  attn_implementation: str | None = None) -> BertVectorModel:
-        """Start from a pretrained encoder (a local directory, or a hub id already in the local cache)."""
+                  attn_implementation: str | None = None, attention_dropout: float | None = None) -> BertVectorModel:
+        """Start from a pretrained encoder (a local directory, or a hub id already in the local cache).
+
+        `attention_dropout` replaces the encoder's dropout on attention probabilities (None keeps it).
+        """
         source = resolve_model_name(model_name_or_path)
         try:
-            encoder = AutoModel.from_pretrained(source, attn_implementation=attn_implementation)
+            config = AutoConfig.from_pretrained(source)
+            if attention_dropout is not None and hasattr(config, "attention_probs_dropout_prob"):
+                config.attention_probs_dropout_prob = attention_dropout
+            encoder = AutoModel.from_pretrained(source, config=config, attn_implementation=attn_implementation)
             tokenizer = load_hf_tokenizer(source)
         except OSError as error:
             raise ModelError(f"cannot load model {source!r}: {error}") from error

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -211,3 +212,32 @@ def test_atomic_directories_get_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert final.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_one_pass_pair_cosine_equals_separate_passes(base_model, pairs):
+    from embedforge.data import read_pairs
+    from embedforge.model import BertVectorModel
+    from embedforge.train.trainer import PairCosine, TokenizedPairs
+
+    model = BertVectorModel.from_pretrained(base_model).eval()
+    data = TokenizedPairs(read_pairs(pairs), model)
+    batch = np.arange(6)
+    inputs = data.collate(batch, torch.device("cpu"))
+    with torch.no_grad():
+        joint = PairCosine(model)(inputs["input_ids"], inputs["attention_mask"])
+    queries = model.encode([read_pairs(pairs)[i].query for i in batch])
+    documents = model.encode([read_pairs(pairs)[i].document for i in batch])
+    np.testing.assert_allclose(joint.numpy(), (queries * documents).sum(axis=1), atol=1e-5)
+
+
+def test_frozen_word_embeddings_and_attention_dropout(base_model, pairs, tmp_path):
+    result = train(config(base_model, pairs, tmp_path / "run", num_epochs=1, attention_dropout=0.0))
+    trained = weights(tmp_path / "run" / f"checkpoint-step-{result.global_step}")
+    before = weights(base_model)
+    word_embeddings = "embeddings.word_embeddings.weight"
+    torch.testing.assert_close(trained[word_embeddings], before[word_embeddings])
+    assert not torch.equal(trained["embeddings.position_embeddings.weight"],
+                           before["embeddings.position_embeddings.weight"])
+    assert result.model.encoder.config.attention_probs_dropout_prob == 0.0
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["train_samples"] == 24 and log[-1]["train_seconds"] > 0

@@ -1,0 +1,235 @@
+"""Training speed: embedforge's trainer vs sentence-transformers' `fit`, measured in one run.
+
+Both sides train the bundled all-MiniLM-L6-v2 on the same pairs with the same recipe: batch 16, lr 2e-5,
+warmup 100, 1 epoch (or --max-steps N optimizer steps each), loss (cos_i - rel_i)^2 averaged over the batch
+(embedforge's WeightedMSELoss with every weight 1 = sentence-transformers' CosineSimilarityLoss). CPU threads
+are fixed to --threads on both sides, and the two runs go one after the other, never at once.
+
+samples/s = training pairs / seconds of the training loop only (no model load, no validation, no checkpoint):
+
+- embedforge: `python -m embedforge train ... --save-steps 1000000` in a subprocess; the figure is the one its
+  progress bar shows after the last optimizer step (pairs done / time since the loop started). The only
+  validation and checkpoint run after that. Its data set is tokenized once before the loop (not timed).
+- sentence-transformers: `SentenceTransformer.fit` (the v3+ path through SentenceTransformerTrainer) with
+  losses.CosineSimilarityLoss and no evaluator, in this process; a TrainerCallback times from on_train_begin to
+  the last on_step_end. Its batches are tokenized inside the loop (timed).
+
+Both final models (and the untrained base model) are then scored on STS-B test with embedforge.evaluate.runner:
+Spearman x100 of cosine vs rel. Goal: embedforge >= 3x sentence-transformers' samples/s at >= its test Spearman.
+
+    python benchmarks/train_speed.py                     # one epoch each (STS-B train: 5,749 pairs)
+    python benchmarks/train_speed.py --max-steps 60      # a quick check: 60 steps each
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
+BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS, EPOCHS = 16, 2e-5, 100, 1
+NO_SAVE_STEPS = 1_000_000  # larger than any run: embedforge validates and checkpoints once, at the end
+BASE_SPEARMAN_EXPECTED = 82.03  # the issue's figure for the untrained model on STS-B test
+GOAL_RATIO = 3.0
+_PROGRESS_RATE = re.compile(rb"samples_s=([0-9.]+)")
+
+
+def samples_trained(pairs: int, steps: int) -> int:
+    """Pairs seen in `steps` batches of one epoch (the last batch may be short)."""
+    return min(pairs, steps * BATCH_SIZE)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+
+
+# -- embedforge ------------------------------------------------------------------------------
+
+
+def train_embedforge(train_path: Path, val_path: Path, save_path: Path, pairs: int, threads: int,
+                     max_steps: int | None) -> dict:
+    """Run `embedforge train` in a subprocess (progress streamed through); its loop samples/s and final checkpoint."""
+    from embedforge.train.checkpoints import list_checkpoints
+
+    command = [sys.executable, "-m", "embedforge", "train", "--train-path", str(train_path),
+               "--val-path", str(val_path), "--batch-size", str(BATCH_SIZE), "--learning-rate", str(LEARNING_RATE),
+               "--warmup-steps", str(WARMUP_STEPS), "--num-epochs", str(EPOCHS), "--save-steps", str(NO_SAVE_STEPS),
+               "--save-path", str(save_path), "--device", "cpu"]
+    if max_steps:
+        command += ["--max-steps", str(max_steps)]
+    print("$", " ".join(command), flush=True)
+    captured = bytearray()
+    start = time.perf_counter()
+    with subprocess.Popen(command, env={**os.environ, **thread_env(threads)}, stderr=subprocess.PIPE) as process:
+        for chunk in iter(lambda: process.stderr.read1(65536), b""):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            captured += chunk
+    wall = time.perf_counter() - start
+    save_path.with_name("embedforge_train.log").write_bytes(bytes(captured))
+    if process.returncode:
+        raise SystemExit(f"embedforge train failed (exit {process.returncode}); see the output above")
+    rates = _PROGRESS_RATE.findall(bytes(captured))
+    if not rates:
+        raise SystemExit("embedforge train printed no samples_s in its progress bar: cannot read its loop speed")
+    final = list_checkpoints(save_path)[-1]
+    samples_per_s = float(rates[-1])
+    return {"samples_per_s": samples_per_s, "steps": final.step,
+            "loop_seconds": samples_trained(pairs, final.step) / samples_per_s,
+            "process_wall_seconds": wall, "load_average": os.getloadavg()[0], "checkpoint": str(final.path)}
+
+
+# -- sentence-transformers ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def default_trainer_callback(callback):
+    """Add `callback` to every transformers Trainer built inside the block (`fit` takes no TrainerCallback)."""
+    import transformers.trainer
+
+    transformers.trainer.DEFAULT_CALLBACKS.append(callback)
+    try:
+        yield
+    finally:
+        transformers.trainer.DEFAULT_CALLBACKS.remove(callback)
+
+
+def train_sentence_transformers(pairs: list, work_dir: Path, max_steps: int | None):
+    """Train with `SentenceTransformer.fit` + CosineSimilarityLoss; returns (model, figures)."""
+    from sentence_transformers import InputExample, SentenceTransformer, losses
+    from torch.utils.data import DataLoader
+    from transformers import TrainerCallback
+
+    from embedforge.model import default_model_path
+
+    class LoopTimer(TrainerCallback):
+        began = ended = None
+        steps = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ended, self.steps = time.perf_counter(), state.global_step
+
+    model = SentenceTransformer(str(default_model_path()), device="cpu")
+    examples = [InputExample(texts=[p.query, p.document], label=p.rel) for p in pairs]
+    loader = DataLoader(examples, shuffle=True, batch_size=BATCH_SIZE)
+    timer = LoopTimer()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with default_trainer_callback(timer), contextlib.chdir(work_dir):  # fit names a checkpoint dir relative to cwd
+        model.fit(train_objectives=[(loader, losses.CosineSimilarityLoss(model))], epochs=EPOCHS,
+                  warmup_steps=WARMUP_STEPS, optimizer_params={"lr": LEARNING_RATE}, steps_per_epoch=max_steps,
+                  show_progress_bar=True)
+    wall = time.perf_counter() - start
+    loop = timer.ended - timer.began
+    return model, {"samples_per_s": samples_trained(len(pairs), timer.steps) / loop, "steps": timer.steps,
+                   "loop_seconds": loop, "fit_wall_seconds": wall, "load_average": os.getloadavg()[0]}
+
+
+# -- evaluation and report -----------------------------------------------------------------------
+
+
+def test_spearman(test_path: Path, embedforge_checkpoint: str | None, st_model) -> dict[str, float]:
+    """STS-B test Spearman (x100) of the base model and of each trained model given."""
+    from embedforge.data import read_pairs
+    from embedforge.evaluate.runner import evaluate_base_model, evaluate_checkpoint, evaluate_pairs
+
+    pairs = read_pairs(test_path)
+    scores = {"base": evaluate_base_model(None, pairs, mode="rerank", device="cpu")["spearman"]}
+    if embedforge_checkpoint is not None:
+        report = evaluate_checkpoint(embedforge_checkpoint, pairs, mode="rerank", device="cpu")
+        scores["embedforge"] = report["spearman"]
+    if st_model is not None:
+        embed = lambda texts: st_model.encode(texts, batch_size=len(texts), normalize_embeddings=True)  # noqa: E731
+        scores["sentence_transformers"] = evaluate_pairs(pairs, embed, mode="rerank")["spearman"]
+    return scores
+
+
+def markdown_table(result: dict) -> str:
+    def cell(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = ["| | steps | samples/s | loop s | load avg | test Spearman |", "|---|---:|---:|---:|---:|---:|"]
+    for key, label in (("embedforge", "embedforge train"), ("sentence_transformers", "sentence-transformers fit")):
+        side = result.get(key) or {}
+        rows.append(f"| {label} | {cell(side.get('steps'), 'd')} | {cell(side.get('samples_per_s'), '.1f')} | "
+                    f"{cell(side.get('loop_seconds'), '.1f')} | {cell(side.get('load_average'), '.1f')} | "
+                    f"{cell(side.get('test_spearman'), '.2f')} |")
+    rows.append(f"| base model (untrained) | - | - | - | - | {result['base_test_spearman']:.2f} |")
+    lines = ["\n".join(rows), ""]
+    if result["speed_ratio"] is not None:
+        lines.append(f"speed ratio embedforge / sentence-transformers: **{result['speed_ratio']:.2f}x** "
+                     f"(goal >= {GOAL_RATIO:.0f}x)")
+        lines.append(f"test Spearman embedforge - sentence-transformers: **{result['spearman_delta']:+.2f}** "
+                     "(goal >= 0)")
+    lines.append(f"base model test Spearman {result['base_test_spearman']:.2f} (issue: {BASE_SPEARMAN_EXPECTED})")
+    lines.append(f"load avg = 1-minute load average when each loop ended ({result['threads']} threads per side, "
+                 f"{os.cpu_count()} CPUs); well above the thread count means other work shared the CPUs")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-path", type=Path, default=DATA_DIR / "stsb_train.jsonl")
+    parser.add_argument("--val-path", type=Path, default=DATA_DIR / "stsb_valid.jsonl")
+    parser.add_argument("--test-path", type=Path, default=DATA_DIR / "stsb_test.jsonl")
+    parser.add_argument("--max-steps", type=int, default=None, help="train only N optimizer steps on each side")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both sides")
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: a new temporary dir (kept)")
+    parser.add_argument("--output", type=Path, default=None, help="JSON result (default: WORK/train_speed.json)")
+    parser.add_argument("--skip-st", action="store_true", help="do not train sentence-transformers")
+    parser.add_argument("--skip-embedforge", action="store_true", help="do not train embedforge")
+    args = parser.parse_args()
+    for path in (args.train_path, args.val_path, args.test_path):
+        if not path.is_file():
+            parser.error(f"{path}: no such file")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max-steps must be >= 1")
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="embedforge-train-speed-"))
+    save_path = work_dir / "embedforge"
+    if save_path.exists() and not args.skip_embedforge:
+        parser.error(f"{save_path} exists already: choose a new --work-dir")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(thread_env(args.threads))  # before torch is imported, for this process (sentence-transformers)
+    import torch
+
+    from embedforge.data import read_pairs
+    from embedforge.evaluate.runner import write_report
+
+    torch.set_num_threads(args.threads)
+    print(f"work dir: {work_dir}; threads: {args.threads}", flush=True)
+
+    train_pairs = read_pairs(args.train_path)
+    embedforge = None if args.skip_embedforge else train_embedforge(
+        args.train_path, args.val_path, save_path, len(train_pairs), args.threads, args.max_steps)
+    st_model, st = (None, None) if args.skip_st else train_sentence_transformers(train_pairs, work_dir / "st",
+                                                                                  args.max_steps)
+    print("scoring on STS-B test ...", flush=True)
+    scores = test_spearman(args.test_path, embedforge and embedforge["checkpoint"], st_model)
+    for key, side in (("embedforge", embedforge), ("sentence_transformers", st)):
+        if side is not None:
+            side["test_spearman"] = scores[key]
+    both = embedforge is not None and st is not None
+    result = {"recipe": {"batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "warmup_steps": WARMUP_STEPS,
+                         "epochs": EPOCHS, "max_steps": args.max_steps, "train_path": str(args.train_path)},
+              "threads": args.threads, "embedforge": embedforge, "sentence_transformers": st,
+              "base_test_spearman": scores["base"],
+              "speed_ratio": embedforge["samples_per_s"] / st["samples_per_s"] if both else None,
+              "spearman_delta": embedforge["test_spearman"] - st["test_spearman"] if both else None}
+    output = args.output or work_dir / "train_speed.json"
+    write_report(result, output)
+    print("\n" + markdown_table(result))
+    print(f"\nresult: {output}")
+
+
+if __name__ == "__main__":
+    main()
