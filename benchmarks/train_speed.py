@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +38,6 @@ BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS, EPOCHS = 16, 2e-5, 100, 1
 NO_SAVE_STEPS = 1_000_000  # larger than any run: embedforge validates and checkpoints once, at the end
 BASE_SPEARMAN_EXPECTED = 82.03  # the figure for the untrained model on STS-B test
 GOAL_RATIO = 3.0
-_PROGRESS_RATE = re.compile(rb"samples_s=([0-9.]+)")
 
 
 def samples_trained(pairs: int, steps: int) -> int:
@@ -76,13 +75,11 @@ def train_embedforge(train_path: Path, val_path: Path, save_path: Path, pairs: i
     save_path.with_name("embedforge_train.log").write_bytes(bytes(captured))
     if process.returncode:
         raise SystemExit(f"embedforge train failed (exit {process.returncode}); see the output above")
-    rates = _PROGRESS_RATE.findall(bytes(captured))
-    if not rates:
-        raise SystemExit("embedforge train printed no samples_s in its progress bar: cannot read its loop speed")
     final = list_checkpoints(save_path)[-1]
-    samples_per_s = float(rates[-1])
-    return {"samples_per_s": samples_per_s, "steps": final.step,
-            "loop_seconds": samples_trained(pairs, final.step) / samples_per_s,
+    # The trainer logs its loop-only throughput (validation and checkpoint time excluded) in metrics.jsonl.
+    last = json.loads((save_path / "metrics.jsonl").read_text().splitlines()[-1])
+    samples_per_s = last["train_samples"] / last["train_seconds"]
+    return {"samples_per_s": samples_per_s, "steps": final.step, "loop_seconds": last["train_seconds"],
             "process_wall_seconds": wall, "load_average": os.getloadavg()[0], "checkpoint": str(final.path)}
 
 
