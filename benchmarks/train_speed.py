@@ -138,12 +138,14 @@ def train_sentence_transformers(pairs: list, work_dir: Path, max_steps: int | No
 def test_spearman(test_path: Path, embedforge_checkpoint: str | None, st_model) -> dict[str, float]:
     """STS-B test Spearman (x100) of the base model and of each trained model given."""
     from embedforge.data import read_pairs
-    from embedforge.evaluate.runner import evaluate_base_model, evaluate_checkpoint, evaluate_pairs
+    from embedforge.evaluate.runner import evaluate_model, evaluate_pairs
+    from embedforge.model import BertVectorModel
 
     pairs = read_pairs(test_path)
-    scores = {"base": evaluate_base_model(None, pairs, mode="rerank", device="cpu")["spearman"]}
+    scores = {"base": evaluate_model(BertVectorModel.from_base(None), pairs, mode="rerank", device="cpu")["spearman"]}
     if embedforge_checkpoint is not None:
-        report = evaluate_checkpoint(embedforge_checkpoint, pairs, mode="rerank", device="cpu")
+        model = BertVectorModel.from_pretrained(embedforge_checkpoint)
+        report = evaluate_model(model, pairs, mode="rerank", device="cpu")
         scores["embedforge"] = report["spearman"]
     if st_model is not None:
         embed = lambda texts: st_model.encode(texts, batch_size=len(texts), normalize_embeddings=True)  # noqa: E731

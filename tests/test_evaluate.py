@@ -11,7 +11,7 @@ from sklearn.metrics import ndcg_score
 
 from embedforge.data import Pair, read_pairs
 from embedforge.evaluate.cli import evaluate_command
-from embedforge.evaluate.runner import embed_texts, evaluate_checkpoint, evaluate_pairs
+from embedforge.evaluate.runner import embed_texts, evaluate_model, evaluate_pairs
 from embedforge.train.checkpoints import BEST_RECORD, read_best_record
 
 
@@ -101,12 +101,12 @@ def test_evaluate_pairs_rejects_bad_mode():
         evaluate_pairs([Pair("q", "d", 1.0)] * 2, lambda texts: np.ones((len(texts), 2)), mode="fast")
 
 
-def test_evaluate_checkpoint_uses_the_model(tiny_model_dir, pairs_file):
+def test_evaluate_model_uses_the_model(tiny_model_dir, pairs_file):
     from embedforge.model import BertVectorModel
 
     pairs = read_pairs(pairs_file)
-    report = evaluate_checkpoint(tiny_model_dir, pairs, ks=(1, 3), device="cpu", show_progress=False)
     model = BertVectorModel.from_pretrained(tiny_model_dir)
+    report = evaluate_model(model, pairs, ks=(1, 3), device="cpu", show_progress=False)
     vectors = model.encode([p.query for p in pairs] + [p.document for p in pairs])
     n = len(pairs)
     cosines = np.einsum("ij,ij->i", vectors[:n], vectors[n:])

@@ -63,7 +63,8 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
         raise click.UsageError("--select-best needs --save-path")
 
     from embedforge.data import read_pairs
-    from embedforge.evaluate.runner import evaluate_base_model, evaluate_checkpoint
+    from embedforge.evaluate.runner import evaluate_model
+    from embedforge.model import BertVectorModel
     from embedforge.train.checkpoints import list_checkpoints, read_checkpoint
     from embedforge.train.checkpoints import select_best as best_checkpoint
 
@@ -87,12 +88,13 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
         results = []
         for info in checkpoints:
             click.echo(f"evaluating {info.path}", err=True)
+            metrics = evaluate_model(BertVectorModel.from_pretrained(info.path), pairs, **settings)
             results.append({"name": info.name, "path": str(info.path), "step": info.step,
-                            "val_loss": info.val_loss, "metrics": evaluate_checkpoint(info.path, pairs, **settings)})
+                            "val_loss": info.val_loss, "metrics": metrics})
         if model_name is not None:
             click.echo(f"evaluating base model {model_name}", err=True)
             results.append({"name": model_name, "path": None, "step": None, "val_loss": None,
-                            "metrics": evaluate_base_model(model_name, pairs, **settings)})
+                            "metrics": evaluate_model(BertVectorModel.from_base(model_name), pairs, **settings)})
     except (ValueError, OSError) as error:  # DataError, CheckpointError, ModelError are ValueErrors
         raise click.ClickException(str(error)) from error
 

@@ -147,24 +147,10 @@ def model_embed_fn(model, batch_size: int = 64, device: str = "auto") -> EmbedFn
     return lambda texts: model.encode(texts, batch_size=max(batch_size, len(texts)), device=target)
 
 
-def evaluate_checkpoint(path: str | Path, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS,
-                        rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
-                        device: str = "auto", show_progress: bool = True) -> dict:
-    """:func:`evaluate_pairs` for a saved model directory (a checkpoint), loaded with from_pretrained."""
-    from embedforge.model import BertVectorModel
-
-    model = BertVectorModel.from_pretrained(path)
-    return evaluate_pairs(pairs, model_embed_fn(model, batch_size, device), ks, rel_threshold, mode,
-                          batch_size, show_progress)
-
-
-def evaluate_base_model(model_name: str | None, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS,
-                        rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
-                        device: str = "auto", show_progress: bool = True) -> dict:
-    """:func:`evaluate_pairs` for a base encoder before fine-tuning (None = the bundled model)."""
-    from embedforge.model import BertVectorModel
-
-    model = BertVectorModel.from_base(model_name)
+def evaluate_model(model, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS,
+                   rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
+                   device: str = "auto", show_progress: bool = True) -> dict:
+    """:func:`evaluate_pairs` for a BertVectorModel (a loaded checkpoint or base model)."""
     return evaluate_pairs(pairs, model_embed_fn(model, batch_size, device), ks, rel_threshold, mode,
                           batch_size, show_progress)
 
