@@ -43,13 +43,10 @@ def select_parity_pairs(pairs: Sequence[Pair], max_texts: int) -> tuple[list[Pai
 
 
 def onnx_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
-    """An onnxruntime InferenceSession for `path` with full graph optimizations (threads 0: ORT's default)."""
-    import onnxruntime as ort
+    """The serving runtime's session for `path` (threads 0: ONNX Runtime's default)."""
+    from embedforge.server.runtime import create_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=list(providers))
+    return create_session(path, threads, list(providers))
 
 
 def onnx_embed(session, tokenizer, texts: Sequence[str], batch_size: int = 32,

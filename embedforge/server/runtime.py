@@ -95,9 +95,9 @@ class OnnxEmbedder:
 
         providers = [provider_name] if provider_name == PROVIDERS["cpu"] else [provider_name, PROVIDERS["cpu"]]
         self.threads = threads or os.cpu_count() or 1
-        self.session = _session(model_path, self.threads, providers)
+        self.session = create_session(model_path, self.threads, providers)
         narrow = max(1, self.threads // workers)
-        self._shared_session = self.session if narrow == self.threads else _session(model_path, narrow, providers)
+        self._shared_session = self.session if narrow == self.threads else create_session(model_path, narrow, providers)
         self._running = 0
         self._lock = threading.Lock()
         active = self.session.get_providers()[0]
@@ -153,7 +153,11 @@ class OnnxEmbedder:
                 session.run([self._output_name], self._feeds(tokenized.ids))
 
 
-def _session(model_path: Path, threads: int, providers: list[str]) -> ort.InferenceSession:
+def create_session(model_path: str | Path, threads: int, providers: list[str]) -> ort.InferenceSession:
+    """The serving session: `threads` intra-op threads (0 = ONNX Runtime's default), all graph optimizations.
+
+    The export's parity check and the export benchmark use it too, so they measure what the server runs.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
