@@ -109,3 +109,12 @@ def test_the_bundled_default_model_loads_offline_with_mean_pooling():
 def test_a_missing_model_directory_is_named():
     with pytest.raises(ModelError, match="/nonexistent/model: no such model directory"):
         BertVectorModel.from_base("/nonexistent/model")
+
+
+def test_pad_token_ids_matches_the_torch_padding():
+    from embedforge.tokenization import pad_token_ids
+
+    ids, mask = pad_token_ids([[5, 6, 7], [8]])
+    torch_ids, torch_mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == torch_ids.tolist() and mask.tolist() == torch_mask.tolist()
+    assert ids.dtype == mask.dtype == np.int64

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from embedforge.data import Pair
 from embedforge.evaluate.runner import evaluate_pairs
+from embedforge.tokenization import pad_token_ids
 
 NDCG_K = 10
 
@@ -58,13 +59,7 @@ def onnx_embed(session, tokenizer, texts: Sequence[str], batch_size: int = 32,
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="onnx embedding", unit="batch", disable=not show_progress):
         batch = order[start:start + batch_size]
-        longest = max(len(encodings[i].ids) for i in batch)
-        input_ids = np.zeros((len(batch), longest), dtype=np.int64)
-        attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
-        for row, index in enumerate(batch):
-            ids = encodings[index].ids
-            input_ids[row, :len(ids)] = ids
-            attention_mask[row, :len(ids)] = 1
+        input_ids, attention_mask = pad_token_ids([encodings[i].ids for i in batch])
         (output,) = session.run(["embedding"], {"input_ids": input_ids, "attention_mask": attention_mask})
         if vectors is None:
             vectors = np.empty((len(texts), output.shape[1]), dtype=np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from embedforge.server.embedder import ModelInfo, Tokenized
-from embedforge.tokenization import load_tokenizer
+from embedforge.tokenization import load_tokenizer, pad_token_ids
 
 log = logging.getLogger("embedforge.server.runtime")
 
@@ -136,12 +136,7 @@ class OnnxEmbedder:
         return np.asarray(vectors, dtype=np.float32)
 
     def _feeds(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
-        lengths = np.fromiter((len(x) for x in batch), dtype=np.int64, count=len(batch))
-        width = int(lengths.max())
-        input_ids = np.zeros((len(batch), width), dtype=np.int64)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = ids
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        input_ids, mask = pad_token_ids(batch)
         arrays = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
         return {name: arrays[name].astype(self._int_type[name], copy=False) for name in self._input_names}
 
