@@ -27,6 +27,9 @@ log = logging.getLogger("embedforge.server.runtime")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PRECISIONS = ("fp32", "fp16", "int8")
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+"""Load-time fusions a CPU session leaves out: onnxruntime's CPU SkipLayerNormalization kernel is slower than
+the Add + LayerNormalization it replaces (figures in embedforge/export/optimize.py)."""
 
 
 class RuntimeConfigError(Exception):
@@ -158,4 +161,5 @@ def create_session(model_path: str | Path, threads: int, providers: list[str]) -
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_path), options, providers=providers)
+    disabled = list(CPU_DISABLED_OPTIMIZERS) if providers[0] == PROVIDERS["cpu"] else []
+    return ort.InferenceSession(str(model_path), options, providers=providers, disabled_optimizers=disabled)
