@@ -45,9 +45,9 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
               help="Model batches that may run at once [default: 1 on CUDA, else min(cores, 4)].")
 @click.option("--max-batch-tokens", "--max_batch_tokens", type=click.IntRange(1), default=16384,
               show_default=True, help="Token budget of one model batch (batch size x longest text).")
-@click.option("--min-batch-tokens", "--min_batch_tokens", type=click.IntRange(1), default=256,
-              show_default=True, help="A batch with this many real tokens is closed rather than padded wider "
-              "by a longer text (lower: less padding; higher: fewer, larger batches, e.g. on GPU).")
+@click.option("--min-batch-tokens", "--min_batch_tokens", type=click.IntRange(1), default=None,
+              help="A batch with this many real tokens is closed rather than padded wider by a longer text "
+              "(lower: less padding; higher: fewer, larger batches) [default: 64 on CPU, 256 on CUDA].")
 @click.option("--max-wait-ms", "--max_wait_ms", type=click.FloatRange(0), default=2.0, show_default=True,
               help="Longest wait to fill a batch while busy (no wait when idle).")
 @click.option("--max-queue-tokens", "--max_queue_tokens", type=click.IntRange(1), default=None,
@@ -67,9 +67,9 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve_command(model_dir: Path | None, save_path: Path | None, host: str, port: int, precision: str,
-                  provider: str, threads: int | None, workers: int | None, max_batch_tokens: int, min_batch_tokens: int,
-                  max_wait_ms: float,
-                  max_queue_tokens: int | None, max_texts_per_request: int, max_chars_per_text: int,
+                  provider: str, threads: int | None, workers: int | None, max_batch_tokens: int,
+                  min_batch_tokens: int | None, max_wait_ms: float, max_queue_tokens: int | None,
+                  max_texts_per_request: int, max_chars_per_text: int,
                   metrics_port: int | None, grace_s: float, tls_cert: Path | None, tls_key: Path | None,
                   api_key_env: str, log_level: str) -> None:
     """Serve an exported model over gRPC (Embed, Score, Info, health, reflection)."""
@@ -89,6 +89,9 @@ def serve_command(model_dir: Path | None, save_path: Path | None, host: str, por
         raise click.ClickException(str(exc)) from exc
     cores = os.cpu_count() or 1
     workers = workers or (1 if on_cuda else min(cores, 4))
+    # On CPU a batch costs about its padded tokens, with little fixed cost per run: small batches of
+    # similar lengths beat large ones (STS-B, 16 callers x 8 texts: 15% padding at 256, under 1% at 64).
+    min_batch_tokens = min_batch_tokens or (256 if on_cuda else 64)
     threads = threads or cores
     if max_batch_tokens < max_length:
         raise click.UsageError(f"--max-batch-tokens {max_batch_tokens} is below the model's max_length "
