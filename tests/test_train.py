@@ -15,10 +15,12 @@ import torch
 from click.testing import CliRunner
 from conftest import SAMPLE_PAIRS, write_jsonl
 from safetensors.torch import load_file
+from torch import nn
 
-from embedforge.model import build_tiny_model
+from embedforge.model import BertVectorModel, build_tiny_model
 from embedforge.train import checkpoints
 from embedforge.train.cli import train_command
+from embedforge.train.dropout import Dropout16
 from embedforge.train.trainer import TrainConfig, TrainError, linear_schedule, train
 
 
@@ -241,3 +243,13 @@ def test_frozen_word_embeddings_and_attention_dropout(base_model, pairs, tmp_pat
     assert result.model.encoder.config.attention_probs_dropout_prob == 0.0
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["train_samples"] == 24 and log[-1]["train_seconds"] > 0
+
+
+@pytest.mark.parametrize("fast_cpu_dropout", [True, False])
+def test_cpu_dropout_choice(base_model, pairs, tmp_path, fast_cpu_dropout):
+    result = train(config(base_model, pairs, tmp_path / "run", max_steps=2, fast_cpu_dropout=fast_cpu_dropout))
+    kinds = {type(m) for m in result.model.modules() if isinstance(m, (nn.Dropout, Dropout16))}
+    assert kinds == ({Dropout16} if fast_cpu_dropout else {nn.Dropout})
+    # Either way the checkpoint loads as a plain model: the swap changes no weight or config.
+    reloaded = BertVectorModel.from_pretrained(tmp_path / "run" / f"checkpoint-step-{result.global_step}")
+    assert not any(isinstance(m, Dropout16) for m in reloaded.modules())

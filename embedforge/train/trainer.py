@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from embedforge.data import DataError, Pair, read_pairs
 from embedforge.model import BertVectorModel, pad_batch
 from embedforge.train import checkpoints
+from embedforge.train.dropout import replace_dropout
 from embedforge.train.loss import WeightedMSELoss
 
 METRICS_LOG = "metrics.jsonl"
@@ -61,6 +62,7 @@ class TrainConfig:
     group_by_length: bool = True
     freeze_word_embeddings: bool = True
     attention_dropout: float | None = 0.0
+    fast_cpu_dropout: bool = True
     eval_batch_size: int = 64
     show_progress: bool = True
 
@@ -308,6 +310,8 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         # The vocabulary matrix is half of MiniLM's weights; its dense gradient and AdamW update cost more
         # than they bring when fine-tuning on a few thousand pairs.
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    if config.fast_cpu_dropout and device.type == "cpu":
+        replace_dropout(model)  # same dropout, cheaper random masks (train/dropout.py); CUDA keeps its fused kernel
     model.to(device)
     data = TokenizedPairs(train_pairs, model)
     batches_per_epoch = math.ceil(math.ceil(len(data) / world_size) / config.batch_size)
