@@ -134,6 +134,11 @@ class BertVectorModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.unnormalized(input_ids, attention_mask, token_type_ids), p=2, dim=-1)
+
+    def unnormalized(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled (and projected) float32 vectors before their L2 norm."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -141,7 +146,7 @@ class BertVectorModel(nn.Module):
         vectors = pool(hidden, attention_mask, self.pooling)
         if self.projection is not None:
             vectors = self.projection(vectors)
-        return F.normalize(vectors.float(), p=2, dim=-1)
+        return vectors.float()
 
     # -- loading and saving ------------------------------------------------------------------
 

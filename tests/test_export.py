@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import make_checkpoint
 
@@ -20,8 +21,8 @@ from embedforge.export import MANIFEST_FILE, ExportError, export_checkpoint
 from embedforge.export.cli import export_command
 from embedforge.export.optimize import fusion_complete
 from embedforge.export.parity import compare, onnx_embed, onnx_session, select_parity_pairs
-from embedforge.model import BertVectorModel, build_tiny_model
-from embedforge.tokenization import load_tokenizer
+from embedforge.model import BertVectorModel, build_tiny_model, pad_batch, pool
+from embedforge.tokenization import load_tokenizer, pad_token_ids
 
 LONG_TEXT = " ".join(["boil the eggs in hot water with salt for seven minutes"] * 30)
 TEXTS = ["how to boil an egg", "rice", "bake the bread in a hot oven for ten minutes", LONG_TEXT]
@@ -31,6 +32,28 @@ def tiny_checkpoint(root: Path, pooling: str = "mean", projection_dim: int | Non
     path = root / "run" / "checkpoint-step-1"
     build_tiny_model(path, pooling=pooling, projection_dim=projection_dim)
     return make_checkpoint(path)
+
+
+def pytorch_unnormalized(model: BertVectorModel, texts: list[str]) -> np.ndarray:
+    """The model's vectors before their L2 norm, computed from its parts: encoder -> pooling -> projection."""
+    input_ids, attention_mask = pad_batch(model.tokenize(texts), model.tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        hidden = model.eval().encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        vectors = pool(hidden, attention_mask, model.pooling)
+        if model.projection is not None:
+            vectors = model.projection(vectors)
+    vectors = vectors.numpy()
+    # Anchored to the model itself: normalised, these are the vectors it encodes.
+    normalised = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert np.einsum("ij,ij->i", normalised, model.encode(texts)).min() >= 0.9999
+    return vectors
+
+
+def assert_same_vectors(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Cosine >= 0.9999 row by row and norms within 0.1%."""
+    norms = np.linalg.norm(actual, axis=1), np.linalg.norm(expected, axis=1)
+    assert (np.einsum("ij,ij->i", actual, expected) / (norms[0] * norms[1])).min() >= 0.9999
+    np.testing.assert_allclose(norms[0], norms[1], rtol=1e-3)
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -52,6 +75,7 @@ def test_manifest_and_files(exported, tiny_model_dir, pairs_file):
     assert (manifest["dim"], manifest["max_length"], manifest["pooling"]) == (
         settings["dim"], settings["max_length"], "mean")
     assert manifest["inputs"] == ["input_ids", "attention_mask"] and manifest["output"] == "embedding"
+    assert manifest["unnormalized_output"] == "unnormalized_embedding"
     assert manifest["source_checkpoint"] == str(tiny_model_dir.resolve())
     assert manifest["opset"] == 17
     assert set(manifest["models"]) == {"fp32", "int8"}
@@ -66,7 +90,7 @@ def test_graph_io_and_fusions(exported):
     output, manifest = exported
     graph = onnx.load(str(output / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
-    assert [o.name for o in graph.output] == ["embedding"]
+    assert [o.name for o in graph.output] == ["embedding", "unnormalized_embedding"]
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "sequence"]
     layers = 2  # the tiny model's num_hidden_layers
@@ -80,6 +104,8 @@ def test_graph_io_and_fusions(exported):
     assert fused["LayerNormalization"] == 2 * layers and "SkipLayerNormalization" not in fused
     int8_ops = manifest["models"]["int8"]["fused_ops"]
     assert int8_ops["QAttention"] == layers and int8_ops["MatMulInteger"] > 0
+    int8_graph = onnx.load(str(output / "model_int8.onnx")).graph
+    assert [o.name for o in int8_graph.output] == ["embedding", "unnormalized_embedding"]
 
 
 def test_parity_recorded(exported):
@@ -110,6 +136,15 @@ def test_pooling_and_projection_match_pytorch(tmp_path, pooling, projection_dim)
     assert vectors.shape == (len(TEXTS), dim)
     assert np.einsum("ij,ij->i", vectors, reference).min() >= 0.9999
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # The second output is the same vector before the L2 norm.
+    tokenizer = load_tokenizer(tmp_path / "export", manifest["max_length"])
+    input_ids, attention_mask = pad_token_ids([e.ids for e in tokenizer.encode_batch(TEXTS)])
+    normalised, unnormalized = session.run(["embedding", manifest["unnormalized_output"]],
+                                           {"input_ids": input_ids, "attention_mask": attention_mask})
+    assert_same_vectors(unnormalized, pytorch_unnormalized(model, TEXTS))
+    assert not np.allclose(np.linalg.norm(unnormalized, axis=1), 1.0, atol=1e-2)
+    np.testing.assert_allclose(normalised, unnormalized / np.linalg.norm(unnormalized, axis=1, keepdims=True),
+                               atol=1e-6)
 
 
 def test_fp16_on_cpu_is_written_with_fp32_io_and_parity_skipped(tmp_path, tiny_model_dir):
@@ -119,7 +154,8 @@ def test_fp16_on_cpu_is_written_with_fp32_io_and_parity_skipped(tmp_path, tiny_m
     model = onnx.load(str(tmp_path / "export" / "model_fp16.onnx"))
     elem = onnx.TensorProto
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [elem.INT64, elem.INT64]
-    assert model.graph.output[0].type.tensor_type.elem_type == elem.FLOAT
+    assert [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output] == [
+        ("embedding", elem.FLOAT), ("unnormalized_embedding", elem.FLOAT)]
     assert any(init.data_type == elem.FLOAT16 for init in model.graph.initializer)
     # LayerNorm-family fused ops stay fused; the pooling reductions stay float32.
     assert manifest["models"]["fp16"]["fused_ops"]["SkipLayerNormalization"] == 4

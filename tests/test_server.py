@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_export import assert_same_vectors, pytorch_unnormalized
 
 from embedforge.client import AsyncEmbedClient, EmbedClient
 from embedforge.server.app import EmbeddingServer, ServerConfig
@@ -51,10 +53,15 @@ def embedder(tiny_export_dir) -> OnnxEmbedder:
 
 
 class ServerThread:
-    """An EmbeddingServer on its own event loop in a background thread; `with` starts and drains it."""
+    """An EmbeddingServer on its own event loop in a background thread; `with` starts and drains it.
 
-    def __init__(self, embedder, **config) -> None:
+    With `make_embedder` (and embedder None), `with` returns once the port is open and the model loads
+    in the background (`self.loading`, a concurrent future).
+    """
+
+    def __init__(self, embedder, make_embedder=None, **config) -> None:
         self.server = EmbeddingServer(embedder, ServerConfig(port=0, **config))
+        self.make_embedder = make_embedder
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -63,7 +70,11 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        self.port = self.call(self.server.start())
+        if self.make_embedder is None:
+            self.port = self.call(self.server.start())
+        else:
+            self.port = self.call(self.server.listen())
+            self.loading = asyncio.run_coroutine_threadsafe(self.server.load(self.make_embedder), self.loop)
         self.target = f"127.0.0.1:{self.port}"
         return self
 
@@ -130,6 +141,36 @@ def test_embed_matches_pytorch_model(client, tiny_model_dir):
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-5)
     assert result.tokens == sum(min(len(t.split()), 510) + 2 for t in texts)
     assert result.timing.total_ms > 0 and result.timing.inference_ms > 0
+
+
+def test_normalize_false_returns_the_unnormalized_pytorch_vector(client, tiny_model_dir):
+    from embedforge.model import BertVectorModel
+
+    texts = make_texts(12, seed=5)
+    model = BertVectorModel.from_pretrained(tiny_model_dir)
+    raw = client.embed(texts, normalize=False).vectors
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-2)
+    assert_same_vectors(raw, pytorch_unnormalized(model, texts))
+    normalised = client.embed(texts).vectors
+    np.testing.assert_allclose(np.linalg.norm(normalised, axis=1), 1.0, atol=1e-5)
+    assert np.einsum("ij,ij->i", normalised, model.encode(texts)).min() >= 0.9999
+
+
+def test_old_export_without_unnormalized_output_refuses_normalize_false(tiny_export_dir, client, tmp_path):
+    old_export = shutil.copytree(tiny_export_dir, tmp_path / "old_export")
+    manifest = json.loads((old_export / "manifest.json").read_text())
+    del manifest["unnormalized_output"]  # as written before the graph had that output
+    (old_export / "manifest.json").write_text(json.dumps(manifest))
+    old = OnnxEmbedder(old_export, threads=1)
+    assert not old.info.unnormalized
+    texts = make_texts(6, seed=6)
+    with ServerThread(old) as running, EmbedClient(running.target, timeout=10) as c:
+        error = rpc_error(c.embed, texts, normalize=False)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "this export has no unnormalized output; re-export with `embedforge export`" in error.details()
+        np.testing.assert_allclose(c.embed(texts).vectors, client.embed(texts).vectors, atol=1e-5)
+        query, docs = texts[0], texts[1:]
+        np.testing.assert_allclose(c.score(query, docs).scores, client.score(query, docs).scores, atol=1e-5)
 
 
 def test_score_is_cosine_of_embed(client):
@@ -321,6 +362,29 @@ def test_drain_finishes_in_flight_refuses_new_and_reports_not_serving(embedder):
         running.thread.join(10)
 
 
+def test_port_opens_before_the_model_loads(embedder):
+    loaded = threading.Event()
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        loaded.set()
+        return embedder
+
+    with ServerThread(None, make_embedder=slow_load) as running, EmbedClient(running.target, timeout=10) as c:
+        try:
+            assert c.health() == "NOT_SERVING" and c.health("embedforge.v1.EmbeddingService") == "NOT_SERVING"
+            for call in (lambda: c.embed(["egg"]), lambda: c.score("egg", ["hot water"]), c.info):
+                error = rpc_error(call)
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and "model is loading" in error.details()
+            assert not loaded.is_set()
+        finally:
+            release.set()
+        running.loading.result(30)
+        assert c.health() == "SERVING"
+        assert c.embed(["egg"]).vectors.shape == (1, 32) and c.info().dim == 32
+
+
 def _request(texts):
     from embedforge.client import build_embed_request
 
@@ -341,18 +405,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_health(target: str, process: subprocess.Popen, status: str = "SERVING", timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     with EmbedClient(target, timeout=1) as c:
         while time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()[1]
             try:
-                if c.health() == "SERVING":
+                if c.health() == status:
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise AssertionError("server did not become SERVING")
+    raise AssertionError(f"server did not report {status}")
+
+
+def _wait_until_closed(target: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with EmbedClient(target, timeout=1) as c:
+        while time.monotonic() < deadline:
+            try:
+                c.health()
+            except grpc.RpcError:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"{target} still answers")
 
 
 def test_sigterm_drains_in_flight_call_and_exits_zero(tiny_export_dir):
@@ -363,7 +439,7 @@ def test_sigterm_drains_in_flight_call_and_exits_zero(tiny_export_dir):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         target = f"127.0.0.1:{port}"
-        _wait_serving(target, process)
+        _wait_health(target, process)
         with EmbedClient(target, timeout=60) as c:
             big = ["egg " * 500] * 300  # takes a while with one thread, so it is still in flight at SIGTERM
             in_flight = c._stub.Embed.future(_request(big), timeout=60)
@@ -381,6 +457,45 @@ def test_sigterm_drains_in_flight_call_and_exits_zero(tiny_export_dir):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_sigterm_while_the_model_loads_exits_zero(tiny_export_dir):
+    port = _free_port()
+    script = textwrap.dedent(f"""
+        import logging, sys
+        from embedforge.server.app import ServerConfig, run_server
+        from embedforge.server.runtime import OnnxEmbedder
+
+        def slow_load():
+            sys.stdin.readline()  # loading lasts until the test writes a line
+            return OnnxEmbedder({str(tiny_export_dir)!r}, threads=1)
+
+        logging.basicConfig(level="INFO", stream=sys.stderr)
+        run_server(slow_load, ServerConfig(port={port}))
+        print("returned")
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_health(f"127.0.0.1:{port}", process, "NOT_SERVING")
+        process.send_signal(signal.SIGTERM)
+        _wait_until_closed(f"127.0.0.1:{port}")  # drained while the model is still loading
+        stdout, stderr = process.communicate("go\n", timeout=30)
+        assert process.returncode == 0, stderr
+        assert stdout.strip() == "returned"
+        events = [line.split("event=")[1].split()[0] for line in stderr.splitlines() if "event=" in line]
+        assert events == ["listening", "loading", "draining", "stopped", "load_discarded"], stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_cli_reports_a_failed_model_load(tiny_export_dir):
+    result = CliRunner().invoke(serve_command, ["--model-dir", str(tiny_export_dir), "--port", "0",
+                                                "--precision", "int8"])
+    assert result.exit_code == 1, result.output
+    assert "precision 'int8' was not exported" in result.output and "Traceback" not in result.output
 
 
 def test_serving_path_never_imports_torch(tiny_export_dir):

@@ -2,8 +2,9 @@
 
 The steps, in order (:func:`export_checkpoint`):
 
-1. trace the model into one graph: token ids in, pooled + projected + L2-normalised ``embedding`` out
-   (:mod:`embedforge.export.onnx`); the encoder alone is traced too, as the fusion baseline;
+1. trace the model into one graph: token ids in, pooled + projected + L2-normalised ``embedding`` out, and
+   ``unnormalized_embedding``, the same vector before the L2 norm (:mod:`embedforge.export.onnx`); the
+   encoder alone is traced too, as the fusion baseline;
 2. fuse attention, LayerNorm, embeddings and GELU with onnxruntime's transformer optimizer, and check that
    the pooling added to the graph kept every fusion the bare encoder gets (:mod:`embedforge.export.optimize`);
 3. derive the requested lower precisions: int8 (CPU) from the optimized fp32 graph, fp16 (CUDA) from a graph
@@ -130,7 +131,13 @@ def _build(checkpoint_dir: Path, target: Path, scratch: Path, precisions: list[s
     import transformers
 
     from embedforge.export import optimize
-    from embedforge.export.onnx import INPUT_NAMES, OUTPUT_NAME, export_onnx, load_for_export
+    from embedforge.export.onnx import (
+        INPUT_NAMES,
+        OUTPUT_NAME,
+        UNNORMALIZED_OUTPUT_NAME,
+        export_onnx,
+        load_for_export,
+    )
     from embedforge.export.parity import compare, onnx_embed, onnx_session
     from embedforge.tokenization import load_tokenizer
 
@@ -205,6 +212,7 @@ def _build(checkpoint_dir: Path, target: Path, scratch: Path, precisions: list[s
         "base_model": model.base_model,
         "inputs": list(INPUT_NAMES),
         "output": OUTPUT_NAME,
+        "unnormalized_output": UNNORMALIZED_OUTPUT_NAME,
         "models": models,
         "fusion": {"encoder_only": baseline, "with_pooling": fused, "num_layers": num_layers,
                    "kept_by_pooling": all(fused.get(op, 0) >= count for op, count in baseline.items()),

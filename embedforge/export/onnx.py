@@ -1,8 +1,11 @@
 """Torch -> ONNX: one graph from token ids to the finished sentence vector.
 
-    (input_ids, attention_mask) -> encoder -> pooling (cls | masked mean) -> projection -> L2 norm -> embedding
+    (input_ids, attention_mask) -> encoder -> pooling (cls | masked mean) -> projection -> unnormalized_embedding
+                                                                                        -> L2 norm -> embedding
 
-Inputs are int64 [batch, sequence], the output is float32 [batch, dim]; batch and sequence are dynamic.
+Inputs are int64 [batch, sequence], both outputs float32 [batch, dim]; batch and sequence are dynamic.
+``embedding`` is the model's vector (what parity checks and most users read); ``unnormalized_embedding``
+is the same vector before the L2 norm, for servers that must honour a request for unnormalised vectors.
 The graph is traced with the TorchScript exporter (``dynamo=False``) from a model loaded with the eager
 attention implementation: onnxruntime's BERT attention fusion matches the eager pattern, not SDPA
 (onnxruntime #21208).
@@ -19,27 +22,30 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from embedforge.model import BertVectorModel
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
+UNNORMALIZED_OUTPUT_NAME = "unnormalized_embedding"
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = (14, 15, 16, 17, 18)
 
 
 class EmbeddingGraph(nn.Module):
-    """forward(input_ids, attention_mask) -> the model's L2-normalised embedding, token types folded to 0."""
+    """forward(input_ids, attention_mask) -> (embedding, unnormalized_embedding), token types folded to 0."""
 
     def __init__(self, model: BertVectorModel) -> None:
         super().__init__()
         self.model = model
         self.fold_token_types = "token_type_ids" in inspect.signature(model.encoder.forward).parameters
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         token_type_ids = torch.zeros_like(input_ids) if self.fold_token_types else None
-        return self.model(input_ids, attention_mask, token_type_ids)
+        vectors = self.model.unnormalized(input_ids, attention_mask, token_type_ids)
+        return F.normalize(vectors, p=2, dim=-1), vectors
 
 
 class EncoderGraph(EmbeddingGraph):
@@ -77,9 +83,13 @@ def export_onnx(model: BertVectorModel, path: str | Path, opset: int = DEFAULT_O
         raise ValueError(f"load the model with attn_implementation='eager' before export (it uses {attention!r}); "
                          "onnxruntime cannot fuse the other attention graphs")
     graph = (EncoderGraph if encoder_only else EmbeddingGraph)(model).eval()
-    output_name = "last_hidden_state" if encoder_only else OUTPUT_NAME
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
-    dynamic_axes[output_name] = {0: "batch", 1: "sequence"} if encoder_only else {0: "batch"}
+    if encoder_only:
+        output_names = ["last_hidden_state"]
+        dynamic_axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+    else:
+        output_names = [OUTPUT_NAME, UNNORMALIZED_OUTPUT_NAME]
+        dynamic_axes.update({name: {0: "batch"} for name in output_names})
     path = Path(path)
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is chosen on purpose (see the module docstring): silence its
@@ -87,6 +97,6 @@ def export_onnx(model: BertVectorModel, path: str | Path, opset: int = DEFAULT_O
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(graph, example_inputs(model), str(path), input_names=list(INPUT_NAMES),
-                          output_names=[output_name], dynamic_axes=dynamic_axes, opset_version=opset,
+                          output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
     return path

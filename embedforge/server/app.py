@@ -1,11 +1,17 @@
 """Server lifecycle: grpc.aio server, health, reflection, API key, TLS, Prometheus metrics, graceful drain.
 
     server = EmbeddingServer(embedder, ServerConfig(port=0))
-    port = await server.start()      # health NOT_SERVING until the model is warmed up, then SERVING
+    port = await server.start()      # listen() + load(): returns once the model is warmed up and SERVING
     ...
     await server.drain()             # NOT_SERVING, refuse new calls, finish in-flight ones within grace_s
 
-`run_server` wraps this for the command line and drains on SIGTERM/SIGINT.
+or, to answer health checks while a slow model loads:
+
+    server = EmbeddingServer(None, config)
+    port = await server.listen()     # bound: health NOT_SERVING, Embed/Score/Info UNAVAILABLE "model is loading"
+    await server.load(make_embedder) # builds the model in a worker thread, warms it up, then SERVING
+
+`run_server` does the latter for the command line and drains on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -148,28 +154,33 @@ def is_loopback(host: str) -> bool:
 
 
 class EmbeddingServer:
-    """One gRPC server around one Embedder."""
+    """One gRPC server around one Embedder (given here, or built later by `load`)."""
 
-    def __init__(self, embedder: Embedder, config: ServerConfig) -> None:
+    def __init__(self, embedder: Embedder | None, config: ServerConfig) -> None:
         self.embedder = embedder
         self.config = config
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.batcher: Batcher | None = None
         self._metrics_http = None
+        self._draining = False
 
     async def start(self) -> int:
-        """Bind, start serving (health NOT_SERVING), warm the model up, then report SERVING; returns the port."""
+        """`listen`, then `load` the embedder given to the constructor; returns the port once SERVING."""
+        port = await self.listen()
+        await self.load()
+        return port
+
+    async def listen(self) -> int:
+        """Bind and start serving health (NOT_SERVING), reflection and metrics; returns the port.
+
+        Until `load` is done, Embed/Score/Info answer UNAVAILABLE ("model is loading").
+        """
         cfg = self.config
         if (cfg.tls_cert is None) != (cfg.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         self.metrics = Metrics()
-        self.batcher = Batcher(self.embedder.run_batch, max_batch_tokens=cfg.max_batch_tokens,
-                               min_batch_tokens=cfg.min_batch_tokens, workers=cfg.workers,
-                               max_wait_ms=cfg.max_wait_ms, max_queue_tokens=cfg.max_queue_tokens,
-                               on_batch=self.metrics.on_batch)
-        self.metrics.watch_queue(self.batcher)
-        self.servicer = EmbeddingServicer(self.embedder, self.batcher, cfg.limits,
-                                          on_call=self.metrics.on_call, on_timing=self.metrics.on_timing)
+        self.servicer = EmbeddingServicer(cfg.limits, on_call=self.metrics.on_call, on_timing=self.metrics.on_timing)
         self.health = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -190,31 +201,58 @@ class EmbeddingServer:
         if not is_loopback(cfg.host) and cfg.tls_cert is None and not cfg.api_key:
             log.warning("event=insecure_bind host=%s detail=\"listening beyond localhost without TLS or API key\"",
                         cfg.host)
-        self.batcher.start()
-        await self.server.start()
         if cfg.metrics_port is not None:
             self._metrics_http, _ = prom.start_http_server(cfg.metrics_port, addr=cfg.host,
                                                            registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
+        await self.server.start()
+        log.info("event=listening address=%s:%d tls=%s api_key=%s metrics_port=%s", cfg.host, self.port,
+                 cfg.tls_cert is not None, bool(cfg.api_key), self.metrics_port)
+        return self.port
+
+    async def load(self, make_embedder: Callable[[], Embedder] | None = None) -> None:
+        """Build the embedder with `make_embedder` (None: the one given to the constructor), warm it up, SERVING.
+
+        Loading and warm-up run in a worker thread, so health checks are answered meanwhile. If `drain`
+        was called in the meantime, the model is dropped and nothing starts.
+        """
+        loop = asyncio.get_running_loop()
+        if make_embedder is not None:
+            log.info("event=loading")
+            self.embedder = await loop.run_in_executor(None, make_embedder)
+        if self.embedder is None:
+            raise ValueError("no embedder: pass make_embedder or give one to the constructor")
         warmup = getattr(self.embedder, "warmup", None)
         if warmup is not None:
-            await asyncio.get_running_loop().run_in_executor(None, warmup)
+            await loop.run_in_executor(None, warmup)
+        if self._draining:
+            log.info("event=load_discarded detail=\"stopped while loading\"")
+            return
+        cfg = self.config
+        self.batcher = Batcher(self.embedder.run_batch, max_batch_tokens=cfg.max_batch_tokens,
+                               min_batch_tokens=cfg.min_batch_tokens, workers=cfg.workers,
+                               max_wait_ms=cfg.max_wait_ms, max_queue_tokens=cfg.max_queue_tokens,
+                               on_batch=self.metrics.on_batch)
+        self.metrics.watch_queue(self.batcher)
+        self.batcher.start()
+        self.servicer.attach(self.embedder, self.batcher)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         info = self.embedder.info
-        log.info("event=serving address=%s:%d tls=%s api_key=%s model=%s precision=%s provider=%s metrics_port=%s",
-                 cfg.host, self.port, cfg.tls_cert is not None, bool(cfg.api_key), info.model_name, info.precision,
-                 info.provider, self.metrics_port)
-        return self.port
+        log.info("event=serving address=%s:%d model=%s precision=%s provider=%s unnormalized_output=%s",
+                 cfg.host, self.port, info.model_name, info.precision, info.provider, info.unnormalized)
 
     async def drain(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within grace_s, then stop everything."""
         grace = self.config.grace_s if grace_s is None else grace_s
-        log.info("event=draining grace_s=%s queued_texts=%d", grace, self.batcher.queued_texts)
+        self._draining = True
+        log.info("event=draining grace_s=%s queued_texts=%d", grace,
+                 self.batcher.queued_texts if self.batcher is not None else 0)
         await self.health.enter_graceful_shutdown()
         self.servicer.draining = True
         await self.server.stop(grace)
-        await self.batcher.stop()
+        if self.batcher is not None:
+            await self.batcher.stop()
         self.servicer.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -223,7 +261,7 @@ class EmbeddingServer:
 
 
 def run_server(make_embedder: Callable[[], Embedder], config: ServerConfig) -> None:
-    """Load the model, serve until SIGTERM/SIGINT, then drain and return."""
+    """Listen, load the model, serve until SIGTERM/SIGINT, then drain and return; a failed load raises."""
     asyncio.run(_serve_until_signal(make_embedder, config))
 
 
@@ -232,8 +270,18 @@ async def _serve_until_signal(make_embedder: Callable[[], Embedder], config: Ser
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    embedder = await loop.run_in_executor(None, make_embedder)
-    server = EmbeddingServer(embedder, config)
-    await server.start()
-    await stop.wait()
-    await server.drain()
+    server = EmbeddingServer(None, config)
+    await server.listen()
+    loading = asyncio.create_task(server.load(make_embedder))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait((loading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # raises if the model failed to load
+            await stopping
+    finally:
+        await server.drain()
+        stopping.cancel()
+        # A model still loading cannot be interrupted: wait for its thread, so that nothing is left
+        # running; load() then sees the drain and drops the model.
+        await loading

@@ -114,7 +114,8 @@ def serve_command(model_dir: Path | None, save_path: Path | None, host: str, por
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of one vector per line.")
 @click.option("--no-truncate", is_flag=True, help="Fail on texts longer than the model's max_length.")
-@click.option("--no-normalize", is_flag=True, help="Return vectors without L2 normalisation.")
+@click.option("--no-normalize", is_flag=True,
+              help="Return vectors without L2 normalisation (the pooled, projected model output).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True)
 @click.option("--api-key-env", default="EMBEDFORGE_API_KEY", show_default=True,
               help="Environment variable holding the API key to send, if set.")

@@ -16,6 +16,8 @@ class ModelInfo:
     pooling: str
     precision: str
     provider: str
+    unnormalized: bool = True
+    """run_batch returns vectors before their L2 norm; False: they come normalised (normalize=false cannot be met)."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class Embedder(Protocol):
         """Tokenize texts (truncating at max_length); called from a worker thread."""
 
     def run_batch(self, batch: list[Any]) -> np.ndarray:
-        """Embed a batch of tokenized texts: float32 [len(batch), dim]; called from a worker thread."""
+        """Embed a batch of tokenized texts: float32 [len(batch), dim], unnormalised unless info.unnormalized is
+        False (the servicer L2-normalises them); called from a worker thread."""
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

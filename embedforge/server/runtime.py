@@ -2,7 +2,10 @@
 
 Reads an export directory: manifest.json, the .onnx file of the chosen precision and the tokenizer files.
 Implements the Embedder interface used by the servicer: `tokenize` (Rust tokenizer, batch) and
-`run_batch` (pad to the batch's longest text, run the session; the graph pools and L2-normalises).
+`run_batch` (pad to the batch's longest text, run the session; the graph pools and projects). `run_batch`
+fetches the graph's unnormalised output (manifest "unnormalized_output"), so that the servicer's L2 norm
+applies only when a request asks for it; an export made before that output existed yields its normalised
+`embedding` instead, and says so in `ModelInfo.unnormalized`.
 
 Adaptive intra-op threads (CPU, `workers` > 1): a batch that runs alone uses `threads` threads (low latency);
 a batch that starts while another is running uses a second session with threads // workers threads, so
@@ -89,7 +92,7 @@ class OnnxEmbedder:
         self.max_length = int(manifest["max_length"])
         self.dim = int(manifest["dim"])
         self._input_names = list(manifest["inputs"])
-        self._output_name = manifest["output"]
+        self._output_name = manifest.get("unnormalized_output") or manifest["output"]
         provider_name = choose_provider(provider)
         precision = choose_precision(precision, list(manifest["models"]), provider_name)
         model_path = model_dir / manifest["models"][precision]["file"]
@@ -113,10 +116,14 @@ class OnnxEmbedder:
         missing = set(self._input_names) - set(self._int_type)
         if missing:
             raise RuntimeConfigError(f"{model_path}: graph lacks inputs {sorted(missing)} named in manifest.json")
+        if self._output_name not in {o.name for o in self.session.get_outputs()}:
+            raise RuntimeConfigError(f"{model_path}: graph lacks the output {self._output_name!r} named in "
+                                     "manifest.json")
         self.tokenizer = load_tokenizer(model_dir, self.max_length)
         self.info = ModelInfo(model_name=str(manifest.get("base_model") or model_dir.name), dim=self.dim,
                               max_length=self.max_length, pooling=str(manifest.get("pooling", "")),
-                              precision=precision, provider=active)
+                              precision=precision, provider=active,
+                              unnormalized=self._output_name != manifest["output"])
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Tokenize in one batch call of the Rust tokenizer; texts over max_length are truncated and listed."""

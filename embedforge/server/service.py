@@ -3,6 +3,7 @@
 Knows gRPC and the Embedder interface (tokenize + run_batch), never onnxruntime. Each call:
 validate -> tokenize in a worker thread -> Batcher.submit (merged with concurrent calls) -> reply.
 Vectors go out as one packed little-endian float32 `bytes` field (see the .proto).
+Until a model is attached (`attach`, once it is loaded and warmed up) every call gets UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -58,15 +59,20 @@ class _Embedded:
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, embedder: Embedder, batcher: Batcher, limits: Limits,
-                 on_call: CallObserver | None = None, on_timing: TimingObserver | None = None) -> None:
-        self._embedder = embedder
-        self._batcher = batcher
+    def __init__(self, limits: Limits, on_call: CallObserver | None = None,
+                 on_timing: TimingObserver | None = None) -> None:
+        self._embedder: Embedder | None = None
+        self._batcher: Batcher | None = None
         self.limits = limits
         self._on_call = on_call
         self._on_timing = on_timing
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedforge-tokenize")
         self.draining = False
+
+    def attach(self, embedder: Embedder, batcher: Batcher) -> None:
+        """Serve calls with this (loaded, warmed-up) model and its running batcher."""
+        self._embedder = embedder
+        self._batcher = batcher
 
     def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False)
@@ -90,6 +96,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self._check_texts(texts, "texts")
         truncate = request.truncate if request.HasField("truncate") else True
         normalize = request.normalize if request.HasField("normalize") else True
+        if not normalize and not self._embedder.info.unnormalized:
+            raise InvalidRequest("normalize=false: this export has no unnormalized output; re-export with "
+                                 "`embedforge export`")
         done = await self._embed(texts, ["texts"] * len(texts), list(range(len(texts))), truncate, context,
                                  request_id)
         vectors = l2_normalize(done.vectors) if normalize else done.vectors
@@ -169,6 +178,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         try:
             if self.draining:
                 code, message = grpc.StatusCode.UNAVAILABLE, "server is shutting down"
+            elif self._embedder is None:
+                code, message = grpc.StatusCode.UNAVAILABLE, "model is loading; retry when health reports SERVING"
             else:
                 return await handler(request, context, request_id)
         except (InvalidRequest, TooLarge) as exc:
