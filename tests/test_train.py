@@ -253,3 +253,16 @@ def test_cpu_dropout_choice(base_model, pairs, tmp_path, fast_cpu_dropout):
     # Either way the checkpoint loads as a plain model: the swap changes no weight or config.
     reloaded = BertVectorModel.from_pretrained(tmp_path / "run" / f"checkpoint-step-{result.global_step}")
     assert not any(isinstance(m, Dropout16) for m in reloaded.modules())
+
+
+def test_frozen_layers_keep_embeddings_and_bottom_layers_fixed(base_model, pairs, tmp_path):
+    result = train(config(base_model, pairs, tmp_path / "run", max_steps=3, frozen_layers=1))
+    trained = weights(tmp_path / "run" / f"checkpoint-step-{result.global_step}")
+    before = weights(base_model)
+    frozen = [k for k in before if k.startswith(("embeddings.", "encoder.layer.0."))]
+    trainable = [k for k in before if k.startswith("encoder.layer.1.")]
+    assert frozen and trainable
+    assert all(torch.equal(trained[k], before[k]) for k in frozen)
+    assert all(not torch.equal(trained[k], before[k]) for k in trainable if k.endswith(".weight"))
+    with pytest.raises(TrainError, match="--frozen-layers must be between 0 and 1"):
+        train(config(base_model, pairs, tmp_path / "bad", frozen_layers=2))

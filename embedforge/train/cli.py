@@ -50,6 +50,8 @@ DEFAULTS = TrainConfig()
 @click.option("--freeze-word-embeddings/--train-word-embeddings", "freeze_word_embeddings", default=True,
               show_default=True, help="Keep the vocabulary matrix fixed (half of MiniLM's weights; faster, "
               "same quality on STS-B).")
+@_option("frozen_layers", type=click.IntRange(0), default=DEFAULTS.frozen_layers,
+         help="Freeze the embeddings and this many of the lowest transformer layers (backward stops above them).")
 @click.option("--fast-cpu-dropout/--torch-dropout", "fast_cpu_dropout", default=True, show_default=True,
               help="On CPU, draw dropout masks from 16-bit random numbers (same dropout, 2x fewer random draws "
               "than torch's Bernoulli sampling).")

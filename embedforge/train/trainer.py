@@ -63,6 +63,7 @@ class TrainConfig:
     freeze_word_embeddings: bool = True
     attention_dropout: float | None = 0.0
     fast_cpu_dropout: bool = True
+    frozen_layers: int = 0
     eval_batch_size: int = 64
     show_progress: bool = True
 
@@ -144,6 +145,20 @@ def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.
         (no_decay if skip else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+
+
+def freeze_bottom_layers(model: BertVectorModel, count: int) -> None:
+    """Freeze the embeddings and the lowest `count` transformer layers.
+
+    Nothing below the first trainable layer needs a gradient, so backward stops there: each frozen layer
+    saves its share of the backward pass (about 2/3 of a layer's training cost).
+    """
+    layers = model.encoder.encoder.layer
+    if not 0 <= count < len(layers):
+        raise TrainError(f"--frozen-layers must be between 0 and {len(layers) - 1} (the model has {len(layers)} "
+                         f"layers), got {count}")
+    for module in (model.encoder.embeddings, *layers[:count]):
+        module.requires_grad_(False)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -310,6 +325,8 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         # The vocabulary matrix is half of MiniLM's weights; its dense gradient and AdamW update cost more
         # than they bring when fine-tuning on a few thousand pairs.
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    if config.frozen_layers:
+        freeze_bottom_layers(model, config.frozen_layers)
     if config.fast_cpu_dropout and device.type == "cpu":
         replace_dropout(model)  # same dropout, cheaper random masks (train/dropout.py); CUDA keeps its fused kernel
     model.to(device)
