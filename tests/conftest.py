@@ -48,3 +48,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pairs_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", SAMPLE_PAIRS)
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """tiny_model_dir exported to fp32 ONNX (manifest, model.onnx, tokenizer files): what the server loads."""
+    from embedforge.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_export") / "export"
+    texts = ["how to boil an egg", "bake the bread in a hot oven", "hot water and coffee in a cup", "rice"]
+    export_checkpoint(tiny_model_dir, out, precisions=("fp32",), parity_texts=texts)
+    return out

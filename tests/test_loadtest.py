@@ -462,14 +462,11 @@ def test_cli_waits_until_the_server_is_serving(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_embedder(tiny_model_dir, tmp_path_factory):
-    """The tiny model exported to fp32 ONNX, loaded by the serving runtime."""
-    from embedforge.export import export_checkpoint
+def tiny_embedder(tiny_export_dir):
+    """The tiny model's fp32 ONNX export, loaded by the serving runtime."""
     from embedforge.server.runtime import OnnxEmbedder
 
-    out = tmp_path_factory.mktemp("loadtest") / "export"
-    export_checkpoint(tiny_model_dir, out, precisions=("fp32",), parity_texts=synthetic_texts(12, count=8))
-    return OnnxEmbedder(out, threads=1)
+    return OnnxEmbedder(tiny_export_dir, threads=1)
 
 
 class SlowedEmbedder:

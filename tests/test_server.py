@@ -39,15 +39,6 @@ def make_texts(count: int, seed: int, max_words: int = 40) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_export_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from embedforge.export import export_checkpoint
-
-    out = tmp_path_factory.mktemp("serve") / "export"
-    export_checkpoint(tiny_model_dir, out, precisions=("fp32",), parity_texts=make_texts(8, seed=0))
-    return out
-
-
-@pytest.fixture(scope="session")
 def embedder(tiny_export_dir) -> OnnxEmbedder:
     return OnnxEmbedder(tiny_export_dir, threads=1)
 
