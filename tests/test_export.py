@@ -306,3 +306,33 @@ def test_fusion_complete_counts():
     # A layer's two LayerNorms count with or without their residual add fused in; a missing one does not.
     assert fusion_complete({**full, "SkipLayerNormalization": 0, "LayerNormalization": 4}, 2)
     assert not fusion_complete({**full, "SkipLayerNormalization": 1, "LayerNormalization": 2}, 2)
+
+
+def test_unpadded_graphs_drop_the_attention_mask_and_match_pytorch(exported):
+    output, manifest = exported
+    layers = 2
+    for precision in ("fp32", "int8"):
+        entry = manifest["models"][precision]["unpadded"]
+        assert entry["fused_ops"]["MultiHeadAttention"] == layers
+        graph = onnx.load(str(output / entry["file"])).graph
+        padded = onnx.load(str(output / manifest["models"][precision]["file"])).graph
+        assert [i.name for i in graph.input] == [i.name for i in padded.input]
+        attention = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
+        assert all(len(node.input) == 4 for node in attention)  # query, key, value, bias: no padding mask
+    assert manifest["models"]["fp32"]["unpadded"]["parity"]["min_cosine"] >= 0.9999
+    assert manifest["models"]["int8"]["unpadded"]["parity"]["mean_cosine"] > 0.9
+
+
+def test_onnx_embed_equal_lengths_batches_never_pad(exported):
+    output, manifest = exported
+    tokenizer = load_tokenizer(output, manifest["max_length"])
+    seen: list[np.ndarray] = []
+
+    class Recording:
+        def run(self, names, feeds):
+            seen.append(feeds["attention_mask"])
+            return [np.ones((len(feeds["input_ids"]), 4), dtype=np.float32)]
+
+    onnx_embed(Recording(), tokenizer, TEXTS, batch_size=2, equal_lengths=True)
+    assert seen and all(mask.all() and len(mask) <= 2 for mask in seen)
+    assert sum(len(mask) for mask in seen) == len(TEXTS)

@@ -583,3 +583,28 @@ def test_overlapping_batches_use_the_narrow_session_with_equal_results(tiny_expo
     assert calls["wide"] >= 1 and calls["narrow"] >= 1
     for a, b in zip(alone, together, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_long_unpadded_batches_use_the_unpadded_graph_with_equal_results(tiny_export_dir):
+    embedder = OnnxEmbedder(tiny_export_dir, threads=1, unpadded_min_tokens=6)
+    calls = {"padded": 0, "unpadded": 0}
+
+    def counting(name, run):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return run(*args, **kwargs)
+        return wrapped
+
+    padded_session, unpadded_session = embedder.session, embedder._unpadded[0]
+    padded_run = padded_session.run
+    padded_session.run = counting("padded", padded_session.run)
+    unpadded_session.run = counting("unpadded", unpadded_session.run)
+    same_length = embedder.tokenize(["boil the eggs in hot water", "bake the bread in the oven"]).ids
+    assert len(same_length[0]) == len(same_length[1]) >= 6
+    vectors = embedder.run_batch(same_length)
+    assert calls == {"padded": 0, "unpadded": 1}
+    feeds = embedder._feeds(same_length)
+    np.testing.assert_allclose(vectors, padded_run([embedder._output_name], feeds)[0], atol=1e-5)
+    embedder.run_batch(embedder.tokenize(["tea", "boil the eggs in hot water"]).ids)  # padded: the usual graph
+    embedder.run_batch(embedder.tokenize(["tea", "tea"]).ids)  # unpadded but short: the usual graph
+    assert calls == {"padded": 2, "unpadded": 1}

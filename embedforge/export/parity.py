@@ -50,15 +50,19 @@ def onnx_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     return create_session(path, threads, list(providers))
 
 
-def onnx_embed(session, tokenizer, texts: Sequence[str], batch_size: int = 32,
-               show_progress: bool = False) -> np.ndarray:
-    """Vectors of `texts` (float32 [N, dim]) from an exported graph; batches padded to their longest text."""
+def onnx_embed(session, tokenizer, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False,
+               equal_lengths: bool = False) -> np.ndarray:
+    """Vectors of `texts` (float32 [N, dim]) from an exported graph; batches padded to their longest text.
+
+    equal_lengths: every batch holds texts of one token length (no padding), for the unpadded graphs.
+    """
     encodings = tokenizer.encode_batch(list(texts))
-    order = np.argsort([-len(encoding.ids) for encoding in encodings], kind="stable")
+    lengths = np.array([len(encoding.ids) for encoding in encodings])
+    order = np.argsort(-lengths, kind="stable")
+    cuts = np.flatnonzero(np.diff(lengths[order])) + 1 if equal_lengths else np.array([], dtype=int)
+    batches = [chunk[i:i + batch_size] for chunk in np.split(order, cuts) for i in range(0, len(chunk), batch_size)]
     vectors: np.ndarray | None = None
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="onnx embedding", unit="batch", disable=not show_progress):
-        batch = order[start:start + batch_size]
+    for batch in tqdm(batches, desc="onnx embedding", unit="batch", disable=not show_progress):
         input_ids, attention_mask = pad_token_ids([encodings[i].ids for i in batch])
         (output,) = session.run(["embedding"], {"input_ids": input_ids, "attention_mask": attention_mask})
         if vectors is None:
@@ -99,17 +103,19 @@ def compare(reference: np.ndarray, candidate: np.ndarray, pairs: Sequence[Pair] 
 
 def format_parity_table(models: dict[str, dict]) -> str:
     """A short text table of the parity figures per precision (manifest["models"])."""
-    header = f"{'precision':<10}{'min cos':>10}{'mean cos':>10}{'max |diff|':>12}{'dNDCG@10':>10}{'dSpearman':>11}"
+    header = f"{'precision':<16}{'min cos':>10}{'mean cos':>10}{'max |diff|':>12}{'dNDCG@10':>10}{'dSpearman':>11}"
     lines = [header, "-" * len(header)]
-    for precision, entry in models.items():
+    rows = list(models.items())
+    rows += [(f"{precision} unpadded", entry["unpadded"]) for precision, entry in models.items() if "unpadded" in entry]
+    for name, entry in rows:
         parity = entry.get("parity", {})
         if "skipped" in parity:
-            lines.append(f"{precision:<10}skipped: {parity['skipped']}")
+            lines.append(f"{name:<16}skipped: {parity['skipped']}")
             continue
 
-        def delta(name: str, parity: dict = parity) -> str:
-            return f"{parity[name]['delta']:+.2f}" if name in parity else "-"
+        def delta(metric: str, parity: dict = parity) -> str:
+            return f"{parity[metric]['delta']:+.2f}" if metric in parity else "-"
 
-        lines.append(f"{precision:<10}{parity['min_cosine']:>10.5f}{parity['mean_cosine']:>10.5f}"
+        lines.append(f"{name:<16}{parity['min_cosine']:>10.5f}{parity['mean_cosine']:>10.5f}"
                      f"{parity['max_abs_diff']:>12.2e}{delta(f'ndcg@{NDCG_K}'):>10}{delta('spearman'):>11}")
     return "\n".join(lines)

@@ -5,7 +5,8 @@ Implements the Embedder interface used by the servicer: `tokenize` (Rust tokeniz
 `run_batch` (pad to the batch's longest text, run the session; the graph pools and projects). `run_batch`
 fetches the graph's unnormalised output (manifest "unnormalized_output"), so that the servicer's L2 norm
 applies only when a request asks for it; an export made before that output existed yields its normalised
-`embedding` instead, and says so in `ModelInfo.unnormalized`.
+`embedding` instead, and says so in `ModelInfo.unnormalized`. On CPU, a batch without padding of texts of
+at least UNPADDED_MIN_TOKENS runs through the export's unpadded graph (flash attention) when it has one.
 
 Adaptive intra-op threads (CPU, `workers` > 1): a batch that runs alone uses `threads` threads (low latency);
 a batch that starts while another is running uses a second session with threads // workers threads, so
@@ -30,6 +31,9 @@ log = logging.getLogger("embedforge.server.runtime")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PRECISIONS = ("fp32", "fp16", "int8")
+UNPADDED_MIN_TOKENS = 256
+"""Shortest text length for which an unpadded batch uses the unpadded graph: its flash attention pays off
+at long lengths only (bundled model: faster at 8 x 512 tokens, slower at 32 x 128)."""
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 """Load-time fusions a CPU session leaves out: onnxruntime's CPU SkipLayerNormalization kernel is slower than
 the Add + LayerNormalization it replaces (figures in embedforge/export/optimize.py)."""
@@ -86,7 +90,7 @@ class OnnxEmbedder:
     """An exported model behind ONNX Runtime, with its tokenizer."""
 
     def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
-                 threads: int | None = None, workers: int = 1) -> None:
+                 threads: int | None = None, workers: int = 1, unpadded_min_tokens: int = UNPADDED_MIN_TOKENS) -> None:
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         self.max_length = int(manifest["max_length"])
@@ -96,14 +100,15 @@ class OnnxEmbedder:
         provider_name = choose_provider(provider)
         precision = choose_precision(precision, list(manifest["models"]), provider_name)
         model_path = model_dir / manifest["models"][precision]["file"]
-        if not model_path.is_file():
-            raise RuntimeConfigError(f"{model_path}: listed in manifest.json but missing")
 
         providers = [provider_name] if provider_name == PROVIDERS["cpu"] else [provider_name, PROVIDERS["cpu"]]
         self.threads = threads or os.cpu_count() or 1
-        self.session = create_session(model_path, self.threads, providers)
-        narrow = max(1, self.threads // workers)
-        self._shared_session = self.session if narrow == self.threads else create_session(model_path, narrow, providers)
+        self.session, self._shared_session = self._session_pair(model_path, workers, providers)
+        unpadded = manifest["models"][precision].get("unpadded")
+        self._unpadded = None
+        if unpadded is not None and provider_name == PROVIDERS["cpu"]:
+            self._unpadded = self._session_pair(model_dir / unpadded["file"], workers, providers)
+        self.unpadded_min_tokens = unpadded_min_tokens
         self._running = 0
         self._lock = threading.Lock()
         active = self.session.get_providers()[0]
@@ -132,11 +137,27 @@ class OnnxEmbedder:
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Tokenized(ids=ids, lengths=[len(x) for x in ids], truncated=truncated)
 
+    def _session_pair(self, model_path: Path, workers: int, providers: list[str]) -> tuple:
+        """(session with all threads, session with threads // workers) for one graph; one session if equal."""
+        if not model_path.is_file():
+            raise RuntimeConfigError(f"{model_path}: listed in manifest.json but missing")
+        wide = create_session(model_path, self.threads, providers)
+        narrow = max(1, self.threads // workers)
+        return wide, (wide if narrow == self.threads else create_session(model_path, narrow, providers))
+
     def run_batch(self, batch: list[np.ndarray]) -> np.ndarray:
-        """Pad token id arrays to the longest one and run the model: float32 [len(batch), dim]."""
+        """Pad token id arrays to the longest one and run the model: float32 [len(batch), dim].
+
+        A batch without padding, of texts at least unpadded_min_tokens long, runs through the export's
+        unpadded graph when there is one (flash attention; see embedforge/export/optimize.py).
+        """
         feeds = self._feeds(batch)
+        pair = (self.session, self._shared_session)
+        length = len(batch[0])
+        if self._unpadded is not None and length >= self.unpadded_min_tokens and all(len(x) == length for x in batch):
+            pair = self._unpadded
         with self._lock:
-            session = self.session if self._running == 0 else self._shared_session
+            session = pair[0] if self._running == 0 else pair[1]
             self._running += 1
         try:
             (vectors,) = session.run([self._output_name], feeds)
@@ -154,7 +175,8 @@ class OnnxEmbedder:
         """Run a few shapes once so that the first real call does not pay for allocation."""
         for count, words in ((1, 4), (8, 32)):
             tokenized = self.tokenize([" ".join(["warmup"] * words)] * count)
-            for session in {id(s): s for s in (self.session, self._shared_session)}.values():
+            sessions = (self.session, self._shared_session, *(self._unpadded or ()))
+            for session in {id(s): s for s in sessions}.values():
                 session.run([self._output_name], self._feeds(tokenized.ids))
 
 
