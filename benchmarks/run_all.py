@@ -3,27 +3,30 @@
     python benchmarks/run_all.py [--quick] [--output output/bench/summary.md]
 
 --quick shortens the training benchmarks (a few dozen steps instead of a full STS-B epoch). The benchmarks
-run one at a time: on a small machine, two at once would measure each other.
+run one at a time: on a small machine, two at once would measure each other. The training benchmarks work in
+WORK_DIRS beside the summary; a new run replaces the previous run's (the summary keeps the figures).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WORK_DIRS = ("train", "quality")
 
 
 def benchmarks(quick: bool, work: Path) -> list[tuple[str, list[str]]]:
     steps = ["--max-steps", "60"] if quick else []
     return [
-        ("Training speed vs sentence-transformers", ["train_speed.py", "--work-dir", str(work / "train"), *steps]),
+        ("Training speed vs sentence-transformers", ["train_speed.py", "--work-dir", str(work / WORK_DIRS[0]), *steps]),
         ("Export speed: PyTorch vs ONNX fp32 vs ONNX int8", ["export_speed.py"]),
         ("Serving throughput and latency", ["serve_throughput.py"]),
-        ("STS-B quality: base vs fine-tuned", ["quality_stsb.py", "--work-dir", str(work / "quality"), *steps]),
+        ("STS-B quality: base vs fine-tuned", ["quality_stsb.py", "--work-dir", str(work / WORK_DIRS[1]), *steps]),
     ]
 
 
@@ -33,6 +36,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("output/bench/summary.md"))
     args = parser.parse_args()
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    for name in WORK_DIRS:  # the training runs refuse a used work dir: start from empty ones
+        shutil.rmtree(args.output.parent / name, ignore_errors=True)
     sections, failures = [f"# embedforge benchmarks ({time.strftime('%Y-%m-%d %H:%M')})\n"], 0
     for title, command in benchmarks(args.quick, args.output.parent):
         print(f"==> {title}: {' '.join(command)}", flush=True)
