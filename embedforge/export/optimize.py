@@ -72,29 +72,16 @@ def fusion_complete(fused_ops: dict[str, int], num_layers: int) -> bool:
 def optimize_fp32(source: str | Path, target: str | Path, num_heads: int, hidden_size: int,
                   device: str = "cpu") -> dict[str, int]:
     """Run the transformer optimizer on `source` for `device` (cpu|cuda), write `target`; returns the op counts."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
     if device not in TARGETS:
         raise ValueError(f"device must be one of {TARGETS}, got {device!r}")
-    options = FusionOptions("bert")
-    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = device == "cuda"
-    optimizer = optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                               optimization_options=options)
+    optimizer = _optimize(source, num_heads, hidden_size, fuse_residual_adds=device == "cuda")
     optimizer.save_model_to_file(str(target))
     return count_fused_ops(optimizer.model)
 
 
 def optimize_unpadded(source: str | Path, target: str | Path, num_heads: int, hidden_size: int) -> dict[str, int]:
     """CPU graph for unpadded batches (see the module docstring), written to `target`; returns the op counts."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    options = FusionOptions("bert")
-    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
-    options.use_multi_head_attention = True
-    optimizer = optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                               optimization_options=options)
+    optimizer = _optimize(source, num_heads, hidden_size, fuse_residual_adds=False, multi_head_attention=True)
     graph = optimizer.model.graph
     inputs = list(graph.input)
     for node in graph.node:
@@ -105,6 +92,19 @@ def optimize_unpadded(source: str | Path, target: str | Path, num_heads: int, hi
     graph.input.extend(inputs)
     optimizer.save_model_to_file(str(target))
     return count_fused_ops(optimizer.model)
+
+
+def _optimize(source: str | Path, num_heads: int, hidden_size: int, fuse_residual_adds: bool,
+              multi_head_attention: bool = False):
+    """onnxruntime's BERT optimizer on `source`; returns its OnnxModel (not yet saved)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = fuse_residual_adds
+    options.use_multi_head_attention = multi_head_attention
+    return optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                          optimization_options=options)
 
 
 def quantize_int8(source: str | Path, target: str | Path) -> dict[str, int]:

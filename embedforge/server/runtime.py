@@ -137,7 +137,8 @@ class OnnxEmbedder:
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Tokenized(ids=ids, lengths=[len(x) for x in ids], truncated=truncated)
 
-    def _session_pair(self, model_path: Path, workers: int, providers: list[str]) -> tuple:
+    def _session_pair(self, model_path: Path, workers: int,
+                      providers: list[str]) -> tuple[ort.InferenceSession, ort.InferenceSession]:
         """(session with all threads, session with threads // workers) for one graph; one session if equal."""
         if not model_path.is_file():
             raise RuntimeConfigError(f"{model_path}: listed in manifest.json but missing")

@@ -1,7 +1,8 @@
 """gRPC servicer for embedforge.v1.EmbeddingService.
 
 Knows gRPC and the Embedder interface (tokenize + run_batch), never onnxruntime. Each call:
-validate -> tokenize in a worker thread -> Batcher.submit (merged with concurrent calls) -> reply.
+validate -> tokenize (in a worker thread, or inline for small requests) -> Batcher.submit (merged with
+concurrent calls) -> reply.
 Vectors go out as one packed little-endian float32 `bytes` field (see the .proto).
 Until a model is attached (`attach`, once it is loaded and warmed up) every call gets UNAVAILABLE.
 """
