@@ -142,7 +142,10 @@ class BertVectorModel(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(**inputs).last_hidden_state
+        return self.pooled(self.encoder(**inputs).last_hidden_state, attention_mask)
+
+    def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pool (and project) the encoder's last hidden states [B, T, H] into float32 vectors, not normalised."""
         vectors = pool(hidden, attention_mask, self.pooling)
         if self.projection is not None:
             vectors = self.projection(vectors)

@@ -266,3 +266,26 @@ def test_frozen_layers_keep_embeddings_and_bottom_layers_fixed(base_model, pairs
     assert all(not torch.equal(trained[k], before[k]) for k in trainable if k.endswith(".weight"))
     with pytest.raises(TrainError, match="--frozen-layers must be between 0 and 1"):
         train(config(base_model, pairs, tmp_path / "bad", frozen_layers=2))
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_clip_gradients_matches_torch_clip_grad_norm(scale):
+    from embedforge.train.trainer import clip_gradients
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(4, 8)
+    for model in models:
+        (model(x).sum() * scale).backward()
+    before = [p.grad.clone() for p in models[0].parameters()]
+    clip_gradients(models[0], max_norm=1.0)
+    torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm=1.0)
+    for ours, theirs in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in models[0].parameters()]))
+    if scale > 1:
+        assert norm.item() == pytest.approx(1.0, rel=1e-4)
+    else:
+        assert norm.item() < 1
+        assert all(torch.equal(p.grad, g) for p, g in zip(models[0].parameters(), before, strict=True))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,6 +32,7 @@ from embedforge.model import BertVectorModel, pad_batch
 from embedforge.train import checkpoints
 from embedforge.train.dropout import replace_dropout
 from embedforge.train.loss import WeightedMSELoss
+from embedforge.train.packing import packed_hidden_states, supports_packing
 
 METRICS_LOG = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -63,6 +65,7 @@ class TrainConfig:
     freeze_word_embeddings: bool = True
     attention_dropout: float | None = 0.0
     fast_cpu_dropout: bool = True
+    pack_tokens: bool = True
     frozen_layers: int = 0
     eval_batch_size: int = 64
     show_progress: bool = True
@@ -147,6 +150,18 @@ def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
 
 
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Scale all gradients by max_norm / ||g|| when their global L2 norm ||g|| exceeds max_norm.
+
+    The same as nn.utils.clip_grad_norm_, which also multiplies every gradient by 1.0 when the norm is
+    within bounds: fine-tuning norms here sit around 0.1, so that pass over all gradients is skipped.
+    """
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = nn.utils.get_total_norm(gradients, foreach=True)
+    if not norm <= max_norm:  # also true for a non-finite norm, which clipping turns into nan as torch does
+        nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm, foreach=True)
+
+
 def freeze_bottom_layers(model: BertVectorModel, count: int) -> None:
     """Freeze the embeddings and the lowest `count` transformer layers.
 
@@ -225,15 +240,22 @@ class PairCosine(nn.Module):
     """cosine(query_i, document_i) for a batch whose first half holds the queries, second half the documents.
 
     One encoder pass for both sides: larger matrix products, one embedding-gradient accumulation per step
-    instead of two, and one forward per backward (what DistributedDataParallel needs).
+    instead of two, and one forward per backward (what DistributedDataParallel needs). With `pack_tokens`
+    (and a BERT-layout encoder) the pass skips the padding tokens (train/packing.py).
     """
 
-    def __init__(self, model: BertVectorModel) -> None:
+    def __init__(self, model: BertVectorModel, pack_tokens: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.pack_tokens = pack_tokens and supports_packing(model.encoder)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        queries, documents = self.model(input_ids, attention_mask).chunk(2)
+        if self.pack_tokens:
+            hidden = packed_hidden_states(self.model.encoder, input_ids, attention_mask)
+            vectors = F.normalize(self.model.pooled(hidden, attention_mask), p=2, dim=-1)
+        else:
+            vectors = self.model(input_ids, attention_mask)
+        queries, documents = vectors.chunk(2)
         return (queries * documents).sum(dim=-1)
 
 
@@ -341,7 +363,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
     scheduler = linear_schedule(optimizer, config.warmup_steps, total_steps)
     amp_dtype = resolve_amp(config.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    pair_cosine: nn.Module = PairCosine(model)
+    pair_cosine: nn.Module = PairCosine(model, config.pack_tokens)
     if world_size > 1:
         ddp_devices = [device.index] if device.type == "cuda" else None
         pair_cosine = nn.parallel.DistributedDataParallel(pair_cosine, device_ids=ddp_devices)
@@ -444,7 +466,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
             if (batch_index + 1) % config.grad_accum_steps and not end_of_epoch:
                 continue
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0, foreach=True)
+            clip_gradients(model, max_norm=1.0)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,81 @@
+"""The padding-free training forward (train/packing.py) computes what the transformers encoder computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModel, BertConfig
+
+from embedforge.model import BertVectorModel, build_tiny_model, pad_batch
+from embedforge.train.packing import packed_hidden_states, supports_packing
+from embedforge.train.trainer import PairCosine
+
+TEXTS = ["how to boil an egg", "coffee", "boil the eggs in hot water for seven minutes and then cool them",
+         "bread", "what is the best rice for soup", "tea"]
+
+
+def batch(model: BertVectorModel) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch(model.tokenize(TEXTS), model.tokenizer.pad_token_id, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_packed_hidden_states_equal_the_encoder_at_real_tokens_and_zero_at_padding(tmp_path, model_type):
+    model = build_tiny_model(tmp_path / "m", model_type=model_type).eval()
+    input_ids, attention_mask = batch(model)
+    assert (attention_mask == 0).any()  # the batch really holds padding
+    with torch.no_grad():
+        expected = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        packed = packed_hidden_states(model.encoder, input_ids, attention_mask)
+    real = attention_mask.bool()
+    torch.testing.assert_close(packed[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(packed[~real]) == 0
+
+
+@pytest.mark.parametrize(("pooling", "projection_dim"), [("mean", None), ("cls", 8)])
+def test_packed_pair_cosine_gives_the_same_loss_gradients(tmp_path, pooling, projection_dim):
+    model = build_tiny_model(tmp_path / "m", pooling=pooling, projection_dim=projection_dim).eval()  # no dropout
+    input_ids, attention_mask = batch(model)
+    gradients = {}
+    for pack in (True, False):
+        model.zero_grad()
+        pair_cosine = PairCosine(model, pack_tokens=pack)
+        assert pair_cosine.pack_tokens == pack
+        cosine = pair_cosine(input_ids, attention_mask)
+        ((cosine - 0.5) ** 2).sum().backward()
+        gradients[pack] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert gradients[True].keys() == gradients[False].keys()
+    assert len(gradients[True]) > 20  # every layer's weights got a gradient
+    for name, gradient in gradients[True].items():
+        torch.testing.assert_close(gradient, gradients[False][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_attention_dropout_applies_only_in_training(tmp_path):
+    model = build_tiny_model(tmp_path / "m")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # hidden-state dropout off: any randomness left is attention dropout
+    model.encoder.config.attention_probs_dropout_prob = 0.5
+    input_ids, attention_mask = batch(model)
+    model.eval()
+    with torch.no_grad():
+        first, second = (packed_hidden_states(model.encoder, input_ids, attention_mask) for _ in range(2))
+        torch.testing.assert_close(first, second)
+        model.train()
+        assert not torch.allclose(packed_hidden_states(model.encoder, input_ids, attention_mask), first)
+
+
+def test_other_layouts_train_through_their_own_forward(tmp_path):
+    model = build_tiny_model(tmp_path / "m").eval()
+    assert supports_packing(model.encoder)
+    relative = AutoModel.from_config(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=4, intermediate_size=64,
+                                                position_embedding_type="relative_key"))
+    assert not supports_packing(relative)
+    fallback = BertVectorModel(relative, "mean", max_length=64)
+    assert not PairCosine(fallback).pack_tokens
+    ids = torch.randint(5, 100, (4, 7))
+    with torch.no_grad():
+        cosine = PairCosine(fallback.eval())(ids, torch.ones_like(ids))
+    queries, documents = fallback(ids, torch.ones_like(ids)).chunk(2)
+    torch.testing.assert_close(cosine, (queries * documents).sum(dim=-1))
