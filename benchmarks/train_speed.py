@@ -19,6 +19,10 @@ Spearman x100 of cosine vs rel. Goal: embedforge >= 3x sentence-transformers' sa
 
     python benchmarks/train_speed.py                     # one epoch each (STS-B train: 5,749 pairs)
     python benchmarks/train_speed.py --max-steps 60      # a quick check: 60 steps each
+    python benchmarks/train_speed.py --repeats 3         # three runs per side, in the order A B, B A, A B
+
+On a shared, noisy machine one run of each side can land in a busy and a quiet minute; --repeats N
+alternates the order and reports each run's ratio and their median.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
 BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS, EPOCHS = 16, 2e-5, 100, 1
@@ -72,7 +78,7 @@ def train_embedforge(train_path: Path, val_path: Path, save_path: Path, pairs: i
             sys.stderr.flush()
             captured += chunk
     wall = time.perf_counter() - start
-    save_path.with_name("embedforge_train.log").write_bytes(bytes(captured))
+    save_path.with_name(f"{save_path.name}_train.log").write_bytes(bytes(captured))
     if process.returncode:
         raise SystemExit(f"embedforge train failed (exit {process.returncode}); see the output above")
     final = list_checkpoints(save_path)[-1]
@@ -135,41 +141,38 @@ def train_sentence_transformers(pairs: list, work_dir: Path, max_steps: int | No
 # -- evaluation and report -----------------------------------------------------------------------
 
 
-def test_spearman(test_path: Path, embedforge_checkpoint: str | None, st_model) -> dict[str, float]:
-    """STS-B test Spearman (x100) of the base model and of each trained model given."""
-    from embedforge.data import read_pairs
+def test_spearman(pairs: list, model) -> float:
+    """STS-B test Spearman (x100) of cosine vs rel, for a BertVectorModel or a SentenceTransformer."""
     from embedforge.evaluate.runner import evaluate_model, evaluate_pairs
     from embedforge.model import BertVectorModel
 
-    pairs = read_pairs(test_path)
-    scores = {"base": evaluate_model(BertVectorModel.from_base(None), pairs, mode="rerank", device="cpu")["spearman"]}
-    if embedforge_checkpoint is not None:
-        model = BertVectorModel.from_pretrained(embedforge_checkpoint)
-        report = evaluate_model(model, pairs, mode="rerank", device="cpu")
-        scores["embedforge"] = report["spearman"]
-    if st_model is not None:
-        embed = lambda texts: st_model.encode(texts, batch_size=len(texts), normalize_embeddings=True)  # noqa: E731
-        scores["sentence_transformers"] = evaluate_pairs(pairs, embed, mode="rerank")["spearman"]
-    return scores
+    if isinstance(model, BertVectorModel):
+        return evaluate_model(model, pairs, mode="rerank", device="cpu")["spearman"]
+    embed = lambda texts: model.encode(texts, batch_size=len(texts), normalize_embeddings=True)  # noqa: E731
+    return evaluate_pairs(pairs, embed, mode="rerank")["spearman"]
 
 
 def markdown_table(result: dict) -> str:
     def cell(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    rows = ["| | steps | samples/s | loop s | load avg | test Spearman |", "|---|---:|---:|---:|---:|---:|"]
-    for key, label in (("embedforge", "embedforge train"), ("sentence_transformers", "sentence-transformers fit")):
-        side = result.get(key) or {}
-        rows.append(f"| {label} | {cell(side.get('steps'), 'd')} | {cell(side.get('samples_per_s'), '.1f')} | "
-                    f"{cell(side.get('loop_seconds'), '.1f')} | {cell(side.get('load_average'), '.1f')} | "
-                    f"{cell(side.get('test_spearman'), '.2f')} |")
-    rows.append(f"| base model (untrained) | - | - | - | - | {result['base_test_spearman']:.2f} |")
+    rows = ["| run | | steps | samples/s | loop s | load avg | test Spearman |", "|---|---|---:|---:|---:|---:|---:|"]
+    for number, run in enumerate(result["runs"], start=1):
+        for key, label in (("embedforge", "embedforge train"), ("sentence_transformers", "sentence-transformers fit")):
+            side = run.get(key) or {}
+            rows.append(f"| {number} | {label} | {cell(side.get('steps'), 'd')} | "
+                        f"{cell(side.get('samples_per_s'), '.1f')} | {cell(side.get('loop_seconds'), '.1f')} | "
+                        f"{cell(side.get('load_average'), '.1f')} | {cell(side.get('test_spearman'), '.2f')} |")
+    rows.append(f"| | base model (untrained) | - | - | - | - | {result['base_test_spearman']:.2f} |")
     lines = ["\n".join(rows), ""]
     if result["speed_ratio"] is not None:
-        lines.append(f"speed ratio embedforge / sentence-transformers: **{result['speed_ratio']:.2f}x** "
-                     f"(goal >= {GOAL_RATIO:.0f}x)")
-        lines.append(f"test Spearman embedforge - sentence-transformers: **{result['spearman_delta']:+.2f}** "
-                     "(goal >= 0)")
+        ratios = ", ".join(f"{run['speed_ratio']:.2f}x" for run in result["runs"])
+        deltas = ", ".join(f"{run['spearman_delta']:+.2f}" for run in result["runs"])
+        median = " (median)" if len(result["runs"]) > 1 else ""
+        lines.append(f"speed ratio embedforge / sentence-transformers: **{result['speed_ratio']:.2f}x**{median} "
+                     f"(goal >= {GOAL_RATIO:.0f}x; per run: {ratios})")
+        lines.append(f"test Spearman embedforge - sentence-transformers: **{result['spearman_delta']:+.2f}**{median} "
+                     f"(goal >= 0; per run: {deltas})")
     lines.append(f"base model test Spearman {result['base_test_spearman']:.2f} (issue: {BASE_SPEARMAN_EXPECTED})")
     lines.append(f"load avg = 1-minute load average when each loop ended ({result['threads']} threads per side, "
                  f"{os.cpu_count()} CPUs); well above the thread count means other work shared the CPUs")
@@ -182,6 +185,8 @@ def main() -> None:
     parser.add_argument("--val-path", type=Path, default=DATA_DIR / "stsb_valid.jsonl")
     parser.add_argument("--test-path", type=Path, default=DATA_DIR / "stsb_test.jsonl")
     parser.add_argument("--max-steps", type=int, default=None, help="train only N optimizer steps on each side")
+    parser.add_argument("--repeats", type=int, default=1, help="train each side N times, alternating which side "
+                        "goes first (A B, B A, ...); the ratio reported is the median over the N runs")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both sides")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a new temporary dir (kept)")
     parser.add_argument("--output", type=Path, default=None, help="JSON result (default: WORK/train_speed.json)")
@@ -193,37 +198,60 @@ def main() -> None:
             parser.error(f"{path}: no such file")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="embedforge-train-speed-"))
-    save_path = work_dir / "embedforge"
-    if save_path.exists() and not args.skip_embedforge:
-        parser.error(f"{save_path} exists already: choose a new --work-dir")
+    names = ["" if repeat == 0 else f"-{repeat + 1}" for repeat in range(args.repeats)]
+    used = [work_dir / f"embedforge{name}" for name in names if (work_dir / f"embedforge{name}").exists()]
+    if used and not args.skip_embedforge:
+        parser.error(f"{used[0]} exists already: choose a new --work-dir")
     work_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(thread_env(args.threads))  # before torch is imported, for this process (sentence-transformers)
     import torch
 
     from embedforge.data import read_pairs
     from embedforge.evaluate.runner import write_report
+    from embedforge.model import BertVectorModel
 
     torch.set_num_threads(args.threads)
-    print(f"work dir: {work_dir}; threads: {args.threads}", flush=True)
+    print(f"work dir: {work_dir}; threads: {args.threads}; repeats: {args.repeats}", flush=True)
 
     train_pairs = read_pairs(args.train_path)
-    embedforge = None if args.skip_embedforge else train_embedforge(
-        args.train_path, args.val_path, save_path, len(train_pairs), args.threads, args.max_steps)
-    st_model, st = (None, None) if args.skip_st else train_sentence_transformers(train_pairs, work_dir / "st",
-                                                                                  args.max_steps)
+    trained = []  # per run: {side: (figures, model or checkpoint path)}
+    for repeat, name in enumerate(names):
+        sides = {}
+        for side in ("embedforge", "sentence_transformers")[::1 if repeat % 2 == 0 else -1]:
+            if side == "embedforge" and not args.skip_embedforge:
+                figures = train_embedforge(args.train_path, args.val_path, work_dir / f"embedforge{name}",
+                                           len(train_pairs), args.threads, args.max_steps)
+                sides[side] = (figures, figures["checkpoint"])
+            elif side == "sentence_transformers" and not args.skip_st:
+                model, figures = train_sentence_transformers(train_pairs, work_dir / f"st{name}", args.max_steps)
+                sides[side] = (figures, model)
+        trained.append(sides)
+
     print("scoring on STS-B test ...", flush=True)
-    scores = test_spearman(args.test_path, embedforge and embedforge["checkpoint"], st_model)
-    for key, side in (("embedforge", embedforge), ("sentence_transformers", st)):
-        if side is not None:
-            side["test_spearman"] = scores[key]
-    both = embedforge is not None and st is not None
+    test_pairs = read_pairs(args.test_path)
+    runs = []
+    for sides in trained:
+        run = {}
+        for side, (figures, model) in sides.items():
+            if isinstance(model, str):
+                model = BertVectorModel.from_pretrained(model)
+            run[side] = {**figures, "test_spearman": test_spearman(test_pairs, model)}
+        both = "embedforge" in run and "sentence_transformers" in run
+        run["speed_ratio"] = (run["embedforge"]["samples_per_s"] / run["sentence_transformers"]["samples_per_s"]
+                              if both else None)
+        run["spearman_delta"] = (run["embedforge"]["test_spearman"] - run["sentence_transformers"]["test_spearman"]
+                                 if both else None)
+        runs.append(run)
+    both = runs[0]["speed_ratio"] is not None
     result = {"recipe": {"batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "warmup_steps": WARMUP_STEPS,
                          "epochs": EPOCHS, "max_steps": args.max_steps, "train_path": str(args.train_path)},
-              "threads": args.threads, "embedforge": embedforge, "sentence_transformers": st,
-              "base_test_spearman": scores["base"],
-              "speed_ratio": embedforge["samples_per_s"] / st["samples_per_s"] if both else None,
-              "spearman_delta": embedforge["test_spearman"] - st["test_spearman"] if both else None}
+              "threads": args.threads, "runs": runs,
+              "base_test_spearman": test_spearman(test_pairs, BertVectorModel.from_base(None)),
+              "speed_ratio": float(np.median([run["speed_ratio"] for run in runs])) if both else None,
+              "spearman_delta": float(np.median([run["spearman_delta"] for run in runs])) if both else None}
     output = args.output or work_dir / "train_speed.json"
     write_report(result, output)
     print("\n" + markdown_table(result))
