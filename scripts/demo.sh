@@ -12,8 +12,8 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 step() { printf '\n==> %s\n' "$*"; }
 
-step "train: bundled all-MiniLM-L6-v2 on the bundled cooking pairs (1 epoch)"
-$BIN/embedforge train --num-epochs 1 --save-steps 10 --warmup-steps 5 --save-path "$OUT/model"
+step "train: bundled all-MiniLM-L6-v2 on the bundled cooking pairs (3 epochs, 60 steps)"
+$BIN/embedforge train --num-epochs 3 --save-steps 20 --warmup-steps 6 --save-path "$OUT/model"
 
 step "evaluate: every checkpoint on the bundled test set, best by validation loss"
 $BIN/embedforge evaluate --save-path "$OUT/model" --select-best \
