@@ -79,3 +79,14 @@ def test_other_layouts_train_through_their_own_forward(tmp_path):
         cosine = PairCosine(fallback.eval())(ids, torch.ones_like(ids))
     queries, documents = fallback(ids, torch.ones_like(ids)).chunk(2)
     torch.testing.assert_close(cosine, (queries * documents).sum(dim=-1))
+
+
+def test_packed_forward_under_autocast_keeps_the_dtypes_consistent(tmp_path):
+    """Mixed precision (bf16 here, on CPU; the trainer's CUDA path) runs and stays close to fp32."""
+    model = build_tiny_model(tmp_path / "m").eval()
+    input_ids, attention_mask = batch(model)
+    with torch.no_grad():
+        exact = PairCosine(model)(input_ids, attention_mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = PairCosine(model)(input_ids, attention_mask)
+    torch.testing.assert_close(mixed.float(), exact, atol=0.03, rtol=0.0)
