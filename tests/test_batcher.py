@@ -18,14 +18,16 @@ class Recorder:
 
     def __init__(self, gated: bool = False, fail_on: int | None = None) -> None:
         self.batches: list[list[int]] = []
+        self.alone: list[bool] = []
         self.gate = threading.Event()
         self.entered = threading.Event()
         if not gated:
             self.gate.set()
         self.fail_on = fail_on
 
-    def __call__(self, payloads: list[int]) -> np.ndarray:
+    def __call__(self, payloads: list[int], alone: bool) -> np.ndarray:
         self.batches.append(list(payloads))
+        self.alone.append(alone)
         self.entered.set()
         self.gate.wait(10)
         if self.fail_on in payloads:
@@ -145,7 +147,7 @@ def test_waits_up_to_max_wait_to_fill_a_batch_when_busy():
 def test_several_workers_run_batches_at_once():
     running, peak, lock = [0], [0], threading.Lock()
 
-    def run_batch(payloads):
+    def run_batch(payloads, alone):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
@@ -279,3 +281,23 @@ def test_min_batch_tokens_closes_a_batch_before_it_widens():
     recorder, result = run(main())
     np.testing.assert_array_equal(result.vectors[:, 0], np.arange(1, 13))
     assert recorder.batches == [[0], [1, 3, 4, 6, 7, 9, 10, 12], [2, 5, 8, 11]]
+
+
+def test_batches_are_told_whether_they_run_alone():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, workers=2, min_batch_tokens=1)
+        first = asyncio.create_task(batcher.submit([1], [3]))
+        await wait_entered(recorder)  # runs by itself: alone
+        second = asyncio.create_task(batcher.submit([2], [3]))
+        while len(recorder.batches) < 2:  # starts beside the first one: not alone
+            await asyncio.sleep(0.001)
+        recorder.gate.set()
+        await asyncio.gather(first, second)
+        await batcher.submit([3], [3])  # the server is idle again: alone
+        await batcher.stop()
+        return recorder
+
+    recorder = run(main())
+    assert recorder.batches == [[1], [2], [3]]
+    assert recorder.alone == [True, False, True]

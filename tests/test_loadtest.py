@@ -481,9 +481,9 @@ class SlowedEmbedder:
     def tokenize(self, texts):
         return self.inner.tokenize(texts)
 
-    def run_batch(self, batch):
+    def run_batch(self, batch, alone=True):
         time.sleep(self.delay_s * len(batch))
-        return self.inner.run_batch(batch)
+        return self.inner.run_batch(batch, alone)
 
 
 @contextlib.contextmanager

@@ -90,13 +90,13 @@ class HookedEmbedder:
     def tokenize(self, texts):
         return self.inner.tokenize(texts)
 
-    def run_batch(self, batch):
+    def run_batch(self, batch, alone=True):
         time.sleep(self.delay_s)
         keys = [tuple(ids) for ids in batch]
         if self.fail_ids in keys:
             raise RuntimeError("injected failure")
         self.computed.extend(keys)
-        return self.inner.run_batch(batch)
+        return self.inner.run_batch(batch, alone)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,7 @@ def test_unset_normalize_defaults_true_and_false_passes_raw_vectors():
         def tokenize(self, texts):
             return Tokenized([len(t) for t in texts], [1] * len(texts), [])
 
-        def run_batch(self, batch):
+        def run_batch(self, batch, alone=True):
             return np.array([[float(n), 0.0] for n in batch], dtype=np.float32)
 
     with ServerThread(Raw()) as running, EmbedClient(running.target, timeout=10) as c:
@@ -583,6 +583,26 @@ def test_overlapping_batches_use_the_narrow_session_with_equal_results(tiny_expo
     assert calls["wide"] >= 1 and calls["narrow"] >= 1
     for a, b in zip(alone, together, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_batches_under_load_use_the_narrow_session_even_when_they_start_alone(tiny_export_dir):
+    adaptive = OnnxEmbedder(tiny_export_dir, threads=2, workers=2)
+    batch = adaptive.tokenize(make_texts(8, seed=0)).ids
+    wide_vectors = adaptive.run_batch(batch, alone=True)
+    calls = []
+
+    def counting(name, run):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return run(*args, **kwargs)
+        return wrapped
+
+    adaptive.session.run = counting("wide", adaptive.session.run)
+    adaptive._shared_session.run = counting("narrow", adaptive._shared_session.run)
+    narrow_vectors = adaptive.run_batch(batch, alone=False)
+    adaptive.run_batch(batch, alone=True)
+    assert calls == ["narrow", "wide"]
+    np.testing.assert_allclose(narrow_vectors, wide_vectors, atol=1e-5)
 
 
 def test_long_unpadded_batches_use_the_unpadded_graph_with_equal_results(tiny_export_dir):

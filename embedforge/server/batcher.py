@@ -5,7 +5,9 @@ into model batches and run them through a `run_batch` callable in worker threads
 blocks while the model computes). `workers` batches may run at once (default 1; on a CPU, workers x
 intra-op threads = cores: several single-threaded runs avoid the thread synchronisation of one wide run).
 One more batch is formed while they run, so a thread never waits for the event loop between batches;
-its texts are checked again (caller gone? deadline passed?) right before it starts.
+its texts are checked again (caller gone? deadline passed?) right before it starts. Each batch is told
+whether it runs `alone` (no other batch in flight, nothing queued): a backend can then use all cores for a
+lone request and keep to its share under load.
 
 A batch's cost is its padded size:  cost = batch_size * longest_length  <=  max_batch_tokens.
 To keep padding small the worker takes a window of the oldest queued texts, sorts it by length and cuts it
@@ -37,8 +39,10 @@ import numpy as np
 
 log = logging.getLogger("embedforge.server.batcher")
 
-RunBatch = Callable[[list[Any]], np.ndarray]
-"""Takes the payloads of one batch (sorted by length, shortest first); returns float32 [len(payloads), dim]."""
+RunBatch = Callable[[list[Any], bool], np.ndarray]
+"""Takes the payloads of one batch (sorted by length, shortest first) and `alone`; returns float32
+[len(payloads), dim]. alone: no other batch runs or waits and no text is queued, so the backend may give this
+batch every core; False under load, where batches run side by side."""
 
 WINDOW_BATCHES = 4  # how many batches' worth of queued tokens are sorted together
 
@@ -122,6 +126,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedforge-infer")
         self._pending: collections.deque[_Item] = collections.deque()
         self._queued_tokens = 0
+        self._in_flight = 0  # batches taken from the queue and not yet delivered
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
@@ -191,6 +196,7 @@ class Batcher:
             batch = await self._next_batch(idle)
             if batch is None:
                 return
+            self._in_flight += 1
             try:
                 batch, vectors, seconds = await loop.run_in_executor(self._executor, self._compute, batch)
                 if batch:
@@ -201,6 +207,8 @@ class Batcher:
                 for item in batch:
                     self._fail(item.request, BatchFailed(f"inference failed: {exc}"))
                 batch = []
+            finally:
+                self._in_flight -= 1
             if batch and self._on_batch is not None:
                 longest = max(it.length for it in batch)
                 self._on_batch(BatchStats(len(batch), sum(it.length for it in batch), len(batch) * longest, seconds))
@@ -217,7 +225,8 @@ class Batcher:
         for item in live:
             if item.request.first_batch is None:
                 item.request.first_batch = started
-        vectors = self._run_batch([it.payload for it in live])
+        alone = self._in_flight == 1 and not self._pending  # read from this thread: a hint, not a guarantee
+        vectors = self._run_batch([it.payload for it in live], alone)
         if vectors.shape[0] != len(live):
             raise RuntimeError(f"run_batch returned {vectors.shape[0]} vectors for {len(live)} texts")
         return live, vectors, time.monotonic() - started

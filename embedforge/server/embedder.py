@@ -33,9 +33,10 @@ class Embedder(Protocol):
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Tokenize texts (truncating at max_length); called from a worker thread."""
 
-    def run_batch(self, batch: list[Any]) -> np.ndarray:
+    def run_batch(self, batch: list[Any], alone: bool = True) -> np.ndarray:
         """Embed a batch of tokenized texts: float32 [len(batch), dim], unnormalised unless info.unnormalized is
-        False (the servicer L2-normalises them); called from a worker thread."""
+        False (the servicer L2-normalises them); called from a worker thread. alone: no other batch is running
+        or waiting (the batcher's hint), so this one may use every core."""
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
