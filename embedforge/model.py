@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from embedforge.tokenization import pad_token_ids
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
@@ -252,14 +254,9 @@ class BertVectorModel(nn.Module):
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token id lists to the longest one: (input_ids, attention_mask), both int64 [B, T]."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    """`pad_token_ids` as torch tensors on `device`: (input_ids, attention_mask), both int64 [B, T]."""
+    input_ids, attention_mask = pad_token_ids(sequences, pad_id)
+    return torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device)
 
 
 def load_hf_tokenizer(source: str | Path) -> PreTrainedTokenizerFast:

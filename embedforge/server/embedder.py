@@ -31,7 +31,8 @@ class Embedder(Protocol):
     info: ModelInfo
 
     def tokenize(self, texts: list[str]) -> Tokenized:
-        """Tokenize texts (truncating at max_length); called from a worker thread."""
+        """Tokenize texts (truncating at max_length); called from a worker thread, or on the event loop for
+        small requests (service.INLINE_TOKENIZE_CHARS)."""
 
     def run_batch(self, batch: list[Any], alone: bool = True) -> np.ndarray:
         """Embed a batch of tokenized texts: float32 [len(batch), dim], unnormalised unless info.unnormalized is
