@@ -217,14 +217,14 @@ def main() -> None:
     print(f"work dir: {work_dir}; threads: {args.threads}; repeats: {args.repeats}", flush=True)
 
     train_pairs = read_pairs(args.train_path)
-    trained = []  # per run: {side: (figures, model or checkpoint path)}
+    trained = []  # per run: {side: (figures, trained model)}
     for repeat, name in enumerate(names):
         sides = {}
         for side in ("embedforge", "sentence_transformers")[::1 if repeat % 2 == 0 else -1]:
             if side == "embedforge" and not args.skip_embedforge:
                 figures = train_embedforge(args.train_path, args.val_path, work_dir / f"embedforge{name}",
                                            len(train_pairs), args.threads, args.max_steps)
-                sides[side] = (figures, figures["checkpoint"])
+                sides[side] = (figures, BertVectorModel.from_pretrained(figures["checkpoint"]))
             elif side == "sentence_transformers" and not args.skip_st:
                 model, figures = train_sentence_transformers(train_pairs, work_dir / f"st{name}", args.max_steps)
                 sides[side] = (figures, model)
@@ -236,8 +236,6 @@ def main() -> None:
     for sides in trained:
         run = {}
         for side, (figures, model) in sides.items():
-            if isinstance(model, str):
-                model = BertVectorModel.from_pretrained(model)
             run[side] = {**figures, "test_spearman": test_spearman(test_pairs, model)}
         both = "embedforge" in run and "sentence_transformers" in run
         run["speed_ratio"] = (run["embedforge"]["samples_per_s"] / run["sentence_transformers"]["samples_per_s"]
