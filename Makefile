@@ -41,5 +41,8 @@ demo: setup
 bench: setup-bench
 	$(PY) benchmarks/run_all.py $(if $(QUICK),--quick)
 
+proto: setup
+	$(PY) scripts/gen_proto.py
+
 clean:
 	rm -rf $(VENV) output .pytest_cache .ruff_cache

@@ -67,9 +67,9 @@ def train_sentence_transformers(data_dir: Path, device: str, max_steps: int | No
     except ImportError as error:
         raise SystemExit(f"--with-st needs sentence-transformers: {error}") from None
     from embedforge.data import read_pairs
+    from embedforge.devices import resolve_device
     from embedforge.evaluate.runner import evaluate_pairs
     from embedforge.model import default_model_path
-    from embedforge.train.trainer import resolve_device
 
     model = SentenceTransformer(str(default_model_path()), device=str(resolve_device(device)))
     examples = [InputExample(texts=[p.query, p.document], label=p.rel)

@@ -7,9 +7,10 @@ are fixed to --threads on both sides, and the two runs go one after the other, n
 
 samples/s = training pairs / seconds of the training loop only (no model load, no validation, no checkpoint):
 
-- embedforge: `python -m embedforge train ... --save-steps 1000000` in a subprocess; the figure is the one its
-  progress bar shows after the last optimizer step (pairs done / time since the loop started). The only
-  validation and checkpoint run after that. Its data set is tokenized once before the loop (not timed).
+- embedforge: `python -m embedforge train ... --save-steps 1000000` in a subprocess; the figure is the loop-only
+  samples/s that the trainer writes to metrics.jsonl (pairs done / time since the loop started, read after the
+  last optimizer step). The only validation and checkpoint run after that. Its data set is tokenized once
+  before the loop (not timed).
 - sentence-transformers: `SentenceTransformer.fit` (the v3+ path through SentenceTransformerTrainer) with
   losses.CosineSimilarityLoss and no evaluator, in this process; a TrainerCallback times from on_train_begin to
   the last on_step_end. Its batches are tokenized inside the loop (timed).
@@ -61,7 +62,7 @@ def thread_env(threads: int) -> dict[str, str]:
 def train_embedforge(train_path: Path, val_path: Path, save_path: Path, pairs: int, threads: int,
                      max_steps: int | None) -> dict:
     """Run `embedforge train` in a subprocess (progress streamed through); its loop samples/s and final checkpoint."""
-    from embedforge.train.checkpoints import list_checkpoints
+    from embedforge.checkpoints import list_checkpoints
 
     command = [sys.executable, "-m", "embedforge", "train", "--train-path", str(train_path),
                "--val-path", str(val_path), "--batch-size", str(BATCH_SIZE), "--learning-rate", str(LEARNING_RATE),

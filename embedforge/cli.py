@@ -1,12 +1,14 @@
 """The `embedforge` command: a click group whose subcommands are imported only when run.
 
 Lazy loading keeps `embedforge serve` free of torch and quick to start: the serving side never
-imports the training modules.
+imports the training modules. `main` sets the environment the commands need before any of them is
+imported: HF_HUB_OFFLINE=1 (models load from local directories; nothing waits on an unreachable hub).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
@@ -40,9 +42,12 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup)
 @click.version_option(package_name="embedforge")
-def main() -> None:
+def cli() -> None:
     """Fine-tune, evaluate, export and serve text-embedding models."""
 
 
-if __name__ == "__main__":
-    main()
+def main() -> None:
+    """The `embedforge` entry point."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli()

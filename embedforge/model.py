@@ -24,13 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
-from embedforge.tokenization import pad_token_ids
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from embedforge.onnxrt import pad_token_ids
 
 # Loading drops the unused pooler head, which transformers would otherwise report on every load.
 hf_logging.set_verbosity_error()
@@ -271,43 +268,3 @@ def load_hf_tokenizer(source: str | Path) -> PreTrainedTokenizerFast:
     tokenizer.backend_tokenizer.no_padding()
     tokenizer.backend_tokenizer.no_truncation()
     return tokenizer
-
-
-def build_tiny_model(path: str | Path, pooling: str = "mean", projection_dim: int | None = None,
-                     model_type: str = "bert", max_length: int = 512, seed: int = 0) -> BertVectorModel:
-    """A small random encoder with a real WordPiece/BPE tokenizer, saved to `path`: for tests and demos.
-
-    No download: the vocabulary is built from a fixed word list.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, RobertaConfig
-
-    torch.manual_seed(seed)
-    words = ("the a an is are of to and in on for with how what why do does egg eggs boil boiling water "
-             "pasta salt minutes bread bake oven coffee tea cup hot cold cook cooking rice pan fry "
-             "soup recipe kitchen knife cut onion garlic sauce sugar flour butter milk cheese").split()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens = dict.fromkeys(specials + words + list("abcdefghijklmnopqrstuvwxyz"))
-    vocab = {token: index for index, token in enumerate(tokens)}
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                        model_max_length=max_length)
-    size = {"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 64, "pad_token_id": 0}
-    if model_type == "bert":
-        config = BertConfig(max_position_embeddings=max_length, **size)
-    elif model_type == "roberta":
-        config = RobertaConfig(max_position_embeddings=max_length + 2, **size)
-    else:
-        raise ModelError(f"unknown tiny model type {model_type!r}")
-    encoder = AutoModel.from_config(config)
-    model = BertVectorModel(encoder, pooling, projection_dim, max_length, base_model=f"tiny-random-{model_type}",
-                            tokenizer=tokenizer)
-    model.save_pretrained(path)
-    return model

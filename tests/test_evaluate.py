@@ -6,13 +6,13 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLE_PAIRS, make_checkpoint, write_jsonl
+from helpers import SAMPLE_PAIRS, make_checkpoint, write_jsonl
 from sklearn.metrics import ndcg_score
 
+from embedforge.checkpoints import BEST_RECORD, read_best_record
 from embedforge.data import Pair, read_pairs
 from embedforge.evaluate.cli import evaluate_command
 from embedforge.evaluate.runner import embed_texts, evaluate_model, evaluate_pairs
-from embedforge.train.checkpoints import BEST_RECORD, read_best_record
 
 
 def _lookup_embed_fn(table: dict[str, np.ndarray], calls: list[list[str]]):

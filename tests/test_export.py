@@ -12,17 +12,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
-from conftest import make_checkpoint
+from helpers import assert_same_vectors, leftovers, make_checkpoint, pytorch_unnormalized
 
 from embedforge.data import Pair
 from embedforge.export import MANIFEST_FILE, ExportError, export_checkpoint
 from embedforge.export.cli import export_command
 from embedforge.export.optimize import fusion_complete
 from embedforge.export.parity import compare, onnx_embed, onnx_session, select_parity_pairs
-from embedforge.model import BertVectorModel, build_tiny_model, pad_batch, pool
-from embedforge.tokenization import load_tokenizer, pad_token_ids
+from embedforge.model import BertVectorModel
+from embedforge.onnxrt import pad_token_ids
+from embedforge.testing import build_tiny_model
+from embedforge.tokenization import load_tokenizer
 
 LONG_TEXT = " ".join(["boil the eggs in hot water with salt for seven minutes"] * 30)
 TEXTS = ["how to boil an egg", "rice", "bake the bread in a hot oven for ten minutes", LONG_TEXT]
@@ -32,32 +33,6 @@ def tiny_checkpoint(root: Path, pooling: str = "mean", projection_dim: int | Non
     path = root / "run" / "checkpoint-step-1"
     build_tiny_model(path, pooling=pooling, projection_dim=projection_dim)
     return make_checkpoint(path)
-
-
-def pytorch_unnormalized(model: BertVectorModel, texts: list[str]) -> np.ndarray:
-    """The model's vectors before their L2 norm, computed from its parts: encoder -> pooling -> projection."""
-    input_ids, attention_mask = pad_batch(model.tokenize(texts), model.tokenizer.pad_token_id or 0)
-    with torch.no_grad():
-        hidden = model.eval().encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        vectors = pool(hidden, attention_mask, model.pooling)
-        if model.projection is not None:
-            vectors = model.projection(vectors)
-    vectors = vectors.numpy()
-    # Anchored to the model itself: normalised, these are the vectors it encodes.
-    normalised = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    assert np.einsum("ij,ij->i", normalised, model.encode(texts)).min() >= 0.9999
-    return vectors
-
-
-def assert_same_vectors(actual: np.ndarray, expected: np.ndarray) -> None:
-    """Cosine >= 0.9999 row by row and norms within 0.1%."""
-    norms = np.linalg.norm(actual, axis=1), np.linalg.norm(expected, axis=1)
-    assert (np.einsum("ij,ij->i", actual, expected) / (norms[0] * norms[1])).min() >= 0.9999
-    np.testing.assert_allclose(norms[0], norms[1], rtol=1e-3)
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [child.name for child in parent.iterdir() if child.name.startswith((".tmp-", ".old-"))]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +184,7 @@ def test_cli_default_output_and_table(tmp_path, pairs_file):
 
 
 def test_cli_save_path_uses_best_record(tmp_path, pairs_file):
-    from embedforge.train.checkpoints import read_checkpoint, write_best_record
+    from embedforge.checkpoints import read_checkpoint, write_best_record
 
     first = tiny_checkpoint(tmp_path)
     second = make_checkpoint(shutil.copytree(first, first.parent / "checkpoint-step-2"), step=2, val_loss=0.9)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedforge.model import BertVectorModel, ModelError, build_tiny_model, detect_pooling, pad_batch, pool
+from embedforge.model import BertVectorModel, ModelError, detect_pooling, pad_batch, pool
+from embedforge.testing import build_tiny_model
 from embedforge.tokenization import load_tokenizer
 
 TEXTS = ["how to boil an egg", "boil the eggs in hot water for seven minutes", "coffee", "bread and butter"]
@@ -112,7 +113,7 @@ def test_a_missing_model_directory_is_named():
 
 
 def test_pad_token_ids_matches_the_torch_padding():
-    from embedforge.tokenization import pad_token_ids
+    from embedforge.onnxrt import pad_token_ids
 
     ids, mask = pad_token_ids([[5, 6, 7], [8]])
     torch_ids, torch_mask = pad_batch([[5, 6, 7], [8]], pad_id=0)

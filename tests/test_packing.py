@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, BertConfig
 
-from embedforge.model import BertVectorModel, build_tiny_model, pad_batch
+from embedforge.model import BertVectorModel, pad_batch
+from embedforge.testing import build_tiny_model
 from embedforge.train.packing import packed_hidden_states, supports_packing
 from embedforge.train.trainer import PairCosine
 

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_export import assert_same_vectors, pytorch_unnormalized
+from helpers import assert_same_vectors, pytorch_unnormalized
 
 from embedforge.client import AsyncEmbedClient, EmbedClient
 from embedforge.server.app import EmbeddingServer, ServerConfig

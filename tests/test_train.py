@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SAMPLE_PAIRS, write_jsonl
+from helpers import SAMPLE_PAIRS, write_jsonl
 from safetensors.torch import load_file
 from torch import nn
 
-from embedforge.model import BertVectorModel, build_tiny_model
-from embedforge.train import checkpoints
+from embedforge import checkpoints
+from embedforge.io import write_dir_atomic
+from embedforge.model import BertVectorModel
+from embedforge.testing import build_tiny_model
 from embedforge.train.cli import train_command
 from embedforge.train.dropout import Dropout16
 from embedforge.train.trainer import TrainConfig, TrainError, linear_schedule, train
@@ -210,7 +212,7 @@ def test_checkpoint_listing_skips_temporaries_and_names_broken_state(tiny_model_
 
 
 def test_atomic_directories_get_ordinary_permissions(tmp_path):
-    final = checkpoints.write_dir_atomic(tmp_path / "out", lambda tmp: (tmp / "f").write_text("x"))
+    final = write_dir_atomic(tmp_path / "out", lambda tmp: (tmp / "f").write_text("x"))
     umask = os.umask(0)
     os.umask(umask)
     assert final.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -62,11 +62,11 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
     if select_best and save_path is None:
         raise click.UsageError("--select-best needs --save-path")
 
+    from embedforge.checkpoints import list_checkpoints, read_checkpoint
+    from embedforge.checkpoints import select_best as best_checkpoint
     from embedforge.data import read_pairs
     from embedforge.evaluate.runner import evaluate_model
     from embedforge.model import BertVectorModel
-    from embedforge.train.checkpoints import list_checkpoints, read_checkpoint
-    from embedforge.train.checkpoints import select_best as best_checkpoint
 
     settings = {"ks": ks, "rel_threshold": rel_threshold, "mode": mode, "batch_size": batch_size,
                 "device": device}
@@ -115,7 +115,7 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
             plot_report(report, plot_path)
             click.echo(f"plot: {plot_path}")
         if select_best:
-            from embedforge.train.checkpoints import write_best_record
+            from embedforge.checkpoints import write_best_record
 
             record = write_best_record(save_path, best, selected_by=selected_by)
             click.echo(f"best checkpoint: {best.name} (recorded in {record})")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 
 from embedforge.data import Pair
 from embedforge.evaluate.metrics import DEFAULT_KS, DEFAULT_REL_THRESHOLD, pearson, ranking_metrics, spearman
+from embedforge.io import new_figure, save_figure, write_text_atomic
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 MODES = ("rerank", "retrieval", "both")
@@ -141,7 +140,7 @@ def model_embed_fn(model, batch_size: int = 64, device: str = "auto") -> EmbedFn
 
     ``device``: auto (cuda if available), cpu, cuda or cuda:N, resolved as the trainer does.
     """
-    from embedforge.train.trainer import resolve_device
+    from embedforge.devices import resolve_device
 
     target = resolve_device(device)
     return lambda texts: model.encode(texts, batch_size=max(batch_size, len(texts)), device=target)
@@ -200,38 +199,20 @@ def _json_safe(value):
     return value
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary file in the target directory, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict, path: str | Path) -> None:
     """Write the report as indented JSON (atomically)."""
     text = json.dumps(_json_safe(report), indent=2) + "\n"
-    _atomic_write(Path(path), lambda temporary: temporary.write_text(text))
+    write_text_atomic(path, text)
 
 
 def plot_report(report: dict, path: str | Path) -> None:
     """PNG of the headline metrics over training steps, the best checkpoint marked (atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = [r for r in report["results"] if r.get("step") is not None]
     if not results:
         raise ValueError("no result has a training step to plot")
     steps = [r["step"] for r in results]
     rows = [headline(r["metrics"], report["ks"]) for r in results]
-    figure, (metrics_axis, loss_axis) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    figure, (metrics_axis, loss_axis) = new_figure(2, 1, figsize=(8, 7), sharex=True)
     for name in rows[0]:
         metrics_axis.plot(steps, [row[name] for row in rows], marker="o", label=name)
     metrics_axis.set_ylabel("test metric (x100)")
@@ -250,7 +231,4 @@ def plot_report(report: dict, path: str | Path) -> None:
     loss_axis.legend(fontsize="small")
     figure.suptitle(f"{Path(report['test_path']).name}: metrics over training steps")
     figure.tight_layout()
-    try:
-        _atomic_write(Path(path), lambda temporary: figure.savefig(temporary, format="png", dpi=100))
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)

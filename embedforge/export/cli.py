@@ -33,9 +33,9 @@ def export_command(save_path: Path | None, checkpoint_dir: Path | None, output: 
 
     Example: embedforge export --save-path output/vector_model --precision fp32 --precision int8
     """
+    from embedforge.checkpoints import CheckpointError, resolve_checkpoint
     from embedforge.data import DataError
     from embedforge.model import ModelError
-    from embedforge.train.checkpoints import CheckpointError, resolve_checkpoint
 
     if (save_path is None) == (checkpoint_dir is None):
         raise click.UsageError("give exactly one of --save-path and --checkpoint-dir")

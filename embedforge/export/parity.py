@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from embedforge.data import Pair
 from embedforge.evaluate.runner import evaluate_pairs
-from embedforge.tokenization import pad_token_ids
+from embedforge.onnxrt import create_session, pad_token_ids
 
 NDCG_K = 10
 
@@ -45,8 +45,6 @@ def select_parity_pairs(pairs: Sequence[Pair], max_texts: int) -> tuple[list[Pai
 
 def onnx_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
     """The serving runtime's session for `path` (threads 0: ONNX Runtime's default)."""
-    from embedforge.server.runtime import create_session
-
     return create_session(path, threads, list(providers))
 
 

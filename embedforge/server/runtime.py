@@ -26,20 +26,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from embedforge.onnxrt import PROVIDERS, create_session, pad_token_ids
 from embedforge.server.embedder import ModelInfo, Tokenized
-from embedforge.tokenization import load_tokenizer, pad_token_ids
+from embedforge.tokenization import load_tokenizer
 
 log = logging.getLogger("embedforge.server.runtime")
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PRECISIONS = ("fp32", "fp16", "int8")
 UNPADDED_MIN_TOKENS = 256
 """Shortest text length for which an unpadded batch uses the unpadded graph: its flash attention pays off
 at long lengths only (bundled model: faster at 8 x 512 tokens, slower at 32 x 128)."""
-CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-"""Load-time fusions a CPU session leaves out: onnxruntime's CPU SkipLayerNormalization kernel is slower than
-the Add + LayerNormalization it replaces (figures in embedforge/export/optimize.py)."""
-
 
 class RuntimeConfigError(Exception):
     """The export directory or the requested precision/provider cannot be served."""
@@ -184,17 +180,3 @@ class OnnxEmbedder:
             sessions = (self.session, self._shared_session, *(self._unpadded or ()))
             for session in {id(s): s for s in sessions}.values():
                 session.run([self._output_name], self._feeds(tokenized.ids))
-
-
-def create_session(model_path: str | Path, threads: int, providers: list[str]) -> ort.InferenceSession:
-    """The serving session: `threads` intra-op threads (0 = ONNX Runtime's default), all graph optimizations.
-
-    The export's parity check and the export benchmark use it too, so they measure what the server runs.
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    disabled = list(CPU_DISABLED_OPTIMIZERS) if providers[0] == PROVIDERS["cpu"] else []
-    return ort.InferenceSession(str(model_path), options, providers=providers, disabled_optimizers=disabled)

@@ -63,15 +63,16 @@ DEFAULTS = TrainConfig()
          "at equal quality on STS-B).")
 def train_command(**options) -> None:
     """Fine-tune an encoder so that cosine(query, document) matches rel."""
+    from embedforge.checkpoints import CheckpointError
     from embedforge.data import DataError
+    from embedforge.devices import DeviceError
     from embedforge.model import ModelError
-    from embedforge.train.checkpoints import CheckpointError
     from embedforge.train.trainer import TrainError, train
 
     config = TrainConfig(**options)
     try:
         result = train(config)
-    except (TrainError, DataError, ModelError, CheckpointError) as error:
+    except (TrainError, DataError, ModelError, CheckpointError, DeviceError) as error:
         raise click.ClickException(str(error)) from error
     if result.best_checkpoint is not None:
         click.echo(f"trained {result.global_step} steps; {len(result.checkpoints)} checkpoint(s) in "

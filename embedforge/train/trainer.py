@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from embedforge import checkpoints
 from embedforge.data import DataError, Pair, read_pairs
+from embedforge.devices import resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
+from embedforge.io import new_figure, save_figure
 from embedforge.model import BertVectorModel, pad_batch
-from embedforge.train import checkpoints
 from embedforge.train.dropout import replace_dropout
 from embedforge.train.loss import WeightedMSELoss
 from embedforge.train.packing import packed_hidden_states, supports_packing
@@ -86,51 +87,6 @@ class TrainError(ValueError):
 
 
 # -- setup helpers -------------------------------------------------------------------------
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainError("--device cuda was asked for but CUDA is not available")
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
-    return torch.device(device)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: auto = bf16 where the GPU supports it, else fp16, and off on CPU."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or --amp off on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
@@ -511,13 +467,8 @@ def _find_resume_checkpoint(config: TrainConfig, save_path: Path) -> checkpoints
 
 def plot_losses(history: list[dict], path: Path) -> None:
     """Train and validation loss over steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [r["step"] for r in history]
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = new_figure(figsize=(7, 4))
     for key, marker, label in (("train_loss", "o", "train loss (since last checkpoint)"),
                                ("val_loss", "s", "validation loss")):
         values = [math.nan if r.get(key) is None else r[key] for r in history]
@@ -528,7 +479,4 @@ def plot_losses(history: list[dict], path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, path)
+    save_figure(figure, path, dpi=110)

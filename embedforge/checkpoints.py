@@ -1,4 +1,4 @@
-"""Checkpoints on disk: atomic writes, listing, and the choice of the best one.
+"""Checkpoints on disk: saving, listing, and the choice of the best one.
 
 Layout under a save path::
 
@@ -6,20 +6,19 @@ Layout under a save path::
     <save_path>/best_checkpoint.json    {"checkpoint", "step", "val_loss", "selected_by"} (written by evaluate)
 
 A checkpoint is built in a hidden temporary directory and renamed into place once complete, so a run
-killed at any moment leaves either the whole checkpoint or none. Only this module's save/load of the
-training state imports torch; listing and selection are plain file reads (the serving side uses them).
+killed at any moment leaves either the whole checkpoint or none. Only saving the training state imports
+torch; listing and selection are plain file reads, used by train, evaluate, export and the benchmarks.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from embedforge.io import write_dir_atomic, write_json_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -115,44 +114,6 @@ def resolve_checkpoint(save_path: str | Path | None = None, checkpoint_dir: str 
     if save_path is None:
         raise CheckpointError("give a save path or a checkpoint directory")
     return read_best_record(save_path) or select_best(save_path)
-
-
-def write_json_atomic(path: Path, data: dict) -> Path:
-    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
-    return path
-
-
-def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)` in a hidden temporary dir beside `final`, then swap it into place.
-
-    A crash inside `write` removes the temporary dir and leaves any existing `final` untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the result should read like any new directory
-    try:
-        write(tmp)
-        if final.exists():
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def remove_stale_temporaries(save_path: Path) -> None:

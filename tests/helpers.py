@@ -1,0 +1,68 @@
+"""What several test modules share: sample pairs, checkpoint and file builders, vector comparisons.
+
+Fixtures live in conftest.py; plain helpers live here, and tests import them from here (never from
+conftest or from another test module).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_PAIRS = [
+    {"query": "how to boil an egg", "document": "boil the eggs in hot water for seven minutes", "rel": 1.0},
+    {"query": "how to boil an egg", "document": "bake the bread in a hot oven", "rel": 0.0},
+    {"query": "how to boil an egg", "document": "eggs are cooked in water", "rel": 0.6, "weight": 2.0},
+    {"query": "how to cook rice", "document": "cook the rice in salt water for ten minutes", "rel": 0.9},
+    {"query": "how to cook rice", "document": "fry the onion and garlic in butter", "rel": 0.1},
+    {"query": "how to cook rice", "document": "rice and water in a pan", "rel": 0.7},
+    {"query": "what is in a coffee", "document": "hot water and coffee in a cup", "rel": 0.8},
+    {"query": "what is in a coffee", "document": "cheese and bread", "rel": 0.05},
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def make_checkpoint(model_dir: Path, step: int = 1, val_loss: float | None = 0.5) -> Path:
+    """Turn a saved model dir into a complete checkpoint by adding trainer_state.json."""
+    state = {"step": step, "epoch": 0, "train_loss": 0.5, "val_loss": val_loss, "val_metrics": {}}
+    (model_dir / "trainer_state.json").write_text(json.dumps(state))
+    return model_dir
+
+
+
+def pytorch_unnormalized(model, texts: list[str]) -> np.ndarray:
+    """The model's vectors before their L2 norm, computed from its parts: encoder -> pooling -> projection."""
+    import torch  # here, not above: the serving tests import this module and must stay free of torch
+
+    from embedforge.model import pad_batch, pool
+
+    input_ids, attention_mask = pad_batch(model.tokenize(texts), model.tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        hidden = model.eval().encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        vectors = pool(hidden, attention_mask, model.pooling)
+        if model.projection is not None:
+            vectors = model.projection(vectors)
+    vectors = vectors.numpy()
+    # Anchored to the model itself: normalised, these are the vectors it encodes.
+    normalised = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert np.einsum("ij,ij->i", normalised, model.encode(texts)).min() >= 0.9999
+    return vectors
+
+
+def assert_same_vectors(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Cosine >= 0.9999 row by row and norms within 0.1%."""
+    norms = np.linalg.norm(actual, axis=1), np.linalg.norm(expected, axis=1)
+    assert (np.einsum("ij,ij->i", actual, expected) / (norms[0] * norms[1])).min() >= 0.9999
+    np.testing.assert_allclose(norms[0], norms[1], rtol=1e-3)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [child.name for child in parent.iterdir() if child.name.startswith((".tmp-", ".old-"))]
+
+
