@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from embedforge.checkpoints import CheckpointInfo
 from embedforge.evaluate.metrics import DEFAULT_REL_THRESHOLD
 from embedforge.evaluate.runner import MODES, format_table, plot_report, write_report
 
@@ -62,39 +63,11 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
     if select_best and save_path is None:
         raise click.UsageError("--select-best needs --save-path")
 
-    from embedforge.checkpoints import list_checkpoints, read_checkpoint
-    from embedforge.checkpoints import select_best as best_checkpoint
-    from embedforge.data import read_pairs
-    from embedforge.evaluate.runner import evaluate_model
-    from embedforge.model import BertVectorModel
-
     settings = {"ks": ks, "rel_threshold": rel_threshold, "mode": mode, "batch_size": batch_size,
                 "device": device}
     try:
-        pairs = read_pairs(test_path)
-        if save_path is not None:
-            checkpoints = list_checkpoints(save_path)
-            best = best_checkpoint(save_path)  # raises CheckpointError when there is no complete checkpoint
-            default_output = save_path / "eval_report.json"
-        elif checkpoint_dir is not None:
-            if any(checkpoint_dir.glob("checkpoint-step-*")):
-                raise click.UsageError(f"{checkpoint_dir} holds checkpoints: use --save-path {checkpoint_dir}")
-            checkpoints = [read_checkpoint(checkpoint_dir)]
-            best = None
-            default_output = checkpoint_dir.parent / f"eval_report_{checkpoint_dir.name}.json"
-        else:
-            checkpoints, best = [], None
-            default_output = Path("eval_report.json")
-        results = []
-        for info in checkpoints:
-            click.echo(f"evaluating {info.path}", err=True)
-            metrics = evaluate_model(BertVectorModel.from_pretrained(info.path), pairs, **settings)
-            results.append({"name": info.name, "path": str(info.path), "step": info.step,
-                            "val_loss": info.val_loss, "metrics": metrics})
-        if model_name is not None:
-            click.echo(f"evaluating base model {model_name}", err=True)
-            results.append({"name": model_name, "path": None, "step": None, "val_loss": None,
-                            "metrics": evaluate_model(BertVectorModel.from_base(model_name), pairs, **settings)})
+        checkpoints, best, default_output = _checkpoints_to_score(save_path, checkpoint_dir)
+        results = _score(test_path, checkpoints, model_name, settings)
     except (ValueError, OSError) as error:  # DataError, CheckpointError, ModelError are ValueErrors
         raise click.ClickException(str(error)) from error
 
@@ -105,19 +78,59 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
               "best": None if best is None else {"checkpoint": best.name, "step": best.step,
                                                  "val_loss": best.val_loss, "selected_by": selected_by}}
     click.echo(format_table(results, ks, best_name, selected_by))
-
-    output = output or default_output
     try:
-        write_report(report, output)
-        click.echo(f"report: {output}")
-        if save_path is not None:
-            plot_path = output.with_suffix(".png")
-            plot_report(report, plot_path)
-            click.echo(f"plot: {plot_path}")
-        if select_best:
-            from embedforge.checkpoints import write_best_record
-
-            record = write_best_record(save_path, best, selected_by=selected_by)
-            click.echo(f"best checkpoint: {best.name} (recorded in {record})")
+        _write_outputs(report, output or default_output, save_path, best if select_best else None, selected_by)
     except OSError as error:
         raise click.ClickException(f"cannot write the report: {error}") from error
+
+
+def _checkpoints_to_score(save_path: Path | None,
+                          checkpoint_dir: Path | None) -> tuple[list[CheckpointInfo], CheckpointInfo | None, Path]:
+    """(checkpoints, best or None, default report path) for --save-path, --checkpoint-dir or a base model."""
+    from embedforge.checkpoints import list_checkpoints, read_checkpoint, select_best
+
+    if save_path is not None:
+        # select_best raises CheckpointError when there is no complete checkpoint
+        return list_checkpoints(save_path), select_best(save_path), save_path / "eval_report.json"
+    if checkpoint_dir is not None:
+        if any(checkpoint_dir.glob("checkpoint-step-*")):
+            raise click.UsageError(f"{checkpoint_dir} holds checkpoints: use --save-path {checkpoint_dir}")
+        return ([read_checkpoint(checkpoint_dir)], None,
+                checkpoint_dir.parent / f"eval_report_{checkpoint_dir.name}.json")
+    return [], None, Path("eval_report.json")
+
+
+def _score(test_path: Path, checkpoints: list[CheckpointInfo], model_name: str | None, settings: dict) -> list[dict]:
+    """One result row per checkpoint, then one for the base model if asked for."""
+    from embedforge.data import read_pairs
+    from embedforge.evaluate.runner import evaluate_model
+    from embedforge.model import BertVectorModel
+
+    pairs = read_pairs(test_path)
+    results = []
+    for info in checkpoints:
+        click.echo(f"evaluating {info.path}", err=True)
+        metrics = evaluate_model(BertVectorModel.from_pretrained(info.path), pairs, **settings)
+        results.append({"name": info.name, "path": str(info.path), "step": info.step,
+                        "val_loss": info.val_loss, "metrics": metrics})
+    if model_name is not None:
+        click.echo(f"evaluating base model {model_name}", err=True)
+        results.append({"name": model_name, "path": None, "step": None, "val_loss": None,
+                        "metrics": evaluate_model(BertVectorModel.from_base(model_name), pairs, **settings)})
+    return results
+
+
+def _write_outputs(report: dict, output: Path, save_path: Path | None, best_to_record: CheckpointInfo | None,
+                   selected_by: str) -> None:
+    """The JSON report, its plot (for a save path) and, with --select-best, best_checkpoint.json."""
+    write_report(report, output)
+    click.echo(f"report: {output}")
+    if save_path is not None:
+        plot_path = output.with_suffix(".png")
+        plot_report(report, plot_path)
+        click.echo(f"plot: {plot_path}")
+    if best_to_record is not None:
+        from embedforge.checkpoints import write_best_record
+
+        record = write_best_record(save_path, best_to_record, selected_by=selected_by)
+        click.echo(f"best checkpoint: {best_to_record.name} (recorded in {record})")
