@@ -43,8 +43,11 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+LIMITS = {"max_batch_tokens": 16384, "min_batch_tokens": 256, "max_wait_ms": 2.0, "max_queue_tokens": 524288}
+
+
 async def started(recorder: Recorder, **kwargs) -> Batcher:
-    batcher = Batcher(recorder, **kwargs)
+    batcher = Batcher(recorder, **(LIMITS | kwargs))
     batcher.start()
     return batcher
 
@@ -157,7 +160,7 @@ def test_several_workers_run_batches_at_once():
         return np.array([[p, -p] for p in payloads], dtype=np.float32)
 
     async def main():
-        batcher = Batcher(run_batch, workers=2, min_batch_tokens=1)
+        batcher = Batcher(run_batch, **(LIMITS | {"workers": 2, "min_batch_tokens": 1}))
         batcher.start()
         results = await asyncio.gather(*(batcher.submit([i], [i + 1]) for i in range(6)))  # one batch each
         await batcher.stop()

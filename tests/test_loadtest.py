@@ -489,9 +489,11 @@ class SlowedEmbedder:
 @contextlib.contextmanager
 def real_server(embedder, **config):
     """The real EmbeddingServer on 127.0.0.1 (free port) in a background event loop; always drained."""
-    from embedforge.server.app import EmbeddingServer, ServerConfig
+    from embedforge.server.app import EmbeddingServer
+    from embedforge.server.config import ServeConfig
 
-    server = EmbeddingServer(embedder, ServerConfig(host="127.0.0.1", port=0, **config))
+    # One batch at a time unless asked: the slowed-server test computes its queueing for one worker.
+    server = EmbeddingServer(embedder, ServeConfig(host="127.0.0.1", port=0, **({"workers": 1} | config)))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

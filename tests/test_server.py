@@ -22,11 +22,11 @@ from click.testing import CliRunner
 from helpers import assert_same_vectors, pytorch_unnormalized
 
 from embedforge.client import AsyncEmbedClient, EmbedClient
-from embedforge.server.app import EmbeddingServer, ServerConfig
+from embedforge.server.app import EmbeddingServer
 from embedforge.server.cli import embed_command, serve_command
+from embedforge.server.config import ServeConfig
 from embedforge.server.embedder import ModelInfo, Tokenized
 from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError
-from embedforge.server.service import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a is of to and in how what egg eggs boil water pasta salt minutes bread bake oven coffee tea cup "
@@ -51,7 +51,8 @@ class ServerThread:
     """
 
     def __init__(self, embedder, make_embedder=None, **config) -> None:
-        self.server = EmbeddingServer(embedder, ServerConfig(port=0, **config))
+        # One batch at a time unless a test asks for more: the gated embedders below hold the only worker.
+        self.server = EmbeddingServer(embedder, ServeConfig(port=0, **({"workers": 1} | config)))
         self.make_embedder = make_embedder
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -101,7 +102,7 @@ class HookedEmbedder:
 
 @pytest.fixture(scope="module")
 def server(embedder):
-    with ServerThread(embedder, limits=Limits(max_texts_per_request=64, max_chars_per_text=3000),
+    with ServerThread(embedder, max_texts_per_request=64, max_chars_per_text=3000,
                       metrics_port=0) as running:
         yield running
 
@@ -454,7 +455,8 @@ def test_sigterm_while_the_model_loads_exits_zero(tiny_export_dir):
     port = _free_port()
     script = textwrap.dedent(f"""
         import logging, sys
-        from embedforge.server.app import ServerConfig, run_server
+        from embedforge.server.app import run_server
+        from embedforge.server.config import ServeConfig
         from embedforge.server.runtime import OnnxEmbedder
 
         def slow_load():
@@ -462,7 +464,7 @@ def test_sigterm_while_the_model_loads_exits_zero(tiny_export_dir):
             return OnnxEmbedder({str(tiny_export_dir)!r}, threads=1)
 
         logging.basicConfig(level="INFO", stream=sys.stderr)
-        run_server(slow_load, ServerConfig(port={port}))
+        run_server(slow_load, ServeConfig(port={port}))
         print("returned")
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -494,12 +496,13 @@ def test_serving_path_never_imports_torch(tiny_export_dir):
         import asyncio, sys
         import embedforge.client, embedforge.server.app, embedforge.server.batcher, embedforge.server.cli
         import embedforge.server.runtime, embedforge.server.service, embedforge.cli
-        from embedforge.server.app import EmbeddingServer, ServerConfig
+        from embedforge.server.app import EmbeddingServer
+        from embedforge.server.config import ServeConfig
         from embedforge.server.runtime import OnnxEmbedder
         from embedforge.client import AsyncEmbedClient
 
         async def main():
-            server = EmbeddingServer(OnnxEmbedder({str(tiny_export_dir)!r}, threads=1), ServerConfig(port=0))
+            server = EmbeddingServer(OnnxEmbedder({str(tiny_export_dir)!r}, threads=1), ServeConfig(port=0))
             port = await server.start()
             async with AsyncEmbedClient(f"127.0.0.1:{{port}}") as client:
                 result = await client.embed(["hot water", "egg"])
@@ -529,6 +532,33 @@ def test_runtime_config_errors(tiny_export_dir, tmp_path):
         assert OnnxEmbedder(tiny_export_dir, provider="auto", threads=1).info.provider == "CPUExecutionProvider"
     with pytest.raises(RuntimeConfigError, match="manifest.json: not found"):
         OnnxEmbedder(tmp_path)
+
+
+def test_serve_config_resolves_automatic_settings_per_provider():
+    cpu = ServeConfig().resolved(on_cuda=False, cores=8)
+    assert (cpu.workers, cpu.threads, cpu.min_batch_tokens, cpu.max_queue_tokens) == (4, 8, 128, 32 * 16384)
+    cuda = ServeConfig(max_batch_tokens=1000).resolved(on_cuda=True, cores=8)
+    assert (cuda.workers, cuda.threads, cuda.min_batch_tokens, cuda.max_queue_tokens) == (1, 8, 256, 32000)
+    assert ServeConfig().resolved(on_cuda=False, cores=2).workers == 2
+    given = ServeConfig(threads=3, workers=5, min_batch_tokens=7, max_queue_tokens=9).resolved(on_cuda=False)
+    assert (given.workers, given.threads, given.min_batch_tokens, given.max_queue_tokens) == (5, 3, 7, 9)
+
+
+def test_serve_cli_hands_the_server_its_options_and_resolved_defaults(tiny_export_dir, monkeypatch):
+    import embedforge.server.app
+
+    handed = []
+    monkeypatch.setattr(embedforge.server.app, "run_server", lambda make_embedder, config: handed.append(config))
+    monkeypatch.setenv("TEST_SERVE_KEY", "k3y")
+    result = CliRunner().invoke(serve_command, ["--model-dir", str(tiny_export_dir), "--provider", "cpu",
+                                                "--max_batch_tokens", "4096", "--workers", "3",
+                                                "--max_texts_per_request", "7", "--api_key_env", "TEST_SERVE_KEY"])
+    assert result.exit_code == 0, result.output
+    config = handed[0]
+    assert (config.max_batch_tokens, config.workers, config.max_texts_per_request) == (4096, 3, 7)
+    assert (config.min_batch_tokens, config.max_queue_tokens) == (128, 32 * 4096)  # CPU defaults
+    assert config.threads == (os.cpu_count() or 1) and config.api_key == "k3y"
+    assert (config.port, config.max_wait_ms, config.grace_s) == (50051, 2.0, 10.0)
 
 
 def test_serve_cli_explains_missing_export(tmp_path):

@@ -1,6 +1,6 @@
 """Server lifecycle: grpc.aio server, health, reflection, API key, TLS, Prometheus metrics, graceful drain.
 
-    server = EmbeddingServer(embedder, ServerConfig(port=0))
+    server = EmbeddingServer(embedder, ServeConfig(port=0))
     port = await server.start()      # listen() + load(): returns once the model is warmed up and SERVING
     ...
     await server.drain()             # NOT_SERVING, refuse new calls, finish in-flight ones within grace_s
@@ -22,7 +22,6 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -33,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
 from embedforge.server.batcher import Batcher, BatchStats
+from embedforge.server.config import ServeConfig
 from embedforge.server.embedder import Embedder
 from embedforge.server.service import EmbeddingServicer, Limits
 
@@ -45,23 +45,6 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
 ]
-
-
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: any free port (start() returns it)
-    max_batch_tokens: int = 16384
-    min_batch_tokens: int = 256
-    workers: int = 1  # batches run at once
-    max_wait_ms: float = 2.0
-    max_queue_tokens: int = 524288  # 32 x max_batch_tokens: room for max_texts_per_request x max_length
-    limits: Limits = field(default_factory=Limits)
-    metrics_port: int | None = None  # 0: any free port
-    grace_s: float = 10.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    api_key: str | None = None
 
 
 class Metrics:
@@ -156,7 +139,7 @@ def is_loopback(host: str) -> bool:
 class EmbeddingServer:
     """One gRPC server around one Embedder (given here, or built later by `load`)."""
 
-    def __init__(self, embedder: Embedder | None, config: ServerConfig) -> None:
+    def __init__(self, embedder: Embedder | None, config: ServeConfig) -> None:
         self.embedder = embedder
         self.config = config
         self.port: int | None = None
@@ -180,7 +163,8 @@ class EmbeddingServer:
         if (cfg.tls_cert is None) != (cfg.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         self.metrics = Metrics()
-        self.servicer = EmbeddingServicer(cfg.limits, on_call=self.metrics.on_call, on_timing=self.metrics.on_timing)
+        limits = Limits(cfg.max_texts_per_request, cfg.max_chars_per_text)
+        self.servicer = EmbeddingServicer(limits, on_call=self.metrics.on_call, on_timing=self.metrics.on_timing)
         self.health = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -228,7 +212,10 @@ class EmbeddingServer:
         if self._draining:
             log.info("event=load_discarded detail=\"stopped while loading\"")
             return
-        cfg = self.config
+        info = self.embedder.info
+        # Settings left automatic (None) follow the provider the model really runs on (ModelInfo.provider
+        # holds ONNX Runtime's name for it); the command line has chosen them already.
+        cfg = self.config.resolved(on_cuda=info.provider == "CUDAExecutionProvider")
         self.batcher = Batcher(self.embedder.run_batch, max_batch_tokens=cfg.max_batch_tokens,
                                min_batch_tokens=cfg.min_batch_tokens, workers=cfg.workers,
                                max_wait_ms=cfg.max_wait_ms, max_queue_tokens=cfg.max_queue_tokens,
@@ -238,7 +225,6 @@ class EmbeddingServer:
         self.servicer.attach(self.embedder, self.batcher)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        info = self.embedder.info
         log.info("event=serving address=%s:%d model=%s precision=%s provider=%s unnormalized_output=%s",
                  cfg.host, self.port, info.model_name, info.precision, info.provider, info.unnormalized)
 
@@ -260,12 +246,12 @@ class EmbeddingServer:
         log.info("event=stopped")
 
 
-def run_server(make_embedder: Callable[[], Embedder], config: ServerConfig) -> None:
+def run_server(make_embedder: Callable[[], Embedder], config: ServeConfig) -> None:
     """Listen, load the model, serve until SIGTERM/SIGINT, then drain and return; a failed load raises."""
     asyncio.run(_serve_until_signal(make_embedder, config))
 
 
-async def _serve_until_signal(make_embedder: Callable[[], Embedder], config: ServerConfig) -> None:
+async def _serve_until_signal(make_embedder: Callable[[], Embedder], config: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

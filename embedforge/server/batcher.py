@@ -111,9 +111,10 @@ class _Item:
 class Batcher:
     """Merge concurrent requests into token-budget batches and run them through `run_batch`."""
 
-    def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int = 16384, min_batch_tokens: int = 256,
-                 max_wait_ms: float = 2.0, max_queue_tokens: int = 524288,
-                 workers: int = 1, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+    def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int, min_batch_tokens: int, max_wait_ms: float,
+                 max_queue_tokens: int, workers: int = 1,
+                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        """The limits are explained above; the server takes them from `embedforge.server.config.ServeConfig`."""
         if min(max_batch_tokens, min_batch_tokens, max_queue_tokens, workers) < 1 or max_wait_ms < 0:
             raise ValueError("token limits and workers must be >= 1 and max_wait_ms >= 0")
         self._run_batch = run_batch

@@ -49,8 +49,8 @@ TimingObserver = Callable[[float, float, float], None]
 
 @dataclass(frozen=True)
 class Limits:
-    max_texts_per_request: int = 1024
-    max_chars_per_text: int = 20000
+    max_texts_per_request: int
+    max_chars_per_text: int
 
 
 class InvalidRequest(Exception):
