@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from embedforge.cli_options import option
 from embedforge.loadtest import (
     Call,
     CallResult,
@@ -98,40 +99,40 @@ async def _run(target: str, rpc: str, deadline_s: float | None, api_key: str | N
 
 
 @click.command(name="loadtest")
-@click.option("--target", metavar="HOST:PORT", help="Address of a running `embedforge serve`.")
-@click.option("--rpc", type=click.Choice(["embed", "score"]), default="embed", show_default=True,
-              help="Call Embed (texts) or Score (one query + --batch documents).")
-@click.option("--concurrency", type=click.IntRange(min=1), default=None,
-              help="Closed loop: number of concurrent callers [default: 1]. "
-                   f"With --rate: most calls in flight [default: {DEFAULT_OPEN_LOOP_IN_FLIGHT}].")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Open loop: calls per second, sent on schedule; latency is measured from the scheduled time.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"Seconds to measure (after warmup) [default: {DEFAULT_DURATION_S:g} unless --requests].")
-@click.option("--requests", type=click.IntRange(min=1), default=None,
-              help="Measured calls to send (stops at whichever of --duration/--requests comes first).")
-@click.option("--warmup", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Seconds of load before measuring starts.")
-@click.option("--batch", default="1", show_default=True, help="Texts per call: a number (8) or a range (1-16).")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Texts from a pair file (.json/.jsonl) or a text file with one text per line.")
-@click.option("--tokens", type=click.IntRange(min=3), default=None,
-              help=f"Synthetic texts of exactly this many tokens [default without --data: {DEFAULT_TOKENS}].")
-@click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True), default=10000.0, show_default=True,
-              help="Deadline of each call.")
-@click.option("--api-key-env", metavar="NAME", default=None,
-              help="Environment variable holding the server's API key.")
-@click.option("--tls-root-cert", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="PEM root certificate: connect with TLS.")
-@click.option("--wait-ready", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Seconds to wait for the server's health to report SERVING before starting.")
-@click.option("--sweep", metavar="C1,C2,...", default=None,
-              help="Closed-loop concurrency levels, one measured step each: the latency-throughput curve.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the text and batch-size draws.")
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Draw the report as PNG.")
-@click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
-              metavar="A.json B.json", help="Print two JSON reports side by side with ratios (no load is sent).")
+@option("target", metavar="HOST:PORT", help="Address of a running `embedforge serve`.")
+@option("rpc", type=click.Choice(["embed", "score"]), default="embed",
+        help="Call Embed (texts) or Score (one query + --batch documents).")
+@option("concurrency", type=click.IntRange(min=1), default=None,
+        help="Closed loop: number of concurrent callers [default: 1]. "
+             f"With --rate: most calls in flight [default: {DEFAULT_OPEN_LOOP_IN_FLIGHT}].")
+@option("rate", type=click.FloatRange(min=0, min_open=True), default=None,
+        help="Open loop: calls per second, sent on schedule; latency is measured from the scheduled time.")
+@option("duration", type=click.FloatRange(min=0, min_open=True), default=None,
+        help=f"Seconds to measure (after warmup) [default: {DEFAULT_DURATION_S:g} unless --requests].")
+@option("requests", type=click.IntRange(min=1), default=None,
+        help="Measured calls to send (stops at whichever of --duration/--requests comes first).")
+@option("warmup", type=click.FloatRange(min=0), default=1.0,
+        help="Seconds of load before measuring starts.")
+@option("batch", default="1", help="Texts per call: a number (8) or a range (1-16).")
+@option("data", type=click.Path(exists=True, dir_okay=False), default=None,
+        help="Texts from a pair file (.json/.jsonl) or a text file with one text per line.")
+@option("tokens", type=click.IntRange(min=3), default=None,
+        help=f"Synthetic texts of exactly this many tokens [default without --data: {DEFAULT_TOKENS}].")
+@option("deadline_ms", type=click.FloatRange(min=0, min_open=True), default=10000.0,
+        help="Deadline of each call.")
+@option("api_key_env", metavar="NAME", default=None,
+        help="Environment variable holding the server's API key.")
+@option("tls_root_cert", type=click.Path(exists=True, dir_okay=False), default=None,
+        help="PEM root certificate: connect with TLS.")
+@option("wait_ready", type=click.FloatRange(min=0), default=0.0,
+        help="Seconds to wait for the server's health to report SERVING before starting.")
+@option("sweep", metavar="C1,C2,...", default=None,
+        help="Closed-loop concurrency levels, one measured step each: the latency-throughput curve.")
+@option("seed", type=int, default=0, help="Seed of the text and batch-size draws.")
+@option("output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@option("plot", type=click.Path(dir_okay=False), default=None, help="Draw the report as PNG.")
+@option("compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
+        metavar="A.json B.json", help="Print two JSON reports side by side with ratios (no load is sent).")
 def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate: float | None,
                      duration: float | None, requests: int | None, warmup: float, batch: str, data: str | None,
                      tokens: int | None, deadline_ms: float, api_key_env: str | None, tls_root_cert: str | None,

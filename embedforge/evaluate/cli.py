@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from embedforge.checkpoints import CheckpointInfo
+from embedforge.cli_options import option
 from embedforge.evaluate.metrics import DEFAULT_REL_THRESHOLD
 from embedforge.evaluate.runner import MODES, format_table, plot_report, write_report
 
@@ -22,29 +23,25 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 
 
 @click.command(name="evaluate")
-@click.option("--test-path", "--test_path", "test_path", required=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="Test pairs (JSON or JSONL).")
-@click.option("--save-path", "--save_path", "save_path", type=click.Path(file_okay=False, path_type=Path),
-              help="Training output dir: evaluate every complete checkpoint in it.")
-@click.option("--checkpoint-dir", "--checkpoint_dir", "checkpoint_dir",
-              type=click.Path(file_okay=False, path_type=Path), help="Evaluate one checkpoint.")
-@click.option("--model-name", "--model_name", "model_name",
-              help="Evaluate a base model before fine-tuning (a local dir, or all-MiniLM-L6-v2 = bundled).")
-@click.option("--select-best", "--select_best", "select_best", is_flag=True,
-              help="With --save-path: record the lowest-val_loss checkpoint in best_checkpoint.json.")
-@click.option("--mode", type=click.Choice(MODES), default="both", show_default=True,
-              help="rerank: each query ranks its labelled documents; retrieval: all documents of the file.")
-@click.option("--k", "ks", default="1,3,5,10", show_default=True, callback=_parse_ks,
-              help="Cut-offs for NDCG/MRR/MAP/Recall.")
-@click.option("--rel-threshold", "--rel_threshold", "rel_threshold", type=float,
-              default=DEFAULT_REL_THRESHOLD, show_default=True,
-              help="rel >= this counts as relevant for MRR, MAP and Recall.")
-@click.option("--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=64,
-              show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON report [default: <save-path>/eval_report.json, beside the checkpoint, "
-                   "or ./eval_report.json for --model-name]. A PNG plot goes beside it for --save-path.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@option("test_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+        help="Test pairs (JSON or JSONL).")
+@option("save_path", type=click.Path(file_okay=False, path_type=Path),
+        help="Training output dir: evaluate every complete checkpoint in it.")
+@option("checkpoint_dir", type=click.Path(file_okay=False, path_type=Path), help="Evaluate one checkpoint.")
+@option("model_name", help="Evaluate a base model before fine-tuning (a local dir, or all-MiniLM-L6-v2 = bundled).")
+@option("select_best", is_flag=True,
+        help="With --save-path: record the lowest-val_loss checkpoint in best_checkpoint.json.")
+@option("mode", type=click.Choice(MODES), default="both",
+        help="rerank: each query ranks its labelled documents; retrieval: all documents of the file.")
+@option("k", "ks", default="1,3,5,10", callback=_parse_ks,
+        help="Cut-offs for NDCG/MRR/MAP/Recall.")
+@option("rel_threshold", type=float, default=DEFAULT_REL_THRESHOLD,
+        help="rel >= this counts as relevant for MRR, MAP and Recall.")
+@option("batch_size", type=click.IntRange(min=1), default=64)
+@option("output", type=click.Path(dir_okay=False, path_type=Path),
+        help="JSON report [default: <save-path>/eval_report.json, beside the checkpoint, "
+             "or ./eval_report.json for --model-name]. A PNG plot goes beside it for --save-path.")
+@option("device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Path | None,
                      model_name: str | None, select_best: bool, mode: str, ks: tuple[int, ...],
                      rel_threshold: float, batch_size: int, output: Path | None, device: str) -> None:

@@ -6,27 +6,28 @@ from pathlib import Path
 
 import click
 
+from embedforge.cli_options import option
 from embedforge.export import PRECISIONS, ExportError, default_output_dir, default_precisions, export_checkpoint
 from embedforge.export.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
 from embedforge.export.parity import format_parity_table
 
 
 @click.command(name="export")
-@click.option("--save-path", "--save_path", "save_path", type=click.Path(path_type=Path, file_okay=False),
-              help="Training output dir: exports its recorded best checkpoint (else the lowest val_loss).")
-@click.option("--checkpoint-dir", "--checkpoint_dir", "checkpoint_dir", type=click.Path(path_type=Path),
-              help="Export this checkpoint directory.")
-@click.option("--output", "output", type=click.Path(path_type=Path, file_okay=False),
-              help="Export dir [default: <save-path>/export or <checkpoint-dir>/../export].")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
-              help="Precision(s) to write, repeatable; fp32 is always written "
-                   "[default: fp32 and int8, plus fp16 where CUDA is available].")
-@click.option("--parity-path", "--parity_path", "parity_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Pair file for the parity check [default: the checkpoint's val file, else the sample set].")
-@click.option("--max-parity-texts", "--max_parity_texts", "max_parity_texts", type=click.IntRange(min=2),
-              default=512, show_default=True, help="Most unique texts embedded for the parity check.")
-@click.option("--opset", type=click.Choice([str(v) for v in SUPPORTED_OPSETS]), default=str(DEFAULT_OPSET),
-              show_default=True, help="ONNX opset.")
+@option("save_path", type=click.Path(path_type=Path, file_okay=False),
+        help="Training output dir: exports its recorded best checkpoint (else the lowest val_loss).")
+@option("checkpoint_dir", type=click.Path(path_type=Path),
+        help="Export this checkpoint directory.")
+@option("output", type=click.Path(path_type=Path, file_okay=False),
+        help="Export dir [default: <save-path>/export or <checkpoint-dir>/../export].")
+@option("precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
+        help="Precision(s) to write, repeatable; fp32 is always written "
+             "[default: fp32 and int8, plus fp16 where CUDA is available].")
+@option("parity_path", type=click.Path(path_type=Path, dir_okay=False),
+        help="Pair file for the parity check [default: the checkpoint's val file, else the sample set].")
+@option("max_parity_texts", type=click.IntRange(min=2), default=512,
+        help="Most unique texts embedded for the parity check.")
+@option("opset", type=click.Choice([str(v) for v in SUPPORTED_OPSETS]), default=str(DEFAULT_OPSET),
+        help="ONNX opset.")
 def export_command(save_path: Path | None, checkpoint_dir: Path | None, output: Path | None,
                    precisions: tuple[str, ...], parity_path: Path | None, max_parity_texts: int, opset: str) -> None:
     """Export a checkpoint to ONNX (pooling and L2 norm inside), optimize it, check parity with PyTorch.

@@ -4,63 +4,56 @@ from __future__ import annotations
 
 import click
 
+from embedforge.cli_options import option
 from embedforge.train.trainer import TrainConfig
-
-
-def _option(name: str, **kwargs):
-    """A click option accepting both --some-name and --some_name."""
-    dashed = f"--{name.replace('_', '-')}"
-    names = [dashed, f"--{name}"] if "_" in name else [dashed]
-    return click.option(*names, name, show_default=True, **kwargs)
-
 
 DEFAULTS = TrainConfig()
 
 
 @click.command(name="train")
-@_option("train_path", type=click.Path(dir_okay=False), default=None,
-         help="Training pairs (JSON or JSONL). Default: the bundled sample set.")
-@_option("val_path", type=click.Path(dir_okay=False), default=None,
-         help="Validation pairs. Default: the bundled sample set.")
-@_option("model_name", default=None, help="Base model: a local directory or cached hub id. Default: the bundled "
-         "all-MiniLM-L6-v2.")
-@_option("max_length", type=int, default=DEFAULTS.max_length, help="Truncate texts at this many tokens.")
-@_option("batch_size", type=int, default=DEFAULTS.batch_size)
-@_option("learning_rate", type=float, default=DEFAULTS.learning_rate)
-@_option("num_epochs", type=int, default=DEFAULTS.num_epochs)
-@_option("warmup_steps", type=int, default=DEFAULTS.warmup_steps)
-@_option("save_steps", type=int, default=DEFAULTS.save_steps, help="Validate and checkpoint every N optimizer steps.")
-@_option("save_path", type=click.Path(file_okay=False), default=DEFAULTS.save_path)
-@_option("device", default=DEFAULTS.device, help="auto (cuda if available), cpu, cuda or cuda:N.")
-@_option("pooling", type=click.Choice(["auto", "cls", "mean"]), default=DEFAULTS.pooling,
-         help="auto: the model's sentence-transformers pooling config if it has one, else cls.")
-@_option("projection_dim", type=int, default=None, help="Add a linear projection to this many dimensions.")
-@_option("seed", type=int, default=DEFAULTS.seed)
-@_option("grad_accum_steps", type=int, default=DEFAULTS.grad_accum_steps)
-@_option("max_steps", type=int, default=None, help="Stop after this many optimizer steps.")
-@_option("amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=DEFAULTS.amp,
-         help="Mixed precision. auto: bf16 (or fp16) on CUDA, off on CPU.")
-@_option("save_total_limit", type=int, default=None, help="Keep only the newest N checkpoints (and the best).")
-@_option("early_stopping_patience", type=int, default=None,
-         help="Stop after N checkpoints without a better validation loss.")
-@click.option("--resume", is_flag=False, flag_value="latest", default=None,
-              help="Continue from the latest checkpoint in --save-path, or from the given checkpoint dir.")
-@click.option("--group-by-length/--no-group-by-length", "group_by_length", default=True, show_default=True,
-              help="Batch texts of similar length together (less padding).")
-@click.option("--freeze-word-embeddings/--train-word-embeddings", "freeze_word_embeddings", default=True,
-              show_default=True, help="Keep the vocabulary matrix fixed (half of MiniLM's weights; faster, "
-              "same quality on STS-B).")
-@_option("frozen_layers", type=click.IntRange(0), default=DEFAULTS.frozen_layers,
-         help="Freeze the embeddings and this many of the lowest transformer layers (backward stops above them).")
-@click.option("--fast-cpu-dropout/--torch-dropout", "fast_cpu_dropout", default=True, show_default=True,
-              help="On CPU, draw dropout masks from 16-bit random numbers (same dropout, 2x fewer random draws "
-              "than torch's Bernoulli sampling).")
-@click.option("--pack-tokens/--no-pack-tokens", "pack_tokens", default=True, show_default=True,
-              help="Run the encoder on real tokens only, re-padding just around attention (BERT and RoBERTa "
-              "layouts; the same model, less work: STS-B batches are 17% padding).")
-@_option("attention_dropout", type=float, default=DEFAULTS.attention_dropout,
-         help="Dropout on attention probabilities while training (the base models use 0.1; 0 is faster on CPU "
-         "at equal quality on STS-B).")
+@option("train_path", type=click.Path(dir_okay=False), default=None,
+        help="Training pairs (JSON or JSONL). Default: the bundled sample set.")
+@option("val_path", type=click.Path(dir_okay=False), default=None,
+        help="Validation pairs. Default: the bundled sample set.")
+@option("model_name", default=None, help="Base model: a local directory or cached hub id. Default: the bundled "
+        "all-MiniLM-L6-v2.")
+@option("max_length", type=int, default=DEFAULTS.max_length, help="Truncate texts at this many tokens.")
+@option("batch_size", type=int, default=DEFAULTS.batch_size)
+@option("learning_rate", type=float, default=DEFAULTS.learning_rate)
+@option("num_epochs", type=int, default=DEFAULTS.num_epochs)
+@option("warmup_steps", type=int, default=DEFAULTS.warmup_steps)
+@option("save_steps", type=int, default=DEFAULTS.save_steps, help="Validate and checkpoint every N optimizer steps.")
+@option("save_path", type=click.Path(file_okay=False), default=DEFAULTS.save_path)
+@option("device", default=DEFAULTS.device, help="auto (cuda if available), cpu, cuda or cuda:N.")
+@option("pooling", type=click.Choice(["auto", "cls", "mean"]), default=DEFAULTS.pooling,
+        help="auto: the model's sentence-transformers pooling config if it has one, else cls.")
+@option("projection_dim", type=int, default=None, help="Add a linear projection to this many dimensions.")
+@option("seed", type=int, default=DEFAULTS.seed)
+@option("grad_accum_steps", type=int, default=DEFAULTS.grad_accum_steps)
+@option("max_steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@option("amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=DEFAULTS.amp,
+        help="Mixed precision. auto: bf16 (or fp16) on CUDA, off on CPU.")
+@option("save_total_limit", type=int, default=None, help="Keep only the newest N checkpoints (and the best).")
+@option("early_stopping_patience", type=int, default=None,
+        help="Stop after N checkpoints without a better validation loss.")
+@option("resume", is_flag=False, flag_value="latest", default=None,
+        help="Continue from the latest checkpoint in --save-path, or from the given checkpoint dir.")
+@option("group_by_length", off="no_group_by_length", default=True,
+        help="Batch texts of similar length together (less padding).")
+@option("freeze_word_embeddings", off="train_word_embeddings", default=True,
+        help="Keep the vocabulary matrix fixed (half of MiniLM's weights; faster, "
+        "same quality on STS-B).")
+@option("frozen_layers", type=click.IntRange(0), default=DEFAULTS.frozen_layers,
+        help="Freeze the embeddings and this many of the lowest transformer layers (backward stops above them).")
+@option("fast_cpu_dropout", off="torch_dropout", default=True,
+        help="On CPU, draw dropout masks from 16-bit random numbers (same dropout, 2x fewer random draws "
+        "than torch's Bernoulli sampling).")
+@option("pack_tokens", off="no_pack_tokens", default=True,
+        help="Run the encoder on real tokens only, re-padding just around attention (BERT and RoBERTa "
+        "layouts; the same model, less work: STS-B batches are 17% padding).")
+@option("attention_dropout", type=float, default=DEFAULTS.attention_dropout,
+        help="Dropout on attention probabilities while training (the base models use 0.1; 0 is faster on CPU "
+        "at equal quality on STS-B).")
 def train_command(**options) -> None:
     """Fine-tune an encoder so that cosine(query, document) matches rel."""
     from embedforge.checkpoints import CheckpointError
