@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 import pytest
 
-from embedforge.cli import COMMANDS, main
+from embedforge.cli import COMMANDS, cli
 
 
 def command(name: str) -> click.Command:
-    ctx = click.Context(main)
-    found = main.get_command(ctx, name)
+    ctx = click.Context(cli)
+    found = cli.get_command(ctx, name)
     assert found is not None, name
     return found
 
