@@ -15,7 +15,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,48 +29,13 @@ from tqdm.auto import tqdm
 
 from embedforge import checkpoints
 from embedforge.data import DataError, Pair, read_pairs
-from embedforge.devices import resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
-from embedforge.io import new_figure, save_figure
+from embedforge.devices import resolve_amp, resolve_device, seed_everything, set_rng_state
 from embedforge.model import BertVectorModel, pad_batch
+from embedforge.train.checkpointer import Checkpointer, Learner
+from embedforge.train.config import TrainConfig
 from embedforge.train.dropout import replace_dropout
 from embedforge.train.loss import WeightedMSELoss
 from embedforge.train.packing import packed_hidden_states, supports_packing
-
-METRICS_LOG = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
-
-
-@dataclass
-class TrainConfig:
-    train_path: str | None = None
-    val_path: str | None = None
-    model_name: str | None = None
-    max_length: int = 512
-    batch_size: int = 16
-    learning_rate: float = 2e-5
-    num_epochs: int = 3
-    warmup_steps: int = 100
-    save_steps: int = 200
-    save_path: str = "./output/vector_model"
-    device: str = "auto"
-    pooling: str = "auto"
-    projection_dim: int | None = None
-    seed: int = 42
-    grad_accum_steps: int = 1
-    max_steps: int | None = None
-    amp: str = "auto"
-    save_total_limit: int | None = None
-    early_stopping_patience: int | None = None
-    resume: str | None = None
-    weight_decay: float = 0.01
-    group_by_length: bool = True
-    freeze_word_embeddings: bool = True
-    attention_dropout: float | None = 0.0
-    fast_cpu_dropout: bool = True
-    pack_tokens: bool = True
-    frozen_layers: int = 0
-    eval_batch_size: int = 64
-    show_progress: bool = True
 
 
 @dataclass
@@ -223,28 +189,7 @@ def load_pairs(path: str | None, what: str) -> list[Pair]:
     return read_pairs(path)
 
 
-# -- validation ----------------------------------------------------------------------------
-
-
-def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int) -> dict[str, float]:
-    """Validation loss (weighted MSE, as in training) and ranking metrics, texts embedded once each."""
-    from embedforge.evaluate.runner import evaluate_pairs
-
-    loss_fn = WeightedMSELoss()
-    texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
-    vectors = dict(zip(texts, model.encode(texts, batch_size=batch_size), strict=True))
-    cosine = torch.tensor(np.array([vectors[p.query] @ vectors[p.document] for p in pairs]))
-    rel = torch.tensor([p.rel for p in pairs])
-    weight = torch.tensor([p.weight for p in pairs])
-    result = {"val_loss": float(loss_fn(cosine, rel, weight))}
-    report = evaluate_pairs(pairs, lambda batch: np.stack([vectors[t] for t in batch]), ks=(10,), mode="retrieval",
-                            show_progress=False)
-    result["val_ndcg@10"] = report["retrieval"]["ndcg@10"]
-    result["val_spearman"] = report["spearman"]
-    return result
-
-
-# -- the loop ------------------------------------------------------------------------------
+# -- the run -------------------------------------------------------------------------------
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -283,7 +228,29 @@ def _check_config(config: TrainConfig) -> None:
 def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int, is_main: bool) -> TrainResult:
     _check_config(config)
     save_path = Path(config.save_path)
-    # Read and check all data before loading anything heavy: a bad file stops the run at once.
+    train_pairs, val_pairs = _read_data(config)
+    seed_everything(config.seed)
+    resume_from = _find_resume_checkpoint(config, save_path)
+    model = load_model(config, device, resume_from)
+    data = TokenizedPairs(train_pairs, model)
+    total_steps = _count_steps(config, len(data), world_size)
+    learner = build_learner(config, model, device, total_steps)
+    start = Position() if resume_from is None else restore(learner, resume_from)
+    if is_main:
+        _prepare_save_path(config, save_path, resuming=resume_from is not None)
+    checkpointer = Checkpointer(config, learner, val_pairs, start.history,
+                                last_saved_step=-1 if resume_from is None else start.global_step,
+                                device=device, world_size=world_size, is_main=is_main)
+    global_step, stopped_early = run_loop(config, learner, data, start, total_steps, checkpointer, device, rank,
+                                          world_size)
+    result = TrainResult(save_path, checkpointer.saved, global_step, stopped_early=stopped_early, model=model)
+    if is_main:
+        result.best_checkpoint = checkpoints.select_best(save_path).path
+    return result
+
+
+def _read_data(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
+    """Training and validation pairs. Read and checked before anything heavy loads: a bad file stops the run at once."""
     try:
         train_pairs = load_pairs(config.train_path, "train")
         val_pairs = load_pairs(config.val_path, "valid")
@@ -291,167 +258,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         raise TrainError(str(error)) from error
     if sum(p.weight for p in train_pairs) == 0:
         raise TrainError(f"{config.train_path}: every record has weight 0; nothing to learn from")
-
-    seed_everything(config.seed)
-    resume_from = _find_resume_checkpoint(config, save_path)
-    if resume_from is not None:
-        model = BertVectorModel.from_pretrained(resume_from.path)
-    else:
-        model = BertVectorModel.from_base(config.model_name, config.pooling, config.projection_dim,
-                                          config.max_length, attention_dropout=config.attention_dropout)
-    if config.freeze_word_embeddings:
-        # The vocabulary matrix is half of MiniLM's weights; its dense gradient and AdamW update cost more
-        # than they bring when fine-tuning on a few thousand pairs.
-        model.encoder.get_input_embeddings().weight.requires_grad_(False)
-    if config.frozen_layers:
-        freeze_bottom_layers(model, config.frozen_layers)
-    if config.fast_cpu_dropout and device.type == "cpu":
-        replace_dropout(model)  # same dropout, cheaper random masks (train/dropout.py); CUDA keeps its fused kernel
-    model.to(device)
-    data = TokenizedPairs(train_pairs, model)
-    batches_per_epoch = math.ceil(math.ceil(len(data) / world_size) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
-    total_steps = steps_per_epoch * config.num_epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-
-    optimizer = adamw(model, config.learning_rate, config.weight_decay)
-    scheduler = linear_schedule(optimizer, config.warmup_steps, total_steps)
-    amp_dtype = resolve_amp(config.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    pair_cosine: nn.Module = PairCosine(model, config.pack_tokens)
-    if world_size > 1:
-        ddp_devices = [device.index] if device.type == "cuda" else None
-        pair_cosine = nn.parallel.DistributedDataParallel(pair_cosine, device_ids=ddp_devices)
-    loss_fn = WeightedMSELoss()
-
-    global_step, start_epoch, skip_batches = 0, 0, 0
-    history: list[dict] = []
-    if resume_from is not None:
-        training_state = torch.load(resume_from.path / checkpoints.TRAINING_STATE_FILE, weights_only=False,
-                                    map_location="cpu")
-        optimizer.load_state_dict(training_state["optimizer"])
-        scheduler.load_state_dict(training_state["scheduler"])
-        scaler.load_state_dict(training_state["scaler"])
-        set_rng_state(training_state["rng"])
-        global_step = training_state["global_step"]
-        start_epoch = training_state["epoch"]
-        skip_batches = training_state["batches_done_in_epoch"]
-        history = training_state.get("history", [])
-    elif is_main and save_path.is_dir() and checkpoints.list_checkpoints(save_path):
-        raise TrainError(f"{save_path} already holds checkpoints: pass --resume to continue that run, "
-                         "or choose another --save-path")
-
-    if is_main:
-        save_path.mkdir(parents=True, exist_ok=True)
-        checkpoints.remove_stale_temporaries(save_path)
-        (save_path / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    result = TrainResult(save_path=save_path, global_step=global_step)
-    best_val, bad_evals = math.inf, 0
-    for record in history:
-        if record.get("val_loss") is not None and record["val_loss"] < best_val:
-            best_val, bad_evals = record["val_loss"], 0
-        elif record.get("val_loss") is not None:
-            bad_evals += 1
-    last_saved_step = global_step if resume_from is not None else -1
-
-    def save(epoch: int, batches_done: int, train_loss: float | None) -> bool:
-        """Validate and checkpoint (rank 0). Returns True when early stopping says stop."""
-        nonlocal best_val, bad_evals, last_saved_step, paused
-        save_started = time.perf_counter()
-        stop = False
-        if is_main:
-            val = validate(model, val_pairs, config.eval_batch_size)
-            model.train()
-            record = {"step": global_step, "epoch": epoch, "train_loss": train_loss, **val,
-                      "learning_rate": scheduler.get_last_lr()[0], "time": time.time(), "train_samples": samples,
-                      "train_seconds": round(save_started - loop_started - paused, 3)}
-            history.append(record)
-            with open(save_path / METRICS_LOG, "a") as log:
-                log.write(json.dumps(record) + "\n")
-            state = {"step": global_step, "epoch": epoch, "train_loss": train_loss, "val_loss": val["val_loss"],
-                     "val_metrics": val, "train_path": config.train_path, "val_path": config.val_path,
-                     "base_model": model.base_model}
-            training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "scaler": scaler.state_dict(), "rng": rng_state(), "global_step": global_step,
-                              "epoch": epoch, "batches_done_in_epoch": batches_done, "history": history}
-            info = checkpoints.save_checkpoint(save_path, global_step, model, state, training_state)
-            result.checkpoints.append(info.path)
-            if val["val_loss"] < best_val:
-                best_val, bad_evals = val["val_loss"], 0
-            else:
-                bad_evals += 1
-            if config.save_total_limit:
-                best = checkpoints.select_best(save_path)
-                checkpoints.prune_checkpoints(save_path, config.save_total_limit, protect=best.path)
-            plot_losses(history, save_path / LOSS_PLOT)
-            stop = bool(config.early_stopping_patience and bad_evals >= config.early_stopping_patience)
-            tqdm.write(f"step {global_step}: val_loss {val['val_loss']:.4f}  val_ndcg@10 {val['val_ndcg@10']:.4f}"
-                       f"  -> {info.path}")
-        last_saved_step = global_step
-        if world_size > 1:
-            flag = torch.tensor([int(stop)], device=device)
-            dist.broadcast(flag, src=0)
-            stop = bool(flag.item())
-        paused += time.perf_counter() - save_started
-        return stop
-
-    model.train()
-    progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",
-                    disable=not (is_main and config.show_progress), dynamic_ncols=True)
-    # Throughput counts the training loop only: time spent validating and checkpointing is `paused`.
-    running_loss, running_count, samples = 0.0, 0, 0
-    loop_started, paused = time.perf_counter(), 0.0
-    window_loss = None
-    epoch = start_epoch
-    done = global_step >= total_steps
-    while not done and epoch < config.num_epochs:
-        batches = data.batches(config.batch_size, config.seed, epoch, config.group_by_length, rank, world_size)
-        for batch_index, batch in enumerate(batches):
-            if batch_index < skip_batches:
-                continue
-            inputs = data.collate(batch, device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                cosine = pair_cosine(inputs["input_ids"], inputs["attention_mask"])
-            loss = loss_fn(cosine, inputs["rel"], inputs["weight"])
-            scaler.scale(loss / config.grad_accum_steps).backward()
-            running_loss += loss.item()
-            running_count += 1
-            samples += len(batch) * world_size
-            end_of_epoch = batch_index == len(batches) - 1
-            if (batch_index + 1) % config.grad_accum_steps and not end_of_epoch:
-                continue
-            scaler.unscale_(optimizer)
-            clip_gradients(model, max_norm=1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            global_step += 1
-            window_loss = running_loss / running_count
-            progress.update(1)
-            progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                 samples_s=f"{samples / (time.perf_counter() - loop_started - paused):.1f}")
-            if global_step % config.save_steps == 0:
-                running_loss, running_count = 0.0, 0
-                if save(epoch, batch_index + 1, window_loss):
-                    result.stopped_early = True
-                    done = True
-            if global_step >= total_steps:
-                done = True
-            if done:
-                break
-        skip_batches = 0
-        if not done:
-            epoch += 1
-    progress.close()
-    if last_saved_step != global_step:
-        save(min(epoch, config.num_epochs - 1), 0, window_loss)
-    result.global_step = global_step
-    result.model = model
-    if is_main:
-        result.best_checkpoint = checkpoints.select_best(save_path).path
-    return result
+    return train_pairs, val_pairs
 
 
 def _find_resume_checkpoint(config: TrainConfig, save_path: Path) -> checkpoints.CheckpointInfo | None:
@@ -465,18 +272,155 @@ def _find_resume_checkpoint(config: TrainConfig, save_path: Path) -> checkpoints
     return found[-1]
 
 
-def plot_losses(history: list[dict], path: Path) -> None:
-    """Train and validation loss over steps, as a PNG."""
-    steps = [r["step"] for r in history]
-    figure, axis = new_figure(figsize=(7, 4))
-    for key, marker, label in (("train_loss", "o", "train loss (since last checkpoint)"),
-                               ("val_loss", "s", "validation loss")):
-        values = [math.nan if r.get(key) is None else r[key] for r in history]
-        axis.plot(steps, values, marker=marker, label=label)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("weighted MSE")
-    axis.set_title("embedforge training")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    save_figure(figure, path, dpi=110)
+def load_model(config: TrainConfig, device: torch.device,
+               resume_from: checkpoints.CheckpointInfo | None) -> BertVectorModel:
+    """The base model (or the checkpoint resumed from) on `device`, with the frozen parts and dropout asked for."""
+    if resume_from is not None:
+        model = BertVectorModel.from_pretrained(resume_from.path)
+    else:
+        model = BertVectorModel.from_base(config.model_name, config.pooling, config.projection_dim,
+                                          config.max_length, attention_dropout=config.attention_dropout)
+    if config.freeze_word_embeddings:
+        # The vocabulary matrix is half of MiniLM's weights; its dense gradient and AdamW update cost more
+        # than they bring when fine-tuning on a few thousand pairs.
+        model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    if config.frozen_layers:
+        freeze_bottom_layers(model, config.frozen_layers)
+    if config.fast_cpu_dropout and device.type == "cpu":
+        replace_dropout(model)  # same dropout, cheaper random masks (train/dropout.py); CUDA keeps its fused kernel
+    return model.to(device)
+
+
+def _count_steps(config: TrainConfig, pairs: int, world_size: int) -> int:
+    """Optimizer steps in the whole run: each rank sees its share of the pairs every epoch."""
+    batches_per_epoch = math.ceil(math.ceil(pairs / world_size) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
+    total_steps = steps_per_epoch * config.num_epochs
+    return total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+
+
+def build_learner(config: TrainConfig, model: BertVectorModel, device: torch.device, total_steps: int) -> Learner:
+    """AdamW, the warmup/decay schedule over `total_steps`, and the fp16 gradient scaler (a no-op otherwise)."""
+    optimizer = adamw(model, config.learning_rate, config.weight_decay)
+    scheduler = linear_schedule(optimizer, config.warmup_steps, total_steps)
+    amp_dtype = resolve_amp(config.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Learner(model, optimizer, scheduler, scaler, amp_dtype)
+
+
+@dataclass
+class Position:
+    """Where training starts: the beginning, or where the resumed checkpoint was written."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # batches of `epoch` trained on before the checkpoint; a resumed run skips them
+    history: list[dict] = field(default_factory=list)  # the metrics record of every checkpoint so far
+
+
+def restore(learner: Learner, checkpoint: checkpoints.CheckpointInfo) -> Position:
+    """Load the optimizer, schedule, scaler and RNG states saved with `checkpoint`; returns where it stopped."""
+    state = torch.load(checkpoint.path / checkpoints.TRAINING_STATE_FILE, weights_only=False, map_location="cpu")
+    learner.load_state_dict(state)
+    set_rng_state(state["rng"])
+    return Position(state["global_step"], state["epoch"], state["batches_done_in_epoch"], state.get("history", []))
+
+
+def _prepare_save_path(config: TrainConfig, save_path: Path, resuming: bool) -> None:
+    """Refuse to write over another run's checkpoints; clear a killed run's temporaries; record the config."""
+    if not resuming and save_path.is_dir() and checkpoints.list_checkpoints(save_path):
+        raise TrainError(f"{save_path} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --save-path")
+    save_path.mkdir(parents=True, exist_ok=True)
+    checkpoints.remove_stale_temporaries(save_path)
+    (save_path / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start: Position, total_steps: int,
+             checkpointer: Checkpointer, device: torch.device, rank: int, world_size: int) -> tuple[int, bool]:
+    """Train from `start` to the last step or an early stop; returns the last step and whether it stopped early."""
+    model, optimizer, scheduler, scaler, amp_dtype = (learner.model, learner.optimizer, learner.scheduler,
+                                                      learner.scaler, learner.amp_dtype)
+    pair_cosine, loss_fn = _pair_cosine(model, config.pack_tokens, device, world_size), WeightedMSELoss()
+    global_step, epoch, skip_batches = start.global_step, start.epoch, start.batches_done
+    progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",
+                    disable=not (rank == 0 and config.show_progress), dynamic_ncols=True)
+    clock = Stopwatch()  # throughput counts training only, not validating and checkpointing
+    running_loss, running_count, samples, window_loss = 0.0, 0, 0, None
+    model.train()
+    stopped_early, done = False, global_step >= total_steps
+    while not done and epoch < config.num_epochs:
+        batches = data.batches(config.batch_size, config.seed, epoch, config.group_by_length, rank, world_size)
+        for batch_index, batch in enumerate(batches[skip_batches:], start=skip_batches):
+            inputs = data.collate(batch, device)
+            # forward: queries and documents in one encoder pass
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                cosine = pair_cosine(inputs["input_ids"], inputs["attention_mask"])
+            # loss
+            loss = loss_fn(cosine, inputs["rel"], inputs["weight"])
+            # backward: gradients add up over grad_accum_steps batches (or to the end of the epoch)
+            scaler.scale(loss / config.grad_accum_steps).backward()
+            running_loss, running_count = running_loss + loss.item(), running_count + 1
+            samples += len(batch) * world_size
+            if (batch_index + 1) % config.grad_accum_steps and batch_index < len(batches) - 1:
+                continue
+            # clip
+            scaler.unscale_(optimizer)
+            clip_gradients(model, max_norm=1.0)
+            # step
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # schedule
+            scheduler.step()
+            global_step += 1
+            window_loss = running_loss / running_count
+            progress.update(1)
+            progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{learner.learning_rate:.2e}",
+                                 samples_s=f"{samples / clock.seconds():.1f}")
+            # save: validate and checkpoint every save_steps steps
+            if global_step % config.save_steps == 0:
+                running_loss, running_count = 0.0, 0
+                with clock.paused():
+                    stopped_early = checkpointer.save(global_step, epoch, batch_index + 1, window_loss, samples,
+                                                      clock.seconds())
+            done = stopped_early or global_step >= total_steps
+            if done:
+                break
+        skip_batches = 0
+        if not done:
+            epoch += 1
+    progress.close()
+    if checkpointer.last_saved_step != global_step:  # the last step, unless it was just saved
+        checkpointer.save(global_step, min(epoch, config.num_epochs - 1), 0, window_loss, samples, clock.seconds())
+    return global_step, stopped_early
+
+
+def _pair_cosine(model: BertVectorModel, pack_tokens: bool, device: torch.device, world_size: int) -> nn.Module:
+    """The training forward; wrapped in DistributedDataParallel, which averages gradients, across ranks."""
+    pair_cosine = PairCosine(model, pack_tokens)
+    if world_size == 1:
+        return pair_cosine
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(pair_cosine, device_ids=device_ids)
+
+
+class Stopwatch:
+    """Seconds since it started, less the time spent inside `paused()`."""
+
+    def __init__(self) -> None:
+        self.started, self.paused_for = time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.paused_for
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_for += time.perf_counter() - paused_at

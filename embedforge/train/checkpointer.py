@@ -1,0 +1,166 @@
+"""The checkpointer: at each checkpoint, validate, write `checkpoint-step-N/`, log, prune, and judge early stopping.
+
+Files under the save path: `checkpoint-step-N/` (embedforge/checkpoints.py), `metrics.jsonl` (one record per
+checkpoint) and `loss.png` (train and validation loss so far). Rank 0 alone validates and writes; every
+rank learns whether to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from embedforge import checkpoints
+from embedforge.data import Pair
+from embedforge.devices import rng_state
+from embedforge.io import new_figure, save_figure
+from embedforge.model import BertVectorModel
+from embedforge.train.config import TrainConfig
+from embedforge.train.loss import WeightedMSELoss
+
+METRICS_LOG = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass
+class Learner:
+    """The model and what updates it. A checkpoint saves all of it but the autocast dtype."""
+
+    model: BertVectorModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None  # autocast dtype; None trains in fp32
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+class Checkpointer:
+    """Validates and saves; owns the best validation loss so far, the count of checkpoints since it last
+    improved (early stopping) and the last step saved.
+
+    `history` holds the records of the checkpoints before this one (those of the resumed run, if any);
+    the early-stopping count picks up from them.
+    """
+
+    def __init__(self, config: TrainConfig, learner: Learner, val_pairs: Sequence[Pair], history: list[dict],
+                 last_saved_step: int, device: torch.device, world_size: int, is_main: bool) -> None:
+        self.config, self.learner, self.val_pairs, self.history = config, learner, val_pairs, history
+        self.save_path = Path(config.save_path)
+        self.last_saved_step = last_saved_step
+        self.device, self.world_size, self.is_main = device, world_size, is_main
+        self.saved: list[Path] = []
+        self.best_val_loss, self.bad_evals = math.inf, 0
+        for record in history:
+            if record.get("val_loss") is not None:
+                self._score(record["val_loss"])
+
+    def save(self, step: int, epoch: int, batches_done: int, train_loss: float | None, samples: int,
+             train_seconds: float) -> bool:
+        """Validate and checkpoint at `step`. Returns True, on every rank, when early stopping says stop.
+
+        `batches_done` counts the batches of `epoch` already trained on: a resumed run skips them.
+        """
+        stop = False
+        if self.is_main:
+            stop = self._save(step, epoch, batches_done, train_loss, samples, train_seconds)
+        self.last_saved_step = step
+        if self.world_size > 1:
+            flag = torch.tensor([int(stop)], device=self.device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        return stop
+
+    def _save(self, step: int, epoch: int, batches_done: int, train_loss: float | None, samples: int,
+              train_seconds: float) -> bool:
+        model, config = self.learner.model, self.config
+        val = validate(model, self.val_pairs, config.eval_batch_size)
+        model.train()
+        record = {"step": step, "epoch": epoch, "train_loss": train_loss, **val,
+                  "learning_rate": self.learner.learning_rate, "time": time.time(), "train_samples": samples,
+                  "train_seconds": round(train_seconds, 3)}
+        self.history.append(record)
+        with open(self.save_path / METRICS_LOG, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        info = self._write_checkpoint(step, epoch, batches_done, train_loss, val)
+        self.saved.append(info.path)
+        self._score(val["val_loss"])
+        if config.save_total_limit:
+            best = checkpoints.select_best(self.save_path)
+            checkpoints.prune_checkpoints(self.save_path, config.save_total_limit, protect=best.path)
+        plot_losses(self.history, self.save_path / LOSS_PLOT)
+        tqdm.write(f"step {step}: val_loss {val['val_loss']:.4f}  val_ndcg@10 {val['val_ndcg@10']:.4f}  -> {info.path}")
+        return bool(config.early_stopping_patience and self.bad_evals >= config.early_stopping_patience)
+
+    def _write_checkpoint(self, step: int, epoch: int, batches_done: int, train_loss: float | None,
+                          val: dict[str, float]) -> checkpoints.CheckpointInfo:
+        """checkpoint-step-N: the model, trainer_state.json (what evaluate reads) and what --resume needs."""
+        config, model = self.config, self.learner.model
+        state = {"step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": val["val_loss"],
+                 "val_metrics": val, "train_path": config.train_path, "val_path": config.val_path,
+                 "base_model": model.base_model}
+        training_state = {**self.learner.state_dict(), "rng": rng_state(), "global_step": step, "epoch": epoch,
+                          "batches_done_in_epoch": batches_done, "history": self.history}
+        return checkpoints.save_checkpoint(self.save_path, step, model, state, training_state)
+
+    def _score(self, val_loss: float) -> None:
+        """Count one checkpoint towards early stopping: a new lowest validation loss resets the count."""
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+
+
+def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int) -> dict[str, float]:
+    """Validation loss (weighted MSE, as in training) and ranking metrics, texts embedded once each."""
+    from embedforge.evaluate.runner import evaluate_pairs
+
+    loss_fn = WeightedMSELoss()
+    texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
+    vectors = dict(zip(texts, model.encode(texts, batch_size=batch_size), strict=True))
+    cosine = torch.tensor(np.array([vectors[p.query] @ vectors[p.document] for p in pairs]))
+    rel = torch.tensor([p.rel for p in pairs])
+    weight = torch.tensor([p.weight for p in pairs])
+    result = {"val_loss": float(loss_fn(cosine, rel, weight))}
+    report = evaluate_pairs(pairs, lambda batch: np.stack([vectors[t] for t in batch]), ks=(10,), mode="retrieval",
+                            show_progress=False)
+    result["val_ndcg@10"] = report["retrieval"]["ndcg@10"]
+    result["val_spearman"] = report["spearman"]
+    return result
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and validation loss over steps, as a PNG."""
+    steps = [r["step"] for r in history]
+    figure, axis = new_figure(figsize=(7, 4))
+    for key, marker, label in (("train_loss", "o", "train loss (since last checkpoint)"),
+                               ("val_loss", "s", "validation loss")):
+        values = [math.nan if r.get(key) is None else r[key] for r in history]
+        axis.plot(steps, values, marker=marker, label=label)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("weighted MSE")
+    axis.set_title("embedforge training")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    save_figure(figure, path, dpi=110)

@@ -1,0 +1,38 @@
+"""TrainConfig: every training option and its default (the `embedforge train` flags mirror it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    train_path: str | None = None
+    val_path: str | None = None
+    model_name: str | None = None
+    max_length: int = 512
+    batch_size: int = 16
+    learning_rate: float = 2e-5
+    num_epochs: int = 3
+    warmup_steps: int = 100
+    save_steps: int = 200
+    save_path: str = "./output/vector_model"
+    device: str = "auto"
+    pooling: str = "auto"
+    projection_dim: int | None = None
+    seed: int = 42
+    grad_accum_steps: int = 1
+    max_steps: int | None = None
+    amp: str = "auto"
+    save_total_limit: int | None = None
+    early_stopping_patience: int | None = None
+    resume: str | None = None
+    weight_decay: float = 0.01
+    group_by_length: bool = True
+    freeze_word_embeddings: bool = True
+    attention_dropout: float | None = 0.0
+    fast_cpu_dropout: bool = True
+    pack_tokens: bool = True
+    frozen_layers: int = 0
+    eval_batch_size: int = 64
+    show_progress: bool = True
