@@ -5,6 +5,9 @@ weighted MSE against rel -> backward. Every `grad_accum_steps` batches: clip gra
 AdamW step, linear warmup/decay schedule step. Every `save_steps` optimizer steps (and at the end):
 validation loss, validation NDCG@10 and an atomic checkpoint.
 
+`_train` reads as the run: read the data, `load_model`, `build_learner` (AdamW, schedule, scaler), `restore`
+a resumed state, then `run_loop`; its `Checkpointer` (train/checkpointer.py) validates and writes.
+
 Multi-GPU / multi-node: run under `torchrun`; each rank trains on its shard (DistributedSampler-style
 sharding of the same seeded permutation), DDP averages gradients, rank 0 alone writes files.
 """
