@@ -35,3 +35,11 @@ def tiny_export_dir(tiny_model_dir, tmp_path_factory) -> Path:
     texts = ["how to boil an egg", "bake the bread in a hot oven", "hot water and coffee in a cup", "rice"]
     export_checkpoint(tiny_model_dir, out, precisions=("fp32",), parity_texts=texts)
     return out
+
+
+@pytest.fixture(scope="session")
+def embedder(tiny_export_dir):
+    """The tiny model's fp32 export loaded by the serving runtime (one thread)."""
+    from embedforge.server.runtime import OnnxEmbedder
+
+    return OnnxEmbedder(tiny_export_dir, threads=1)

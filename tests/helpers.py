@@ -1,4 +1,5 @@
-"""What several test modules share: sample pairs, checkpoint and file builders, vector comparisons.
+"""What several test modules share: sample pairs, checkpoint and file builders, vector comparisons, a server
+on a background event loop, free ports and a hooked embedder.
 
 Fixtures live in conftest.py; plain helpers live here, and tests import them from here (never from
 conftest or from another test module).
@@ -6,10 +7,17 @@ conftest or from another test module).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+
+from embedforge.server.app import EmbeddingServer
+from embedforge.server.config import ServeConfig
 
 SAMPLE_PAIRS = [
     {"query": "how to boil an egg", "document": "boil the eggs in hot water for seven minutes", "rel": 1.0},
@@ -33,7 +41,6 @@ def make_checkpoint(model_dir: Path, step: int = 1, val_loss: float | None = 0.5
     state = {"step": step, "epoch": 0, "train_loss": 0.5, "val_loss": val_loss, "val_metrics": {}}
     (model_dir / "trainer_state.json").write_text(json.dumps(state))
     return model_dir
-
 
 
 def pytorch_unnormalized(model, texts: list[str]) -> np.ndarray:
@@ -66,3 +73,78 @@ def leftovers(parent: Path) -> list[str]:
     return [child.name for child in parent.iterdir() if child.name.startswith((".tmp-", ".old-"))]
 
 
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """An EmbeddingServer on 127.0.0.1 (a free port) on its own event loop in a background thread; `with`
+    starts it and always drains it.
+
+    With `make_embedder` (and embedder None), `with` returns once the port is open and the model loads
+    in the background (`self.loading`, a concurrent future).
+    """
+
+    def __init__(self, embedder, make_embedder=None, **config) -> None:
+        # One batch at a time unless a test asks for more: hooked and gated embedders count on one worker.
+        self.server = EmbeddingServer(embedder, ServeConfig(host="127.0.0.1", port=0, **({"workers": 1} | config)))
+        self.make_embedder = make_embedder
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        try:
+            if self.make_embedder is None:
+                self.port = self.call(self.server.start(), timeout=60)
+            else:
+                self.port = self.call(self.server.listen())
+                self.loading = asyncio.run_coroutine_threadsafe(self.server.load(self.make_embedder), self.loop)
+        except BaseException:
+            self.stop_loop()
+            raise
+        self.target = f"127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.call(self.server.drain(0))
+        finally:
+            self.stop_loop()
+
+    def stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class HookedEmbedder:
+    """Test hook around a real embedder: slows each batch (`delay_s`, plus `delay_per_text_s` per text),
+    records what was computed, fails a batch that holds `fail_marker`."""
+
+    def __init__(self, inner, delay_s: float = 0.0, delay_per_text_s: float = 0.0,
+                 fail_marker: str | None = None) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.delay_s = delay_s
+        self.delay_per_text_s = delay_per_text_s
+        self.computed: list[tuple[int, ...]] = []
+        self.fail_ids = None if fail_marker is None else tuple(inner.tokenize([fail_marker]).ids[0])
+
+    def tokenize(self, texts):
+        return self.inner.tokenize(texts)
+
+    def run_batch(self, batch, alone=True):
+        time.sleep(self.delay_s + self.delay_per_text_s * len(batch))
+        keys = [tuple(ids) for ids in batch]
+        if self.fail_ids in keys:
+            raise RuntimeError("injected failure")
+        self.computed.extend(keys)
+        return self.inner.run_batch(batch, alone)

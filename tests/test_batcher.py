@@ -232,26 +232,32 @@ def test_failing_batch_fails_only_its_requests(caplog):
     assert "req-bad" in caplog.text
 
 
-def test_stop_fails_queued_work_and_refuses_new():
+def test_stop_finishes_taken_batches_fails_queued_work_and_refuses_new():
     async def main():
         recorder = Recorder(gated=True)
-        batcher = await started(recorder)
-        first = asyncio.create_task(batcher.submit([0], [3]))
+        batcher = await started(recorder)  # one thread, and one spare worker that takes the next batch early
+        running = asyncio.create_task(batcher.submit([0], [3]))
         await wait_entered(recorder)
-        queued = asyncio.create_task(batcher.submit([1], [3]))
+        taken = asyncio.create_task(batcher.submit([1], [3]))
+        await asyncio.sleep(0)  # [1] is queued now
+        while batcher.queued_texts:  # until the spare worker has taken [1]; it waits for the thread
+            await asyncio.sleep(0.001)
+        queued = asyncio.create_task(batcher.submit([2], [3]))
         await asyncio.sleep(0.01)
-        recorder.gate.set()
-        await first
-        await batcher.stop()
+        assert batcher.queued_texts == 1  # no worker is free: [2] stays in the queue
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0)
         with pytest.raises(BatcherStopped):
-            await batcher.submit([2], [3])
-        return queued
+            await batcher.submit([3], [3])
+        recorder.gate.set()
+        await stopping
+        with pytest.raises(BatcherStopped):
+            await queued
+        return recorder, await running, await taken
 
-    queued = run(main())
-    # the queued request either made it into the last batch or was failed cleanly; never left hanging
-    assert queued.done()
-    if queued.exception() is not None:
-        assert isinstance(queued.exception(), BatcherStopped)
+    recorder, running, taken = run(main())
+    assert recorder.batches == [[0], [1]]
+    assert running.vectors[0, 0] == 0 and taken.vectors[0, 0] == 1
 
 
 def test_rejects_requests_that_can_never_fit():

@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 from helpers import assert_same_vectors, leftovers, make_checkpoint, pytorch_unnormalized
 
-from embedforge.data import Pair
+from embedforge.data import Pair, read_pairs
+from embedforge.evaluate.runner import evaluate_pairs
 from embedforge.export import MANIFEST_FILE, ExportError, export_checkpoint
 from embedforge.export.cli import export_command
 from embedforge.export.optimize import fusion_complete
@@ -83,16 +84,23 @@ def test_graph_io_and_fusions(exported):
     assert [o.name for o in int8_graph.output] == ["embedding", "unnormalized_embedding"]
 
 
-def test_parity_recorded(exported):
-    _, manifest = exported
+def test_parity_recorded(exported, tiny_model_dir, pairs_file):
+    output, manifest = exported
     fp32 = manifest["models"]["fp32"]["parity"]
     assert fp32["min_cosine"] >= 0.9999 and fp32["max_abs_diff"] < 1e-4
     int8 = manifest["models"]["int8"]["parity"]
     assert 0.9 < int8["min_cosine"] <= int8["mean_cosine"] <= 1.0 + 1e-9
     assert int8["max_abs_diff"] > fp32["max_abs_diff"]
-    for name in ("ndcg@10", "spearman"):
-        figures = int8[name]
-        assert figures["delta"] == pytest.approx(figures["onnx"] - figures["pytorch"])
+    # The metric figures, computed here from each side's own vectors: PyTorch, and the int8 graph.
+    pairs = read_pairs(pairs_file)
+    tokenizer = load_tokenizer(output, manifest["max_length"])
+    int8_session = onnx_session(output / manifest["models"]["int8"]["file"])
+    sides = {"pytorch": BertVectorModel.from_pretrained(tiny_model_dir).encode,
+             "onnx": lambda texts: onnx_embed(int8_session, tokenizer, texts)}
+    for side, embed in sides.items():
+        report = evaluate_pairs(pairs, embed, ks=(10,), mode="retrieval", show_progress=False)
+        assert int8["ndcg@10"][side] == pytest.approx(report["retrieval"]["ndcg@10"], abs=1e-6)
+        assert int8["spearman"][side] == pytest.approx(report["spearman"], abs=1e-6)
 
 
 @pytest.mark.parametrize(("pooling", "projection_dim"), [("cls", None), ("mean", 16), ("cls", 8)])
@@ -271,6 +279,21 @@ def test_compare_figures():
     assert figures["min_cosine"] == pytest.approx(-1.0)
     assert figures["mean_cosine"] == pytest.approx(4 / 6)
     assert figures["max_abs_diff"] == pytest.approx(2 * np.abs(reference[2]).max())
+
+
+def test_compare_metric_deltas_on_a_reversed_ranking():
+    """One query, three documents of rel 1, 0.5, 0: the reference ranks them right, the candidate reversed."""
+    pairs = [Pair("q", "d1", 1.0), Pair("q", "d2", 0.5), Pair("q", "d3", 0.0)]
+
+    def unit_vectors(cosines):
+        return np.array([[1.0, 0.0], *[[c, np.sqrt(1 - c * c)] for c in cosines]])
+
+    reference, candidate = unit_vectors([0.9, 0.5, 0.1]), unit_vectors([0.1, 0.5, 0.9])
+    figures = compare(reference, candidate, pairs, ["q", "d1", "d2", "d3"])
+    assert figures["spearman"] == pytest.approx({"pytorch": 100.0, "onnx": -100.0, "delta": -200.0})
+    reversed_ndcg = 100 * (0.5 / np.log2(3) + 1 / np.log2(4)) / (1 + 0.5 / np.log2(3))  # gains 0, 0.5, 1
+    assert figures["ndcg@10"] == pytest.approx({"pytorch": 100.0, "onnx": reversed_ndcg,
+                                                "delta": reversed_ndcg - 100.0})
 
 
 def test_fusion_complete_counts():

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from helpers import HookedEmbedder, ServerThread, free_port
 
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
@@ -320,11 +321,7 @@ def test_cli_bad_options(args, message, monkeypatch):
 
 
 def test_cli_unreachable_target_is_a_clear_error():
-    import socket
-
-    with socket.socket() as sock:  # a free port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     result = CliRunner().invoke(loadtest_command, ["--target", f"127.0.0.1:{port}", "--requests", "1"])
     assert result.exit_code == 1
     assert f"cannot reach an embedforge server at 127.0.0.1:{port}" in result.output
@@ -461,55 +458,9 @@ def test_cli_waits_until_the_server_is_serving(tmp_path):
 # ---------------------------------------------------------------------------------------------- real server
 
 
-@pytest.fixture(scope="module")
-def tiny_embedder(tiny_export_dir):
-    """The tiny model's fp32 ONNX export, loaded by the serving runtime."""
-    from embedforge.server.runtime import OnnxEmbedder
-
-    return OnnxEmbedder(tiny_export_dir, threads=1)
-
-
-class SlowedEmbedder:
-    """Test hook: the real embedder plus ``delay_s`` per text in every batch, so the server computes at most
-    1 / delay_s texts/s however it batches."""
-
-    def __init__(self, inner, delay_s: float) -> None:
-        self.inner = inner
-        self.info = inner.info
-        self.delay_s = delay_s
-
-    def tokenize(self, texts):
-        return self.inner.tokenize(texts)
-
-    def run_batch(self, batch, alone=True):
-        time.sleep(self.delay_s * len(batch))
-        return self.inner.run_batch(batch, alone)
-
-
-@contextlib.contextmanager
-def real_server(embedder, **config):
-    """The real EmbeddingServer on 127.0.0.1 (free port) in a background event loop; always drained."""
-    from embedforge.server.app import EmbeddingServer
-    from embedforge.server.config import ServeConfig
-
-    # One batch at a time unless asked: the slowed-server test computes its queueing for one worker.
-    server = EmbeddingServer(embedder, ServeConfig(host="127.0.0.1", port=0, **({"workers": 1} | config)))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
-        try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            asyncio.run_coroutine_threadsafe(server.drain(0), loop).result(30)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-
-def test_loadtest_against_real_server_both_loops(tiny_embedder, tmp_path):
-    with real_server(tiny_embedder) as target:
+def test_loadtest_against_real_server_both_loops(embedder, tmp_path):
+    with ServerThread(embedder) as server:
+        target = server.target
         closed = run_cli(["--target", target, "--concurrency", "4", "--duration", "1", "--warmup", "0.2",
                           "--batch", "1-4", "--tokens", "16"], tmp_path)
         opened = run_cli(["--target", target, "--rate", "40", "--duration", "1", "--warmup", "0.2",
@@ -525,10 +476,11 @@ def test_loadtest_against_real_server_both_loops(tiny_embedder, tmp_path):
     assert 38 <= opened["sent"] <= 41 and opened["unsent"] == 0
 
 
-def test_open_loop_p99_reflects_queueing_in_a_slowed_real_server(tiny_embedder, tmp_path):
+def test_open_loop_p99_reflects_queueing_in_a_slowed_real_server(embedder, tmp_path):
     """20 ms per text: the server computes 50 texts/s. At 20 calls/s of one text it keeps up; at 100
     calls/s the calls queue inside the server and the open-loop p99 grows with the backlog."""
-    with real_server(SlowedEmbedder(tiny_embedder, delay_s=0.02)) as target:
+    with ServerThread(HookedEmbedder(embedder, delay_per_text_s=0.02)) as server:
+        target = server.target
         light = run_cli(["--target", target, "--rate", "20", "--duration", "0.6", "--warmup", "0"], tmp_path)
         heavy = run_cli(["--target", target, "--rate", "100", "--duration", "0.6", "--warmup", "0",
                          "--plot", str(tmp_path / "heavy.png")], tmp_path)

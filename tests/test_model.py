@@ -112,10 +112,10 @@ def test_a_missing_model_directory_is_named():
         BertVectorModel.from_base("/nonexistent/model")
 
 
-def test_pad_token_ids_matches_the_torch_padding():
+def test_pad_token_ids_pads_to_the_longest_as_int64():
     from embedforge.onnxrt import pad_token_ids
 
-    ids, mask = pad_token_ids([[5, 6, 7], [8]])
-    torch_ids, torch_mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == torch_ids.tolist() and mask.tolist() == torch_mask.tolist()
+    ids, mask = pad_token_ids([[5, 6], [8], [1, 2, 3, 4]], pad_id=9)
+    assert ids.tolist() == [[5, 6, 9, 9], [8, 9, 9, 9], [1, 2, 3, 4]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert ids.dtype == mask.dtype == np.int64
