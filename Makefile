@@ -1,4 +1,5 @@
-# embedforge: `make demo` runs the pipeline on the bundled defaults, `make test` runs the tests.
+# embedforge: `make demo` runs the pipeline on the bundled defaults, `make test` runs the tests
+# (`make test-quick` skips those marked slow: DDP, subprocesses, anything over ~3 s).
 # Each target sets up .venv itself. torch is pinned to the CPU build that lies on disk here
 # (an unpinned torch would pull a multi-GB CUDA build); on a GPU machine install torch first.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-bench test lint demo bench proto clean
+.PHONY: setup setup-bench test test-quick lint demo bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+test-quick: setup lint
+	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
 	bash scripts/demo.sh

@@ -132,6 +132,7 @@ def save_path(tmp_path, tiny_model_dir):
     return root
 
 
+@pytest.mark.slow
 def test_cli_save_path_evaluates_all_and_selects_best(save_path, pairs_file):
     result = CliRunner().invoke(evaluate_command, ["--test-path", str(pairs_file), "--save-path", str(save_path),
                                                    "--select-best", "--k", "1,5", "--device", "cpu"])

@@ -103,6 +103,7 @@ def test_parity_recorded(exported, tiny_model_dir, pairs_file):
         assert int8["spearman"][side] == pytest.approx(report["spearman"], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("pooling", "projection_dim"), [("cls", None), ("mean", 16), ("cls", 8)])
 def test_pooling_and_projection_match_pytorch(tmp_path, pooling, projection_dim):
     checkpoint = tiny_checkpoint(tmp_path, pooling, projection_dim)
@@ -130,6 +131,7 @@ def test_pooling_and_projection_match_pytorch(tmp_path, pooling, projection_dim)
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_is_written_with_fp32_io_and_parity_skipped(tmp_path, tiny_model_dir):
     manifest = export_checkpoint(tiny_model_dir, tmp_path / "export", precisions=("fp16",), parity_texts=TEXTS)
     assert set(manifest["models"]) == {"fp32", "fp16"}
@@ -147,6 +149,7 @@ def test_fp16_on_cpu_is_written_with_fp32_io_and_parity_skipped(tmp_path, tiny_m
     assert reduce_inputs and all(types.get(name) == "Cast" for name in reduce_inputs)
 
 
+@pytest.mark.slow
 def test_export_loads_without_torch(exported, tmp_path):
     output, manifest = exported
     model = BertVectorModel.from_pretrained(manifest["source_checkpoint"])
@@ -180,6 +183,7 @@ def test_export_loads_without_torch(exported, tmp_path):
     assert result.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_cli_default_output_and_table(tmp_path, pairs_file):
     checkpoint = tiny_checkpoint(tmp_path)
     result = CliRunner().invoke(export_command, ["--checkpoint_dir", str(checkpoint), "--parity-path",
@@ -191,6 +195,7 @@ def test_cli_default_output_and_table(tmp_path, pairs_file):
     assert json.loads((output / MANIFEST_FILE).read_text())["source_checkpoint"] == str(checkpoint.resolve())
 
 
+@pytest.mark.slow
 def test_cli_save_path_uses_best_record(tmp_path, pairs_file):
     from embedforge.checkpoints import read_checkpoint, write_best_record
 
@@ -219,6 +224,7 @@ def test_cli_missing_and_incomplete_checkpoint(tmp_path, tiny_model_dir):
     assert both.exit_code == 2 and "exactly one of" in both.output
 
 
+@pytest.mark.slow
 def test_failed_parity_gate_leaves_nothing(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
     import embedforge.export.parity as parity
 
@@ -232,6 +238,7 @@ def test_failed_parity_gate_leaves_nothing(tmp_path, tiny_model_dir, pairs_file,
     assert not (tmp_path / "export").exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_failure_keeps_previous_export(tmp_path, tiny_model_dir, monkeypatch):
     import embedforge.export.optimize as optimize
 

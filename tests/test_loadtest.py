@@ -458,6 +458,7 @@ def test_cli_waits_until_the_server_is_serving(tmp_path):
 # ---------------------------------------------------------------------------------------------- real server
 
 
+@pytest.mark.slow
 def test_loadtest_against_real_server_both_loops(embedder, tmp_path):
     with ServerThread(embedder) as server:
         target = server.target
@@ -476,6 +477,7 @@ def test_loadtest_against_real_server_both_loops(embedder, tmp_path):
     assert 38 <= opened["sent"] <= 41 and opened["unsent"] == 0
 
 
+@pytest.mark.slow
 def test_open_loop_p99_reflects_queueing_in_a_slowed_real_server(embedder, tmp_path):
     """20 ms per text: the server computes 50 texts/s. At 20 calls/s of one text it keeps up; at 100
     calls/s the calls queue inside the server and the open-loop p99 grows with the backlog."""

@@ -351,6 +351,7 @@ def _wait_until_closed(target: str, timeout: float = 30) -> None:
     raise AssertionError(f"{target} still answers")
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_call_and_exits_zero(tiny_export_dir):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -377,6 +378,7 @@ def test_sigterm_drains_in_flight_call_and_exits_zero(tiny_export_dir):
             process.wait()
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_model_loads_exits_zero(tiny_export_dir):
     port = free_port()
     script = textwrap.dedent(f"""
@@ -417,6 +419,7 @@ def test_serve_cli_reports_a_failed_model_load(tiny_export_dir):
     assert "precision 'int8' was not exported" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_serving_path_never_imports_torch(tiny_export_dir):
     script = textwrap.dedent(f"""
         import asyncio, sys

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import SAMPLE_PAIRS, write_jsonl
+from helpers import SAMPLE_PAIRS, free_port, write_jsonl
 from safetensors.torch import load_file
 from torch import nn
 
@@ -50,6 +49,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_training_writes_complete_checkpoints_logs_and_a_plot(base_model, pairs, tmp_path):
     result = train(config(base_model, pairs, tmp_path / "run"))
     # 24 pairs / batch 4 = 6 steps per epoch, 2 epochs = 12 steps: checkpoints at 4, 8, 12.
@@ -70,6 +70,7 @@ def test_training_writes_complete_checkpoints_logs_and_a_plot(base_model, pairs,
     assert log[-1]["val_loss"] < log[0]["val_loss"]
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_ends_with_the_same_weights(base_model, pairs, tmp_path, monkeypatch):
     reference = train(config(base_model, pairs, tmp_path / "reference", save_steps=3))
 
@@ -125,6 +126,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(base_model, pairs, tm
         train(config(base_model, pairs, tmp_path / "run", num_epochs=1))
 
 
+@pytest.mark.slow
 def test_save_total_limit_keeps_the_newest_and_the_best(base_model, pairs, tmp_path):
     train(config(base_model, pairs, tmp_path / "run", save_steps=2, save_total_limit=2))
     kept = checkpoints.list_checkpoints(tmp_path / "run")
@@ -133,6 +135,7 @@ def test_save_total_limit_keeps_the_newest_and_the_best(base_model, pairs, tmp_p
     assert len(kept) <= 3 and best.path in [info.path for info in kept]
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_when_validation_stops_improving(base_model, pairs, tmp_path):
     result = train(config(base_model, pairs, tmp_path / "run", learning_rate=1e-9, warmup_steps=0, save_steps=1,
                           num_epochs=5, early_stopping_patience=2))
@@ -176,13 +179,12 @@ torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()}
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_ends_with_identical_weights(base_model, pairs, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-addr", "127.0.0.1", "--master-port", str(port),
                           str(script), str(pairs), str(base_model), str(tmp_path / "run")],
@@ -247,6 +249,7 @@ def test_frozen_word_embeddings_and_attention_dropout(base_model, pairs, tmp_pat
     assert log[-1]["train_samples"] == 24 and log[-1]["train_seconds"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast_cpu_dropout", [True, False])
 def test_cpu_dropout_choice(base_model, pairs, tmp_path, fast_cpu_dropout):
     result = train(config(base_model, pairs, tmp_path / "run", max_steps=2, fast_cpu_dropout=fast_cpu_dropout))
