@@ -24,30 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import export_bundled, stsb_file
 
-from embedforge.export import export_checkpoint
-from embedforge.export.parity import format_parity_table
 from embedforge.model import BertVectorModel
 from embedforge.server.embedder import l2_normalize
 from embedforge.server.runtime import OnnxEmbedder
 
 SHAPES = ((32, 128), (8, 512))
-STSB_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb" / "stsb_test.jsonl"
-
-
-def export_bundled(workdir: Path, parity_path: Path | None, max_parity_texts: int) -> Path:
-    """Save the bundled model as a checkpoint in `workdir` and export it; prints the parity table."""
-    checkpoint = workdir / "bundled" / "checkpoint-step-0"
-    BertVectorModel.from_base(None).save_pretrained(checkpoint)
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 0, "val_loss": None}))
-    print(f"exporting the bundled model (parity on {parity_path or 'the sample valid set'}) ...", flush=True)
-    start = time.perf_counter()
-    manifest = export_checkpoint(checkpoint, workdir / "export", parity_path=parity_path,
-                                 max_parity_texts=max_parity_texts, show_progress=True)
-    print(f"export took {time.perf_counter() - start:.1f} s; fused ops: {manifest['fusion']['with_pooling']}")
-    print(f"parity vs PyTorch on {manifest['parity_data']['texts']} texts:")
-    print(format_parity_table(manifest["models"]))
-    return workdir / "export"
+STSB_TEST = stsb_file("test")
 
 
 def measure(engines: dict, batch: int, length: int, vocab_size: int, rounds: int) -> dict[str, float]:
@@ -80,7 +64,8 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="export-speed-") as workdir:
-        export_dir = args.export_dir or export_bundled(Path(workdir), args.parity_path, args.max_parity_texts)
+        export_dir = args.export_dir or export_bundled(Path(workdir), parity_path=args.parity_path,
+                                                       max_parity_texts=args.max_parity_texts)
         manifest = json.loads((export_dir / "manifest.json").read_text())
         torch.set_num_threads(args.threads)
         model = BertVectorModel.from_pretrained(manifest["source_checkpoint"]).eval()

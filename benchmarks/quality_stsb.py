@@ -21,7 +21,6 @@ scores it with the same metrics code.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -30,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
+from common import RECIPE_OPTIONS, STSB_DIR, sentence_transformers_embed, stsb_file, train_sentence_transformers
+
 ST_PUBLISHED = {"spearman": 85.12}  # all-MiniLM-L6-v2 after the recipe, sentence-transformers' published figure
-RECIPE = ["--num-epochs", "1", "--batch-size", "16", "--learning-rate", "2e-5", "--warmup-steps", "100"]
 ROWS = ["spearman", "pearson", "retrieval ndcg@10", "retrieval recall@10", "retrieval mrr@10", "retrieval map@10",
         "retrieval ndcg@1"]
 
@@ -55,39 +54,20 @@ def figures(metrics: dict) -> dict[str, float]:
     return row
 
 
-def train_sentence_transformers(data_dir: Path, device: str, max_steps: int | None) -> dict:
-    """The same recipe with sentence-transformers' own training loop, scored with embedforge's metrics.
-
-    Uses ``fit`` (the Trainer, needs the packages datasets and accelerate) when those are installed, else
-    ``old_fit`` (the pre-v3 loop that produced the published figure).
-    """
-    try:
-        from sentence_transformers import InputExample, SentenceTransformer, losses
-        from torch.utils.data import DataLoader
-    except ImportError as error:
-        raise SystemExit(f"--with-st needs sentence-transformers: {error}") from None
+def score_sentence_transformers(data_dir: Path, work_dir: Path, device: str, max_steps: int | None) -> dict:
+    """The same recipe with sentence-transformers' own training loop, scored with embedforge's metrics."""
     from embedforge.data import read_pairs
     from embedforge.devices import resolve_device
     from embedforge.evaluate.runner import evaluate_pairs
-    from embedforge.model import default_model_path
 
-    model = SentenceTransformer(str(default_model_path()), device=str(resolve_device(device)))
-    examples = [InputExample(texts=[p.query, p.document], label=p.rel)
-                for p in read_pairs(data_dir / "stsb_train.jsonl")]
-    loader = DataLoader(examples, shuffle=True, batch_size=16)
-    has_trainer = all(importlib.util.find_spec(name) for name in ("datasets", "accelerate"))
-    fit = model.fit if has_trainer else model.old_fit
-    start = time.perf_counter()
-    fit(train_objectives=[(loader, losses.CosineSimilarityLoss(model))], epochs=1, warmup_steps=100,
-        optimizer_params={"lr": 2e-5}, steps_per_epoch=max_steps, show_progress_bar=True)
-    print(f"sentence-transformers ({fit.__name__}) trained in {time.perf_counter() - start:.0f} s", flush=True)
-    embed = lambda texts: model.encode(texts, batch_size=len(texts), normalize_embeddings=True)  # noqa: E731
-    return evaluate_pairs(read_pairs(data_dir / "stsb_test.jsonl"), embed)
+    model = train_sentence_transformers(read_pairs(stsb_file("train", data_dir)), work_dir,
+                                        max_steps, str(resolve_device(device)))
+    return evaluate_pairs(read_pairs(stsb_file("test", data_dir)), sentence_transformers_embed(model))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+    parser.add_argument("--data-dir", type=Path, default=STSB_DIR,
                         help="holds stsb_{train,valid,test}.jsonl (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="checkpoints and reports go here (default: a new temporary dir, kept)")
@@ -97,7 +77,7 @@ def main() -> None:
     parser.add_argument("--with-st", action="store_true", help="also train and score sentence-transformers")
     args = parser.parse_args()
 
-    data = {split: args.data_dir / f"stsb_{split}.jsonl" for split in ("train", "valid", "test")}
+    data = {split: stsb_file(split, args.data_dir) for split in ("train", "valid", "test")}
     for path in data.values():
         if not path.is_file():
             raise SystemExit(f"{path}: missing (give --data-dir)")
@@ -113,7 +93,7 @@ def main() -> None:
     if not args.skip_train:
         limit = ["--max-steps", str(args.max_steps)] if args.max_steps else []
         train_seconds = run_embedforge("train", "--train-path", str(data["train"]), "--val-path", str(data["valid"]),
-                                   *RECIPE, *limit, "--save-path", str(save_path), "--device", args.device)
+                                   *RECIPE_OPTIONS, *limit, "--save-path", str(save_path), "--device", args.device)
     run_embedforge("evaluate", "--save-path", str(save_path), *test, "--select-best",
                "--output", str(work_dir / "finetuned_report.json"))
 
@@ -123,8 +103,9 @@ def main() -> None:
     best = next(r for r in finetuned_report["results"] if r["name"] == best_name)
     columns = {"base": figures(base["metrics"]), f"fine-tuned ({best_name})": figures(best["metrics"])}
     if args.with_st:
-        columns["sentence-transformers (measured)"] = figures(train_sentence_transformers(args.data_dir, args.device,
-                                                                                            args.max_steps))
+        measured = score_sentence_transformers(args.data_dir, work_dir / "sentence_transformers", args.device,
+                                               args.max_steps)
+        columns["sentence-transformers (measured)"] = figures(measured)
 
     names = list(columns)
     print(f"\nSTS-B test ({base['metrics']['pairs']} pairs), all figures x100; "

@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-STSB_TEST = ROOT.parent / "shared" / "data" / "stsb" / "stsb_test.jsonl"
+from common import export_bundled, stsb_file
 
 
 def read_texts(path: Path) -> list[str]:
@@ -42,18 +40,6 @@ def read_texts(path: Path) -> list[str]:
             texts[record["query"]] = None
             texts[record["document"]] = None
     return list(texts)
-
-
-def export_bundled(workdir: Path, texts: list[str]) -> Path:
-    from embedforge.export import export_checkpoint
-    from embedforge.model import BertVectorModel
-
-    checkpoint = workdir / "checkpoint-step-0"
-    BertVectorModel.from_base(None).save_pretrained(checkpoint)
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 0, "val_loss": None}))
-    print("exporting the bundled model (fp32, int8) ...", flush=True)
-    export_checkpoint(checkpoint, workdir / "export", precisions=("fp32", "int8"), parity_texts=texts[:256])
-    return workdir / "export"
 
 
 def bench_serialization(count: int = 32, dim: int = 384, rounds: int = 200) -> dict[str, float]:
@@ -198,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export-dir", type=Path, help="export with fp32 (+ int8) models (default: export the "
                         "bundled model into a temp dir)")
-    parser.add_argument("--data", type=Path, default=STSB_TEST)
+    parser.add_argument("--data", type=Path, default=stsb_file("test"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--texts-per-call", type=int, default=8)
@@ -216,7 +202,7 @@ def main() -> None:
           + ", ".join(f"{k} {v:.0f} us" for k, v in serialization.items()), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as workdir:
-        export_dir = args.export_dir or export_bundled(Path(workdir), texts)
+        export_dir = args.export_dir or export_bundled(Path(workdir), parity_texts=texts[:256])
         exported = json.loads((export_dir / "manifest.json").read_text())["models"]
         precisions = [p for p in ("fp32", "int8") if p in exported]
         try:

@@ -29,7 +29,6 @@ alternates the order and reports each run's ratio and their median.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -39,9 +38,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import (
+    BATCH_SIZE,
+    EPOCHS,
+    LEARNING_RATE,
+    RECIPE_OPTIONS,
+    WARMUP_STEPS,
+    sentence_transformers_embed,
+    stsb_file,
+    train_sentence_transformers,
+)
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
-BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS, EPOCHS = 16, 2e-5, 100, 1
 NO_SAVE_STEPS = 1_000_000  # larger than any run: embedforge validates and checkpoints once, at the end
 BASE_SPEARMAN_EXPECTED = 82.03  # the issue's figure for the untrained model on STS-B test
 GOAL_RATIO = 3.0
@@ -65,8 +72,7 @@ def train_embedforge(train_path: Path, val_path: Path, save_path: Path, pairs: i
     from embedforge.checkpoints import list_checkpoints
 
     command = [sys.executable, "-m", "embedforge", "train", "--train-path", str(train_path),
-               "--val-path", str(val_path), "--batch-size", str(BATCH_SIZE), "--learning-rate", str(LEARNING_RATE),
-               "--warmup-steps", str(WARMUP_STEPS), "--num-epochs", str(EPOCHS), "--save-steps", str(NO_SAVE_STEPS),
+               "--val-path", str(val_path), *RECIPE_OPTIONS, "--save-steps", str(NO_SAVE_STEPS),
                "--save-path", str(save_path), "--device", "cpu"]
     if max_steps:
         command += ["--max-steps", str(max_steps)]
@@ -93,25 +99,9 @@ def train_embedforge(train_path: Path, val_path: Path, save_path: Path, pairs: i
 # -- sentence-transformers ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def default_trainer_callback(callback):
-    """Add `callback` to every transformers Trainer built inside the block (`fit` takes no TrainerCallback)."""
-    import transformers.trainer
-
-    transformers.trainer.DEFAULT_CALLBACKS.append(callback)
-    try:
-        yield
-    finally:
-        transformers.trainer.DEFAULT_CALLBACKS.remove(callback)
-
-
-def train_sentence_transformers(pairs: list, work_dir: Path, max_steps: int | None):
-    """Train with `SentenceTransformer.fit` + CosineSimilarityLoss; returns (model, figures)."""
-    from sentence_transformers import InputExample, SentenceTransformer, losses
-    from torch.utils.data import DataLoader
+def train_st_timed(pairs: list, work_dir: Path, max_steps: int | None):
+    """Train with `SentenceTransformer.fit` + CosineSimilarityLoss, timing its loop; returns (model, figures)."""
     from transformers import TrainerCallback
-
-    from embedforge.model import default_model_path
 
     class LoopTimer(TrainerCallback):
         began = ended = None
@@ -123,16 +113,9 @@ def train_sentence_transformers(pairs: list, work_dir: Path, max_steps: int | No
         def on_step_end(self, args, state, control, **kwargs):
             self.ended, self.steps = time.perf_counter(), state.global_step
 
-    model = SentenceTransformer(str(default_model_path()), device="cpu")
-    examples = [InputExample(texts=[p.query, p.document], label=p.rel) for p in pairs]
-    loader = DataLoader(examples, shuffle=True, batch_size=BATCH_SIZE)
     timer = LoopTimer()
-    work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with default_trainer_callback(timer), contextlib.chdir(work_dir):  # fit names a checkpoint dir relative to cwd
-        model.fit(train_objectives=[(loader, losses.CosineSimilarityLoss(model))], epochs=EPOCHS,
-                  warmup_steps=WARMUP_STEPS, optimizer_params={"lr": LEARNING_RATE}, steps_per_epoch=max_steps,
-                  show_progress_bar=True)
+    model = train_sentence_transformers(pairs, work_dir, max_steps, device="cpu", callback=timer)
     wall = time.perf_counter() - start
     loop = timer.ended - timer.began
     return model, {"samples_per_s": samples_trained(len(pairs), timer.steps) / loop, "steps": timer.steps,
@@ -149,8 +132,7 @@ def test_spearman(pairs: list, model) -> float:
 
     if isinstance(model, BertVectorModel):
         return evaluate_model(model, pairs, mode="rerank", device="cpu")["spearman"]
-    embed = lambda texts: model.encode(texts, batch_size=len(texts), normalize_embeddings=True)  # noqa: E731
-    return evaluate_pairs(pairs, embed, mode="rerank")["spearman"]
+    return evaluate_pairs(pairs, sentence_transformers_embed(model), mode="rerank")["spearman"]
 
 
 def markdown_table(result: dict) -> str:
@@ -182,9 +164,9 @@ def markdown_table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-path", type=Path, default=DATA_DIR / "stsb_train.jsonl")
-    parser.add_argument("--val-path", type=Path, default=DATA_DIR / "stsb_valid.jsonl")
-    parser.add_argument("--test-path", type=Path, default=DATA_DIR / "stsb_test.jsonl")
+    parser.add_argument("--train-path", type=Path, default=stsb_file("train"))
+    parser.add_argument("--val-path", type=Path, default=stsb_file("valid"))
+    parser.add_argument("--test-path", type=Path, default=stsb_file("test"))
     parser.add_argument("--max-steps", type=int, default=None, help="train only N optimizer steps on each side")
     parser.add_argument("--repeats", type=int, default=1, help="train each side N times, alternating which side "
                         "goes first (A B, B A, ...); the ratio reported is the median over the N runs")
@@ -227,7 +209,7 @@ def main() -> None:
                                            len(train_pairs), args.threads, args.max_steps)
                 sides[side] = (figures, BertVectorModel.from_pretrained(figures["checkpoint"]))
             elif side == "sentence_transformers" and not args.skip_st:
-                model, figures = train_sentence_transformers(train_pairs, work_dir / f"st{name}", args.max_steps)
+                model, figures = train_st_timed(train_pairs, work_dir / f"st{name}", args.max_steps)
                 sides[side] = (figures, model)
         trained.append(sides)
 
