@@ -7,9 +7,10 @@ A saved model directory holds the encoder (safetensors + config.json), `projecti
 there is a projection, the tokenizer files and `embedforge.json` with pooling, projection size,
 max_length and the base model. Usage::
 
-    model = BertVectorModel.from_pretrained("output/vector_model/checkpoint-step-200")
-    query, document = model.encode(["how to boil an egg", "Boil eggs for 7 minutes."])
+    model = BertVectorModel.from_pretrained("output/vector_model")   # the best checkpoint, copied by train
+    query, document = model.encode(["how to boil an egg", "Boil eggs for 7 minutes."])   # numpy [2, dim]
     cosine = float(query @ document)   # vectors are L2-normalised
+    torch.cosine_similarity(model.encode("how to boil an egg"), model.encode("Boil eggs."))  # str: tensor [1, dim]
 """
 
 from __future__ import annotations
@@ -228,25 +229,70 @@ class BertVectorModel(nn.Module):
                                  padding=False, return_attention_mask=False, return_token_type_ids=False)
         return encoded["input_ids"]
 
-    @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False,
-               device: str | torch.device | None = None) -> np.ndarray:
-        """Embed `texts` (float32 [N, dim], L2-normalised), in length-sorted, dynamically padded batches."""
+    @torch.no_grad()
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, show_progress: bool = False,
+               device: str | torch.device | None = None, convert_to_numpy: bool | None = None,
+               convert_to_tensor: bool | None = None) -> np.ndarray | torch.Tensor:
+        """Embed one text or many: L2-normalised float32 vectors, one row per text, [N, dim].
+
+        `texts` is one str (one row: [1, dim]) or a list or tuple of str (one row per text, in order;
+        an empty one gives [0, dim]). A str is never split into characters; anything else is a TypeError.
+
+        The result type follows sentence-transformers' options: `convert_to_tensor=True` gives a torch
+        tensor on the model's device (and wins over `convert_to_numpy`), `convert_to_numpy=True` a numpy
+        array. Left unset, the type follows the input: a str gives a tensor, a list or tuple a numpy array.
+        A single string is the original script's call, `torch.cosine_similarity(model.encode(query),
+        model.encode(document))`, which needs [1, dim] tensors; a list is the batch call that embedforge and
+        sentence-transformers answer with numpy. Code that needs one type passes the option. Unlike
+        sentence-transformers, a str gives [1, dim] rather than [dim]: rows always count the texts.
+
+        Texts are run in length-sorted, dynamically padded batches of `batch_size`.
+        """
+        single = isinstance(texts, str)
+        if single:
+            texts = [texts]
+        elif not isinstance(texts, (list, tuple)):
+            raise TypeError(f"encode() takes a str or a list or tuple of str, got {type(texts).__name__}")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"encode(): texts[{index}] is {type(text).__name__}, not str")
+        as_tensor = _returns_tensor(single, convert_to_numpy, convert_to_tensor)
         if device is not None:
             self.to(device)
+        vectors = self._embed(texts, batch_size, show_progress)
+        return vectors if as_tensor else vectors.cpu().numpy()
+
+    def _embed(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> torch.Tensor:
+        """Vectors [N, dim] on the model's device, in the order of `texts`."""
+        if not texts:
+            return torch.empty((0, self.dim), dtype=torch.float32, device=self.device)
         was_training = self.training
         self.eval()
         ids = self.tokenize(texts)
         order = np.argsort([-len(x) for x in ids], kind="stable")
-        vectors = np.empty((len(ids), self.dim), dtype=np.float32)
         pad_id = self.tokenizer.pad_token_id or 0
+        outputs = []
         starts = range(0, len(ids), batch_size)
         for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress):
             batch = order[start:start + batch_size]
-            input_ids, attention_mask = pad_batch([ids[i] for i in batch], pad_id, self.device)
-            vectors[batch] = self(input_ids, attention_mask).cpu().numpy()
+            outputs.append(self(*pad_batch([ids[i] for i in batch], pad_id, self.device)))
         self.train(was_training)
-        return vectors
+        inverse = torch.from_numpy(np.argsort(order)).to(self.device)
+        return torch.cat(outputs)[inverse]
+
+
+def _returns_tensor(single: bool, convert_to_numpy: bool | None, convert_to_tensor: bool | None) -> bool:
+    """Whether `encode` returns a torch tensor (see its docstring for the rule)."""
+    if convert_to_tensor:
+        return True
+    if convert_to_numpy:
+        return False
+    if convert_to_tensor is False and convert_to_numpy is False:
+        raise ValueError("encode(): convert_to_numpy=False and convert_to_tensor=False leave no result type; "
+                         "set one of them to True")
+    if convert_to_tensor is None and convert_to_numpy is None:
+        return single
+    return convert_to_numpy is False
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,

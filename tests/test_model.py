@@ -119,3 +119,63 @@ def test_pad_token_ids_pads_to_the_longest_as_int64():
     assert ids.tolist() == [[5, 6, 9, 9], [8, 9, 9, 9], [1, 2, 3, 4]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert ids.dtype == mask.dtype == np.int64
+
+
+# -- encode: one text or many ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> BertVectorModel:
+    return build_tiny_model(tmp_path_factory.mktemp("encode") / "m", pooling="mean")
+
+
+def test_encode_of_one_string_is_one_row_as_a_tensor_never_one_per_character(tiny):
+    vector = tiny.encode("boil")
+    assert isinstance(vector, torch.Tensor) and vector.shape == (1, tiny.dim) and vector.dtype == torch.float32
+    np.testing.assert_allclose(vector.numpy(), tiny.encode(["boil"]), atol=1e-6)
+    assert not np.allclose(vector.numpy(), tiny.encode(list("boil"))[:1], atol=1e-3)
+    # An ordinary tensor, not an inference-mode one: users may change it in place or use it in autograd.
+    assert not vector.is_inference() and not vector.requires_grad
+    vector.mul_(2.0)
+
+
+def test_encode_of_a_list_or_tuple_is_one_row_per_text_in_order(tiny):
+    vectors = tiny.encode(TEXTS)
+    assert isinstance(vectors, np.ndarray) and vectors.shape == (len(TEXTS), tiny.dim)
+    singles = np.concatenate([tiny.encode(text).numpy() for text in TEXTS])
+    np.testing.assert_allclose(vectors, singles, atol=1e-5)
+    np.testing.assert_allclose(tiny.encode(tuple(reversed(TEXTS)), batch_size=3), vectors[::-1], atol=1e-5)
+
+
+def test_encode_of_an_empty_list_is_an_empty_matrix(tiny):
+    empty = tiny.encode([])
+    assert isinstance(empty, np.ndarray) and empty.shape == (0, tiny.dim) and empty.dtype == np.float32
+    empty_tensor = tiny.encode((), convert_to_tensor=True)
+    assert isinstance(empty_tensor, torch.Tensor) and empty_tensor.shape == (0, tiny.dim)
+
+
+@pytest.mark.parametrize(("texts", "message"), [
+    (5, "takes a str or a list or tuple of str, got int"),
+    (None, "got NoneType"),
+    (b"boil", "got bytes"),
+    (np.array(["boil", "egg"]), "got ndarray"),
+    ((text for text in TEXTS), "got generator"),
+    (["boil", 3], r"texts\[1\] is int, not str"),
+    ([None], r"texts\[0\] is NoneType, not str"),
+])
+def test_encode_rejects_anything_but_text_with_a_clear_type_error(tiny, texts, message):
+    with pytest.raises(TypeError, match=message):
+        tiny.encode(texts)
+
+
+def test_encode_result_type_options_follow_sentence_transformers(tiny):
+    as_numpy = tiny.encode("boil", convert_to_numpy=True)
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.shape == (1, tiny.dim)
+    assert isinstance(tiny.encode("boil", convert_to_tensor=False), np.ndarray)
+    as_tensor = tiny.encode(TEXTS, convert_to_tensor=True)
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (len(TEXTS), tiny.dim)
+    np.testing.assert_allclose(as_tensor.numpy(), tiny.encode(TEXTS, convert_to_numpy=True), atol=1e-6)
+    assert isinstance(tiny.encode(TEXTS, convert_to_numpy=False), torch.Tensor)
+    assert isinstance(tiny.encode(TEXTS, convert_to_numpy=True, convert_to_tensor=True), torch.Tensor)
+    with pytest.raises(ValueError, match="leave no result type"):
+        tiny.encode(TEXTS, convert_to_numpy=False, convert_to_tensor=False)

@@ -143,7 +143,8 @@ def model_embed_fn(model, batch_size: int = 64, device: str = "auto") -> EmbedFn
     from embedforge.devices import resolve_device
 
     target = resolve_device(device)
-    return lambda texts: model.encode(texts, batch_size=max(batch_size, len(texts)), device=target)
+    return lambda texts: model.encode(texts, batch_size=max(batch_size, len(texts)), device=target,
+                                      convert_to_numpy=True)
 
 
 def evaluate_model(model, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS,

@@ -200,7 +200,7 @@ def _measure_parity(model, target: Path, models: dict[str, dict], pairs: Sequenc
 
     tokenizer = load_tokenizer(target, model.max_length)
     progress.set_description("reference vectors")
-    reference = model.encode(texts, batch_size=32)
+    reference = model.encode(texts, batch_size=32, convert_to_numpy=True)
     progress.update()
     for precision, entry in models.items():
         progress.set_description(f"parity {precision}")

@@ -137,7 +137,7 @@ def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int) -> 
 
     loss_fn = WeightedMSELoss()
     texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
-    vectors = dict(zip(texts, model.encode(texts, batch_size=batch_size), strict=True))
+    vectors = dict(zip(texts, model.encode(texts, batch_size=batch_size, convert_to_numpy=True), strict=True))
     cosine = torch.tensor(np.array([vectors[p.query] @ vectors[p.document] for p in pairs]))
     rel = torch.tensor([p.rel for p in pairs])
     weight = torch.tensor([p.weight for p in pairs])
