@@ -4,26 +4,36 @@ Layout under a save path::
 
     <save_path>/checkpoint-step-N/      model files, embedforge.json, trainer_state.json, training_state.pt
     <save_path>/best_checkpoint.json    {"checkpoint", "step", "val_loss", "selected_by"} (written by evaluate)
+    <save_path>/config.json, model.safetensors, tokenizer files, embedforge.json, ...
+                                        the best checkpoint's model, copied by train and evaluate --select-best
+    <save_path>/best_model.json         {"checkpoint", "step", "val_loss", "files"}: which checkpoint that is
 
 A checkpoint is built in a hidden temporary directory and renamed into place once complete, so a run
-killed at any moment leaves either the whole checkpoint or none. Only saving the training state imports
-torch; listing and selection are plain file reads, used by train, evaluate, export and the benchmarks.
+killed at any moment leaves either the whole checkpoint or none. The model files at the root make the
+save path itself loadable (`BertVectorModel.from_pretrained(save_path)`, transformers' `AutoModel` and
+`AutoTokenizer`); they are not a checkpoint and listing never sees them. Only saving the training state
+imports torch; listing and selection are plain file reads, used by train, evaluate, export and the benchmarks.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedforge.io import write_dir_atomic, write_json_atomic
+from embedforge.io import write_dir_atomic, write_file_atomic, write_json_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
 BEST_RECORD = "best_checkpoint.json"
+BEST_MODEL_RECORD = "best_model.json"
+# The files transformers finds a model's weights by: at the root they are removed first and written last,
+# so the root loads as a model only while every other file beside them is from the same checkpoint.
+WEIGHT_ENTRY_FILES = ("model.safetensors", "model.safetensors.index.json")
 REQUIRED_FILES = ("embedforge.json", "config.json", "model.safetensors", "tokenizer.json", STATE_FILE)
 
 
@@ -114,6 +124,48 @@ def resolve_checkpoint(save_path: str | Path | None = None, checkpoint_dir: str 
     if save_path is None:
         raise CheckpointError("give a save path or a checkpoint directory")
     return read_best_record(save_path) or select_best(save_path)
+
+
+def copy_best_model(save_path: str | Path, info: CheckpointInfo) -> Path:
+    """Copy checkpoint `info`'s model and tokenizer files to the root of `save_path`; returns the record.
+
+    Every file but the checkpoint's training state is copied. The swap is ordered so that a crash at any
+    point never leaves files of two checkpoints that load as one model: the record goes first, then the
+    weights and the other files of the previous copy; the new files are written atomically, the weights
+    last, and `best_model.json` (which checkpoint, which files) once all are in place. A crash in between
+    leaves a root without weights, which no loader takes for a model, until the next copy. A lock file
+    keeps two processes (train finishing, evaluate --select-best) from interleaving their copies.
+    """
+    from filelock import FileLock
+
+    save_path = Path(save_path)
+    names = sorted(child.name for child in info.path.iterdir() if child.is_file()
+                   and not child.name.startswith(".") and child.name not in (STATE_FILE, TRAINING_STATE_FILE))
+    names.sort(key=lambda name: name in WEIGHT_ENTRY_FILES)  # stable: the weights' entry files go last
+    record_path = save_path / BEST_MODEL_RECORD
+    with FileLock(save_path / ".best_model.lock"):
+        previous = _recorded_files(record_path)
+        record_path.unlink(missing_ok=True)
+        for name in sorted(set(previous) | set(names), key=lambda name: name not in WEIGHT_ENTRY_FILES):
+            (save_path / name).unlink(missing_ok=True)
+        for name in {*previous, *names, BEST_MODEL_RECORD}:
+            for leftover in save_path.glob(f".{glob.escape(name)}.*"):  # temporaries of a copy that was killed
+                leftover.unlink(missing_ok=True)
+        for name in names:
+            write_file_atomic(save_path / name, lambda temporary, source=info.path / name:
+                              shutil.copyfile(source, temporary))
+        record = {"checkpoint": info.name, "step": info.step, "val_loss": info.val_loss, "files": names}
+        return write_json_atomic(record_path, record)
+
+
+def _recorded_files(record_path: Path) -> list[str]:
+    """The plain file names a previous `best_model.json` lists (none when it is missing or unreadable)."""
+    try:
+        files = json.loads(record_path.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name for name in files if isinstance(name, str) and name == Path(name).name
+            and name not in ("", ".", "..", BEST_MODEL_RECORD, BEST_RECORD)]
 
 
 def remove_stale_temporaries(save_path: Path) -> None:

@@ -148,6 +148,10 @@ def test_cli_save_path_evaluates_all_and_selects_best(save_path, pairs_file):
     assert "ndcg@5" in report["results"][0]["metrics"]["retrieval"]
     assert (save_path / "eval_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_best_record(save_path).step == 2
+    # The save path's root now holds checkpoint-step-2's model, and says so.
+    assert json.loads((save_path / "best_model.json").read_text())["checkpoint"] == "checkpoint-step-2"
+    assert (save_path / "model.safetensors").read_bytes() == (save_path / "checkpoint-step-2" /
+                                                              "model.safetensors").read_bytes()
 
 
 def test_cli_without_select_best_records_nothing(save_path, pairs_file, tmp_path):

@@ -30,7 +30,8 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @option("checkpoint_dir", type=click.Path(file_okay=False, path_type=Path), help="Evaluate one checkpoint.")
 @option("model_name", help="Evaluate a base model before fine-tuning (a local dir, or all-MiniLM-L6-v2 = bundled).")
 @option("select_best", is_flag=True,
-        help="With --save-path: record the lowest-val_loss checkpoint in best_checkpoint.json.")
+        help="With --save-path: record the lowest-val_loss checkpoint in best_checkpoint.json "
+             "and copy its model to the save path's root.")
 @option("mode", type=click.Choice(MODES), default="both",
         help="rerank: each query ranks its labelled documents; retrieval: all documents of the file.")
 @option("k", "ks", default="1,3,5,10", callback=_parse_ks,
@@ -78,7 +79,7 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
     try:
         _write_outputs(report, output or default_output, save_path, best if select_best else None, selected_by)
     except OSError as error:
-        raise click.ClickException(f"cannot write the report: {error}") from error
+        raise click.ClickException(f"cannot write the report or the best model: {error}") from error
 
 
 def _checkpoints_to_score(save_path: Path | None,
@@ -119,7 +120,8 @@ def _score(test_path: Path, checkpoints: list[CheckpointInfo], model_name: str |
 
 def _write_outputs(report: dict, output: Path, save_path: Path | None, best_to_record: CheckpointInfo | None,
                    selected_by: str) -> None:
-    """The JSON report, its plot (for a save path) and, with --select-best, best_checkpoint.json."""
+    """The JSON report, its plot (for a save path) and, with --select-best, best_checkpoint.json and the
+    best checkpoint's model copied to the save path's root."""
     write_report(report, output)
     click.echo(f"report: {output}")
     if save_path is not None:
@@ -127,7 +129,9 @@ def _write_outputs(report: dict, output: Path, save_path: Path | None, best_to_r
         plot_report(report, plot_path)
         click.echo(f"plot: {plot_path}")
     if best_to_record is not None:
-        from embedforge.checkpoints import write_best_record
+        from embedforge.checkpoints import copy_best_model, write_best_record
 
         record = write_best_record(save_path, best_to_record, selected_by=selected_by)
         click.echo(f"best checkpoint: {best_to_record.name} (recorded in {record})")
+        copy_best_model(save_path, best_to_record)
+        click.echo(f"best model: {best_to_record.name}'s model and tokenizer copied to {save_path}")

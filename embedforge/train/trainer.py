@@ -248,7 +248,9 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
                                           world_size)
     result = TrainResult(save_path, checkpointer.saved, global_step, stopped_early=stopped_early, model=model)
     if is_main:
-        result.best_checkpoint = checkpoints.select_best(save_path).path
+        best = checkpoints.select_best(save_path)
+        checkpoints.copy_best_model(save_path, best)  # the save path itself loads as the best model
+        result.best_checkpoint = best.path
     return result
 
 
