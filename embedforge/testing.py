@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, PreTrainedTokenizerFast
+from transformers import AutoModel
 
 from embedforge.model import BertVectorModel, ModelError
 
@@ -14,10 +14,10 @@ def build_tiny_model(path: str | Path, pooling: str = "mean", projection_dim: in
                      model_type: str = "bert", max_length: int = 512, seed: int = 0) -> BertVectorModel:
     """A small random encoder with a real WordPiece tokenizer, saved to `path`: for tests and benchmarks.
 
-    No download: the vocabulary is built from a fixed word list.
+    No download: the vocabulary is built from a fixed word list. The tokenizer is a BertTokenizerFast with
+    its vocab.txt, so transformers' slow `BertTokenizer` loads the saved directory too.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, RobertaConfig
+    from transformers import BertConfig, BertTokenizerFast, RobertaConfig
 
     torch.manual_seed(seed)
     words = ("the a an is are of to and in on for with how what why do does egg eggs boil boiling water "
@@ -25,17 +25,12 @@ def build_tiny_model(path: str | Path, pooling: str = "mean", projection_dim: in
              "soup recipe kitchen knife cut onion garlic sauce sugar flour butter milk cheese").split()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokens = dict.fromkeys(specials + words + list("abcdefghijklmnopqrstuvwxyz"))
-    vocab = {token: index for index, token in enumerate(tokens)}
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                        model_max_length=max_length)
-    size = {"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_file = path / "vocab.txt"
+    vocab_file.write_text("".join(f"{token}\n" for token in tokens))
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=max_length)
+    size = {"vocab_size": len(tokens), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
             "intermediate_size": 64, "pad_token_id": 0}
     if model_type == "bert":
         config = BertConfig(max_position_embeddings=max_length, **size)

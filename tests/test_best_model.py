@@ -1,0 +1,149 @@
+"""The save path holds the best model: the seed script's snippet runs on a finished run, copies are atomic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import SAMPLE_PAIRS, make_checkpoint, write_jsonl
+from transformers import AutoModel, AutoTokenizer, BertTokenizer
+
+from embedforge import checkpoints
+from embedforge.model import BertVectorModel, ModelError
+from embedforge.testing import build_tiny_model
+from embedforge.train.trainer import TrainConfig, train
+
+# The README snippet of the script embedforge replaces, character for character.
+SEED_SNIPPET = """\
+tokenizer = BertTokenizer.from_pretrained('./output/vector_model')
+model = BertVectorModel.from_pretrained('./output/vector_model')
+query_vector = model.encode("What is machine learning?")
+doc_vector = model.encode("Machine learning is a subset of AI...")
+similarity = torch.cosine_similarity(query_vector, doc_vector)
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A tiny model trained for two steps, validated and checkpointed after each."""
+    root = tmp_path_factory.mktemp("run")
+    build_tiny_model(root / "base", pooling="mean", max_length=64)
+    pairs = write_jsonl(root / "pairs.jsonl", SAMPLE_PAIRS)
+    train(TrainConfig(train_path=str(pairs), val_path=str(pairs), model_name=str(root / "base"), max_length=64,
+                      batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=1, max_steps=2,
+                      save_path=str(root / "vector_model"), show_progress=False))
+    return root / "vector_model"
+
+
+def test_the_seed_snippet_runs_unchanged_on_a_finished_run(finished_run):
+    namespace = {"torch": torch, "BertTokenizer": BertTokenizer, "BertVectorModel": BertVectorModel}
+    exec(SEED_SNIPPET.replace("./output/vector_model", str(finished_run)), namespace)
+
+    similarity = namespace["similarity"]
+    assert isinstance(similarity, torch.Tensor) and similarity.shape == (1,)
+    best = BertVectorModel.from_pretrained(checkpoints.select_best(finished_run).path)
+    query, document = best.encode(["What is machine learning?", "Machine learning is a subset of AI..."])
+    assert similarity.item() == pytest.approx(float(query @ document), abs=1e-5)
+    text = "how to boil an egg"
+    assert namespace["tokenizer"](text)["input_ids"] == best.tokenizer(text)["input_ids"]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert SEED_SNIPPET in readme, "the README's 'Using the trained model in Python' shows the snippet"
+
+
+def test_the_root_holds_the_best_checkpoints_model_and_names_it(finished_run):
+    best = checkpoints.select_best(finished_run)
+    record = json.loads((finished_run / checkpoints.BEST_MODEL_RECORD).read_text())
+    assert (record["checkpoint"], record["step"], record["val_loss"]) == (best.name, best.step, best.val_loss)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "embedforge.json"} <= set(
+        record["files"])
+    assert checkpoints.STATE_FILE not in record["files"] and checkpoints.TRAINING_STATE_FILE not in record["files"]
+    for name in record["files"]:
+        assert (finished_run / name).read_bytes() == (best.path / name).read_bytes(), name
+    # transformers' own loaders take the save path as a model directory.
+    assert AutoTokenizer.from_pretrained(finished_run)("egg")["input_ids"] == BertTokenizer.from_pretrained(
+        finished_run)("egg")["input_ids"]
+    encoder = AutoModel.from_pretrained(finished_run)
+    torch.testing.assert_close(encoder.state_dict()["encoder.layer.0.attention.self.query.weight"],
+                               BertVectorModel.from_pretrained(best.path).encoder.state_dict()[
+                                   "encoder.layer.0.attention.self.query.weight"])
+
+
+def test_root_files_leave_checkpoint_listing_and_export_alone(finished_run):
+    from embedforge.export import MANIFEST_FILE
+    from embedforge.export.cli import export_command
+
+    best = checkpoints.select_best(finished_run)
+    assert [info.name for info in checkpoints.list_checkpoints(finished_run)] == ["checkpoint-step-1",
+                                                                                   "checkpoint-step-2"]
+    assert checkpoints.resolve_checkpoint(save_path=finished_run).path == best.path
+    result = CliRunner().invoke(export_command, ["--save-path", str(finished_run), "--precision", "fp32",
+                                                 "--parity-path", str(finished_run.parent / "pairs.jsonl")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((finished_run / "export" / MANIFEST_FILE).read_text())
+    assert manifest["source_checkpoint"] == str(best.path.resolve())
+
+
+def two_checkpoints(tmp_path: Path) -> tuple[checkpoints.CheckpointInfo, checkpoints.CheckpointInfo]:
+    """A run with a projected checkpoint and a different, unprojected one (distinct weights and files)."""
+    first = build_tiny_model(tmp_path / "run" / "checkpoint-step-1", projection_dim=8, seed=1)
+    second = build_tiny_model(tmp_path / "run" / "checkpoint-step-2", seed=2)
+    assert first.dim != second.dim
+    return (checkpoints.read_checkpoint(make_checkpoint(tmp_path / "run" / "checkpoint-step-1", step=1)),
+            checkpoints.read_checkpoint(make_checkpoint(tmp_path / "run" / "checkpoint-step-2", step=2)))
+
+
+def root_model_files(root: Path) -> set[str]:
+    return {child.name for child in root.iterdir() if child.is_file()}
+
+
+def test_a_new_best_replaces_every_file_of_the_previous_one(tmp_path):
+    first, second = two_checkpoints(tmp_path)
+    root = tmp_path / "run"
+    checkpoints.copy_best_model(root, first)
+    assert BertVectorModel.from_pretrained(root).dim == 8
+    checkpoints.copy_best_model(root, second)
+    assert not (root / "projection.safetensors").exists()
+    assert json.loads((root / checkpoints.BEST_MODEL_RECORD).read_text())["checkpoint"] == "checkpoint-step-2"
+    np.testing.assert_allclose(BertVectorModel.from_pretrained(root).encode(["egg"]),
+                               BertVectorModel.from_pretrained(second.path).encode(["egg"]), atol=1e-6)
+    assert root_model_files(root) == {*json.loads((root / checkpoints.BEST_MODEL_RECORD).read_text())["files"],
+                                      checkpoints.BEST_MODEL_RECORD, ".best_model.lock"}
+
+
+@pytest.mark.parametrize("crash_at", ["tokenizer.json", "model.safetensors"])
+def test_a_crash_while_copying_never_leaves_a_mix_that_loads(tmp_path, monkeypatch, crash_at):
+    first, second = two_checkpoints(tmp_path)
+    root = tmp_path / "run"
+    checkpoints.copy_best_model(root, first)
+    real_copy = shutil.copyfile
+
+    def copy_then_die(source, target):
+        if Path(source).name == crash_at:
+            Path(target).write_bytes(b"half")
+            raise KeyboardInterrupt("killed while copying")
+        return real_copy(source, target)
+
+    monkeypatch.setattr(checkpoints.shutil, "copyfile", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.copy_best_model(root, second)
+    # Nothing of the first checkpoint is left, every file present is the second's, and without the weights
+    # and the record nothing loads it as a model.
+    left = root_model_files(root) - {".best_model.lock"}
+    assert not (root / "model.safetensors").exists() and not (root / checkpoints.BEST_MODEL_RECORD).exists()
+    assert left and all((root / name).read_bytes() == (second.path / name).read_bytes() for name in left)
+    with pytest.raises(ModelError):
+        BertVectorModel.from_pretrained(root)
+    with pytest.raises((OSError, ValueError)):
+        AutoModel.from_pretrained(root)
+
+    # The next copy completes it, and clears what a killed copy's temporary files would leave.
+    (root / ".model.safetensors.killed.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(checkpoints.shutil, "copyfile", real_copy)
+    checkpoints.copy_best_model(root, second)
+    assert BertVectorModel.from_pretrained(root).dim == 32
+    assert not (root / ".model.safetensors.killed.safetensors").exists()
