@@ -34,6 +34,8 @@ BEST_MODEL_RECORD = "best_model.json"
 # The files transformers finds a model's weights by: at the root they are removed first and written last,
 # so the root loads as a model only while every other file beside them is from the same checkpoint.
 WEIGHT_ENTRY_FILES = ("model.safetensors", "model.safetensors.index.json")
+# Checkpoint files that are no part of the model, and the save path's own records: never copied to the root.
+_NOT_MODEL_FILES = (STATE_FILE, TRAINING_STATE_FILE, BEST_RECORD, BEST_MODEL_RECORD)
 REQUIRED_FILES = ("embedforge.json", "config.json", "model.safetensors", "tokenizer.json", STATE_FILE)
 
 
@@ -132,15 +134,16 @@ def copy_best_model(save_path: str | Path, info: CheckpointInfo) -> Path:
     Every file but the checkpoint's training state is copied. The swap is ordered so that a crash at any
     point never leaves files of two checkpoints that load as one model: the record goes first, then the
     weights and the other files of the previous copy; the new files are written atomically, the weights
-    last, and `best_model.json` (which checkpoint, which files) once all are in place. A crash in between
-    leaves a root without weights, which no loader takes for a model, until the next copy. A lock file
-    keeps two processes (train finishing, evaluate --select-best) from interleaving their copies.
+    last, and `best_model.json` (which checkpoint, which files) once all are in place. A crash before the
+    weights are in leaves a root without weights, which no loader takes for a model, until the next copy;
+    a crash after them leaves the whole new model without its record. A lock file keeps two processes
+    (train finishing, evaluate --select-best) from interleaving their copies.
     """
     from filelock import FileLock
 
     save_path = Path(save_path)
     names = sorted(child.name for child in info.path.iterdir() if child.is_file()
-                   and not child.name.startswith(".") and child.name not in (STATE_FILE, TRAINING_STATE_FILE))
+                   and not child.name.startswith(".") and child.name not in _NOT_MODEL_FILES)
     names.sort(key=lambda name: name in WEIGHT_ENTRY_FILES)  # stable: the weights' entry files go last
     record_path = save_path / BEST_MODEL_RECORD
     with FileLock(save_path / ".best_model.lock"):
@@ -165,7 +168,7 @@ def _recorded_files(record_path: Path) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return [name for name in files if isinstance(name, str) and name == Path(name).name
-            and name not in ("", ".", "..", BEST_MODEL_RECORD, BEST_RECORD)]
+            and name not in ("", ".", "..", *_NOT_MODEL_FILES)]
 
 
 def remove_stale_temporaries(save_path: Path) -> None:
