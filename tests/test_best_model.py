@@ -16,7 +16,8 @@ from transformers import AutoModel, AutoTokenizer, BertTokenizer
 from embedforge import checkpoints
 from embedforge.model import BertVectorModel, ModelError
 from embedforge.testing import build_tiny_model
-from embedforge.train.trainer import TrainConfig, train
+from embedforge.train.config import TrainConfig
+from embedforge.train.trainer import train
 
 # The README snippet of the script embedforge replaces, character for character.
 SEED_SNIPPET = """\
