@@ -69,4 +69,5 @@ def train_command(**options) -> None:
         raise click.ClickException(str(error)) from error
     if result.best_checkpoint is not None:
         click.echo(f"trained {result.global_step} steps; {len(result.checkpoints)} checkpoint(s) in "
-                   f"{result.save_path}; lowest val_loss: {result.best_checkpoint.name}")
+                   f"{result.save_path}; lowest val_loss: {result.best_checkpoint.name}, its model copied to "
+                   f"{result.save_path} (BertVectorModel.from_pretrained({str(result.save_path)!r}))")
