@@ -41,6 +41,7 @@ def finished_run(tmp_path_factory) -> Path:
     return root / "vector_model"
 
 
+@pytest.mark.slow  # trains a tiny model (about 9 s) once for the module
 def test_the_seed_snippet_runs_unchanged_on_a_finished_run(finished_run):
     namespace = {"torch": torch, "BertTokenizer": BertTokenizer, "BertVectorModel": BertVectorModel}
     exec(SEED_SNIPPET.replace("./output/vector_model", str(finished_run)), namespace)
@@ -56,6 +57,7 @@ def test_the_seed_snippet_runs_unchanged_on_a_finished_run(finished_run):
     assert SEED_SNIPPET in readme, "the README's 'Using the trained model in Python' shows the snippet"
 
 
+@pytest.mark.slow
 def test_the_root_holds_the_best_checkpoints_model_and_names_it(finished_run):
     best = checkpoints.select_best(finished_run)
     record = json.loads((finished_run / checkpoints.BEST_MODEL_RECORD).read_text())
@@ -74,6 +76,7 @@ def test_the_root_holds_the_best_checkpoints_model_and_names_it(finished_run):
                                    "encoder.layer.0.attention.self.query.weight"])
 
 
+@pytest.mark.slow
 def test_root_files_leave_checkpoint_listing_and_export_alone(finished_run):
     from embedforge.export import MANIFEST_FILE
     from embedforge.export.cli import export_command
