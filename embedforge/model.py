@@ -74,8 +74,12 @@ def position_limit(config) -> int:
 
 
 def detect_pooling(model_dir: str | Path) -> str:
-    """'mean' or 'cls' from a sentence-transformers pooling config in `model_dir`, else 'cls'."""
+    """'mean' or 'cls': an embedforge model's own setting, else a sentence-transformers pooling config, else 'cls'."""
     model_dir = Path(model_dir)
+    if (model_dir / CONFIG_FILE).is_file():
+        pooling = json.loads((model_dir / CONFIG_FILE).read_text()).get("pooling")
+        if pooling in POOLINGS:
+            return pooling
     pooling_configs = []
     modules = model_dir / "modules.json"
     if modules.is_file():

@@ -62,6 +62,13 @@ def test_pooling_auto_reads_a_sentence_transformers_config(tmp_path):
     assert detect_pooling(tmp_path) == "mean"
 
 
+def test_pooling_auto_keeps_an_embedforge_models_own_pooling(tmp_path):
+    """Fine-tuning again from a trained model (a checkpoint or the save path's root) keeps its mean pooling."""
+    build_tiny_model(tmp_path / "trained", pooling="mean")
+    assert detect_pooling(tmp_path / "trained") == "mean"
+    assert BertVectorModel.from_base(str(tmp_path / "trained")).pooling == "mean"
+
+
 def test_from_base_with_auto_pooling_and_a_projection(tmp_path):
     build_tiny_model(tmp_path / "base", pooling="cls")
     model = BertVectorModel.from_base(str(tmp_path / "base"), pooling="auto", projection_dim=4, max_length=128)
