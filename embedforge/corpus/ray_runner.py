@@ -1,0 +1,136 @@
+"""The Ray runner: the same job on a Ray cluster (or a local Ray instance) with Ray Data.
+
+    input files --(one read task per file)--> records --map_batches over an actor pool--> vectors --> Parquet
+
+Each actor holds one CorpusEmbedder (one ONNX Runtime session with `actor_threads` threads) and embeds each
+batch of records the way the local runner embeds a shard: length-sorted model batches, the same vectors up to
+the batch composition (cosine >= 0.99999 to the local run). Ray writes the Parquet files into a hidden
+directory under OUT; they are moved into place as part-NNNNN.parquet only when the whole dataset is written,
+so a failed run leaves no shard behind (a restart runs the job again from the start). On a multi-node cluster
+OUT, the inputs and the export directory must be paths that every node sees (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from embedforge.corpus.job import CorpusJob
+from embedforge.corpus.output import MANIFEST_FILE, SHARD_PATTERN, shard_table
+from embedforge.corpus.reader import BadInputError, Problem, read_file
+from embedforge.corpus.vectors import CorpusEmbedder
+from embedforge.io import write_json_atomic
+
+READ_BLOCK_ROWS = 1024
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ImportError("--ray needs Ray Data: pip install 'embedforge[cluster]' (or pip install 'ray[data]')") \
+            from exc
+    return ray
+
+
+def read_one_file(batch: dict[str, np.ndarray], input_format: str, text_field: str, id_field: str | None,
+                  skip_bad: bool) -> Iterator[dict[str, list[str]]]:
+    """Ray Data map_batches function: one input file -> blocks of (id, text, source) rows."""
+    for path in batch["path"]:
+        records = read_file(Path(str(path)), input_format, text_field, id_field, skip_bad, [])
+        while block := [r for _, r in zip(range(READ_BLOCK_ROWS), records, strict=False)]:
+            yield {"id": [r.id for r in block], "text": [r.text for r in block], "source": [r.source for r in block]}
+
+
+class EmbedActor:
+    """Ray Data callable class: one ONNX Runtime session per actor, built once."""
+
+    def __init__(self, model_dir: str, precision: str, provider: str, threads: int, dimensions: int | None,
+                 max_batch_tokens: int, max_batch_size: int, truncate: bool) -> None:
+        self.embedder = CorpusEmbedder(model_dir, precision=precision, provider=provider, threads=threads,
+                                       dimensions=dimensions, max_batch_tokens=max_batch_tokens,
+                                       max_batch_size=max_batch_size)
+        self.truncate = truncate
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        texts = table.column("text").to_pylist()
+        ids, lengths, truncated = self.embedder.tokenize(texts)
+        if not self.truncate and truncated.any():
+            source = table.column("source")[int(np.argmax(truncated))].as_py()
+            raise BadInputError(f"{source}: text of more than {self.embedder.info.max_length} tokens (the model's "
+                                "max_length) and --no-truncate was given")
+        vectors = self.embedder.embed_ids(ids, lengths)
+        return shard_table(table.column("id").to_pylist(), vectors, lengths, truncated)
+
+
+def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem], started: float, address: str,
+            actors: int | None, actor_threads: int) -> dict:
+    """Run the job with Ray Data on the cluster at `address` ("auto": RAY_ADDRESS, a running local instance, or
+    a new local one); returns the manifest."""
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=None if address == "auto" else address, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = actors or max(1, cpus // actor_threads)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = job.progress
+        for stale in job.output.glob(".ray-*"):  # a failed earlier run's partial write
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in job.output.glob("part-*.parquet"):  # an earlier run that died while moving its shards
+            stale.unlink()
+        staging = Path(tempfile.mkdtemp(prefix=".ray-", dir=job.output))
+        paths = [str(p.resolve()) for p in job.inputs]
+        dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+        dataset = dataset.map_batches(read_one_file, batch_size=1, num_cpus=0.5,
+                                      fn_kwargs={"input_format": job.input_format, "text_field": job.text_field,
+                                                 "id_field": job.id_field, "skip_bad": job.skip_bad})
+        dataset = dataset.map_batches(
+            EmbedActor, batch_size=min(job.shard_size, 2048), batch_format="pyarrow", num_cpus=actor_threads,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            fn_constructor_kwargs={"model_dir": str(job.model_dir.resolve()), "precision": job.precision_name,
+                                   "provider": job.provider_key, "threads": actor_threads,
+                                   "dimensions": job.dimensions, "max_batch_tokens": job.max_batch_tokens,
+                                   "max_batch_size": job.max_batch_size, "truncate": job.truncate})
+        try:
+            dataset.write_parquet(str(staging), min_rows_per_file=job.shard_size)
+            written = sorted(staging.glob("*.parquet"))
+            shards = [job.output / SHARD_PATTERN.format(i) for i in range(len(written))]
+            for source, target in zip(written, shards, strict=True):
+                os.replace(source, target)
+        except Exception as exc:
+            bad = _find_cause(exc, BadInputError)
+            if bad is not None:
+                raise BadInputError(str(bad)) from exc
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        if started_here:
+            ray.shutdown()
+    manifest = job.manifest(identity, count, problems, shards, started,
+                            {"runner": "ray", "ray_actors": actors, "ray_actor_threads": actor_threads,
+                             "ray_cluster_cpus": cpus, "embedded": count})
+    write_json_atomic(job.output / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in exc's cause chain (Ray wraps errors raised in tasks and actors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or getattr(exc, "cause", None) or exc.__context__
+    return None
+

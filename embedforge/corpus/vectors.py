@@ -1,0 +1,94 @@
+"""Texts -> vectors for a corpus job, through the server's own runtime (server/runtime.py OnnxEmbedder).
+
+The same tokenizer, session options and `run_batch` as `embedforge serve` (including the unpadded graph for
+equal-length batches of long texts), and the same L2 norm as its Embed call: a corpus vector equals the
+served vector of the same text. Each chunk of texts is sorted by token count and cut into batches of at
+most `max_batch_tokens` padded tokens, so that a batch carries little padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedforge.server.embedder import l2_normalize
+from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_manifest
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: np.ndarray  # float32 [n, dims], L2-normalised, in input order
+    tokens: np.ndarray  # int32 [n], after truncation, special tokens included
+    truncated: np.ndarray  # bool [n]: the text was longer than max_length and was cut
+
+
+def output_dims(manifest: dict, dimensions: int | None) -> int:
+    """The vector size to write: the model's dim, or a Matryoshka size the export declares (matryoshka_dims)."""
+    dim = int(manifest["dim"])
+    if dimensions is None or dimensions == dim:
+        return dim
+    sizes = manifest.get("matryoshka_dims")
+    if not sizes:
+        raise RuntimeConfigError(f"--dimensions {dimensions}: this export was not trained for Matryoshka "
+                                 f"truncation (its manifest.json has no matryoshka_dims); its vectors have "
+                                 f"{dim} dimensions")
+    if dimensions not in sizes:
+        raise RuntimeConfigError(f"--dimensions {dimensions}: the export's Matryoshka sizes are "
+                                 f"{', '.join(map(str, sorted(sizes)))} (and the full {dim})")
+    return dimensions
+
+
+def plan_batches(lengths: list[int] | np.ndarray, max_batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
+    """Indices of length-sorted batches: each holds at most max_batch_size texts and its size x longest text
+    is at most max_batch_tokens (a text longer than the budget gets a batch of its own)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        if end - start > max_batch_size or (end - start) * longest > max_batch_tokens and end - 1 > start:
+            batches.append(order[start: end - 1])
+            start = end - 1
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+class CorpusEmbedder:
+    """An export's ONNX model and tokenizer, embedding chunks of texts in length-sorted batches."""
+
+    def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
+                 threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = 8192,
+                 max_batch_size: int = 128) -> None:
+        manifest = read_manifest(Path(model_dir))
+        self.dims = output_dims(manifest, dimensions)
+        self.runtime = OnnxEmbedder(model_dir, precision=precision, provider=provider, threads=threads, workers=1)
+        self.info = self.runtime.info
+        self.max_batch_tokens = max(max_batch_tokens, self.info.max_length)
+        self.max_batch_size = max_batch_size
+
+    def tokenize(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """(token ids per text, token counts, truncated mask)."""
+        tokenized = self.runtime.tokenize(texts)
+        truncated = np.zeros(len(texts), dtype=bool)
+        truncated[tokenized.truncated] = True
+        return tokenized.ids, np.asarray(tokenized.lengths, dtype=np.int32), truncated
+
+    def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
+        return plan_batches(lengths, self.max_batch_tokens, self.max_batch_size)
+
+    def embed_batch(self, batch: list[np.ndarray]) -> np.ndarray:
+        """One model batch of token ids -> float32 [len(batch), dims]: Matryoshka cut, then L2 norm."""
+        return l2_normalize(np.ascontiguousarray(self.runtime.run_batch(batch)[:, : self.dims]))
+
+    def embed_ids(self, ids: list[np.ndarray], lengths: np.ndarray) -> np.ndarray:
+        """Vectors of tokenized texts, in their order, computed in length-sorted batches."""
+        vectors = np.empty((len(ids), self.dims), dtype=np.float32)
+        for batch in self.batches(lengths):
+            vectors[batch] = self.embed_batch([ids[i] for i in batch])
+        return vectors
+
+    def embed(self, texts: list[str]) -> Embedded:
+        ids, lengths, truncated = self.tokenize(texts)
+        return Embedded(self.embed_ids(ids, lengths), lengths, truncated)

@@ -1,0 +1,278 @@
+"""embed-corpus: input checks, batching, shards + manifest, parity with the server, restart after SIGKILL, Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from test_server import ServerThread, make_texts
+
+from embedforge.client import EmbedClient
+from embedforge.corpus.command import embed_corpus_command
+from embedforge.corpus.output import JOB_FILE, MANIFEST_FILE
+from embedforge.corpus.reader import BadInputError, Problem, read_records, resolve_inputs
+from embedforge.corpus.vectors import CorpusEmbedder, plan_batches
+from embedforge.server.runtime import OnnxEmbedder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_corpus(path: Path, texts: list[str], id_prefix: str = "doc") -> Path:
+    path.write_text("".join(json.dumps({"doc_id": f"{id_prefix}-{i}", "document": t}) + "\n"
+                            for i, t in enumerate(texts)))
+    return path
+
+
+def run_cli(*args: str, expect_ok: bool = True):
+    result = CliRunner().invoke(embed_corpus_command, [*map(str, args), "--no-progress"])
+    if expect_ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def read_output(output: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, int]]:
+    """(manifest, id -> vector, id -> token count) of a finished job."""
+    manifest = json.loads((output / MANIFEST_FILE).read_text())
+    table = pq.read_table(output)  # the directory: Parquet readers skip the _*.json files
+    ids = table.column("id").to_pylist()
+    vectors = np.asarray(table.column("vector").combine_chunks().flatten()).reshape(len(ids), -1)
+    return manifest, dict(zip(ids, vectors, strict=True)), dict(zip(ids, table.column("tokens").to_pylist(),
+                                                                    strict=True))
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# ---- reading and checking input ----
+
+def test_reads_jsonl_with_ids_and_text_lines_with_default_ids(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"document": "boil an egg", "doc_id": 7}\n\n{"document": "bake bread", "doc_id": "x"}\n')
+    text = tmp_path / "b.txt"
+    text.write_text("first text\nsecond text\n")
+    records = list(read_records([jsonl], "auto", "document", "doc_id", False, []))
+    assert [(r.id, r.text, r.source) for r in records] == [("7", "boil an egg", "a.jsonl:1"),
+                                                            ("x", "bake bread", "a.jsonl:3")]
+    records = list(read_records([jsonl, text], "auto", "document", None, False, []))
+    assert [r.id for r in records] == ["a.jsonl:1", "a.jsonl:3", "b.txt:1", "b.txt:2"]
+    assert records[-1].text == "second text"
+
+
+@pytest.mark.parametrize(("line", "field", "reason"), [
+    ("{not json", None, "not JSON"),
+    ('{"title": "x"}', "document", "missing"),
+    ('{"document": "   "}', "document", "empty text"),
+    ('{"document": 3}', "document", "expected a string"),
+    ('["document"]', None, "expected a JSON object"),
+    ('{"document": "ok", "doc_id": 1.5}', "doc_id", "expected a string or an integer"),
+])
+def test_bad_line_stops_with_file_line_and_field_or_is_skipped(tmp_path, line, field, reason):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"document": "fine", "doc_id": 1}\n' + line + "\n")
+    with pytest.raises(BadInputError) as info:
+        list(read_records([path], "auto", "document", "doc_id", False, []))
+    message = str(info.value)
+    assert f"{path}:2:" in message and reason in message
+    assert (f"field {field!r}" in message) == (field is not None)
+    problems: list[Problem] = []
+    records = list(read_records([path], "auto", "document", "doc_id", True, problems))
+    assert [r.id for r in records] == ["1"]
+    assert [(p.file, p.line, p.field) for p in problems] == [("c.jsonl", 2, field)]
+    assert reason in problems[0].reason
+
+
+def test_text_file_blank_line_is_an_empty_text_and_bad_utf8_is_named(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"one\n\nthree\n\xff\xfe\n")
+    problems: list[Problem] = []
+    assert [r.id for r in read_records([path], "text", "document", None, True, problems)] == ["t.txt:1", "t.txt:3"]
+    assert [(p.line, p.reason.split(" ")[0]) for p in problems] == [(2, "empty"), (4, "not")]
+
+
+def test_resolve_inputs_globs_and_errors(tmp_path):
+    (tmp_path / "d").mkdir()
+    for name in ("b.jsonl", "a.jsonl", "d/c.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    assert [p.name for p in resolve_inputs([str(tmp_path / "*.jsonl")])] == ["a.jsonl", "b.jsonl"]
+    assert [p.name for p in resolve_inputs([str(tmp_path / "**" / "*.jsonl")])] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    with pytest.raises(BadInputError, match="matches no file"):
+        resolve_inputs([str(tmp_path / "*.txt")])
+    with pytest.raises(BadInputError, match="no such file"):
+        resolve_inputs([str(tmp_path / "missing.jsonl")])
+    (tmp_path / "d" / "a.jsonl").write_text("{}\n")
+    with pytest.raises(BadInputError, match="named a.jsonl"):
+        resolve_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "d" / "a.jsonl")])
+
+
+def test_plan_batches_sorted_within_budget_and_complete():
+    lengths = np.random.default_rng(0).integers(3, 200, size=500)
+    batches = plan_batches(lengths, max_batch_tokens=1024, max_batch_size=16)
+    order = np.concatenate(batches)
+    assert sorted(order.tolist()) == list(range(500))
+    assert np.all(np.diff(lengths[order]) >= 0)
+    for batch in batches:
+        assert len(batch) <= 16 and len(batch) * lengths[batch].max() <= 1024
+    assert len(plan_batches([600, 700], max_batch_tokens=512, max_batch_size=8)) == 2  # longer than the budget
+
+
+# ---- the job ----
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    texts = make_texts(300, seed=3) + ["egg " * 700]  # the last one is longer than max_length 512
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", texts), texts
+
+
+def test_vectors_equal_the_servers_embed(tiny_export_dir, corpus, tmp_path):
+    path, texts = corpus
+    output = tmp_path / "out"
+    run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", output, "--id-field", "doc_id",
+            "--shard-size", "64", "--threads", "1")
+    manifest, vectors, tokens = read_output(output)
+    runtime = OnnxEmbedder(tiny_export_dir, threads=1)
+    with ServerThread(runtime) as server, EmbedClient(server.target, timeout=60) as client:
+        served = client.embed(texts)
+    ours = np.stack([vectors[f"doc-{i}"] for i in range(len(texts))])
+    assert cosine_rows(ours, served.vectors).min() >= 0.99999
+    assert [tokens[f"doc-{i}"] for i in range(len(texts))] == runtime.tokenize(texts).lengths
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    assert manifest["count"] == len(texts) and manifest["truncated"] == 1 and manifest["dim"] == 32
+    assert manifest["tokens"] == served.tokens
+    assert [s["rows"] for s in manifest["shards"]] == [64, 64, 64, 64, 45]
+    assert manifest["inputs"] == [{"path": str(path.resolve()), "size": path.stat().st_size,
+                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
+    assert manifest["skipped"] == {"count": 0, "lines": []} and manifest["seconds"] > 0
+    assert pq.read_schema(output / "part-00000.parquet").field("vector").type.list_size == 32
+
+
+def test_skip_bad_lists_lines_and_no_truncate_refuses_long_text(tiny_export_dir, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"document": "boil an egg"}\nnot json\n{"title": "x"}\n{"document": ""}\n'
+                    '{"document": "bake bread"}\n')
+    result = run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "a", expect_ok=False)
+    assert result.exit_code == 1 and f"{path}:2: not JSON" in result.output and "--skip-bad" in result.output
+    assert not list((tmp_path / "a").glob("*.parquet"))
+    run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "b", "--skip-bad")
+    manifest, vectors, _ = read_output(tmp_path / "b")
+    assert sorted(vectors) == ["mixed.jsonl:1", "mixed.jsonl:5"]
+    assert manifest["skipped"]["count"] == 3
+    assert [(s["line"], s["field"]) for s in manifest["skipped"]["lines"]] == [(2, None), (3, "document"),
+                                                                               (4, "document")]
+    long = write_corpus(tmp_path / "long.jsonl", ["boil an egg", "egg " * 600])
+    result = run_cli("--model-dir", tiny_export_dir, "--input", long, "--output", tmp_path / "c", "--no-truncate",
+                     expect_ok=False)
+    assert result.exit_code == 1 and "long.jsonl:2: text of more than 512 tokens" in result.output
+
+
+def test_dimensions_need_matryoshka_sizes_and_cut_and_renormalise(tiny_export_dir, corpus, tmp_path):
+    path, texts = corpus
+    result = run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "a", "--dimensions",
+                     "16", expect_ok=False)
+    assert result.exit_code == 1 and "no matryoshka_dims" in result.output
+    export = shutil.copytree(tiny_export_dir, tmp_path / "export")
+    manifest = json.loads((export / "manifest.json").read_text())
+    (export / "manifest.json").write_text(json.dumps({**manifest, "matryoshka_dims": [8, 16]}))
+    result = run_cli("--model-dir", export, "--input", path, "--output", tmp_path / "b", "--dimensions", "12",
+                     expect_ok=False)
+    assert result.exit_code == 1 and "Matryoshka sizes are 8, 16" in result.output
+    run_cli("--model-dir", export, "--input", path, "--output", tmp_path / "c", "--dimensions", "16")
+    written, vectors, _ = read_output(tmp_path / "c")
+    full = CorpusEmbedder(tiny_export_dir, threads=1).runtime
+    raw = full.run_batch(full.tokenize(texts[:5]).ids)[:, :16]
+    expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    got = np.stack([vectors[f"docs.jsonl:{i + 1}"] for i in range(5)])
+    assert written["dim"] == 16 and cosine_rows(got, expected).min() >= 0.99999
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_restart_after_sigkill_continues_and_matches_an_uninterrupted_run(tiny_export_dir, tmp_path):
+    path = write_corpus(tmp_path / "big.jsonl", make_texts(12000, seed=5, max_words=60))
+    args = ["--model-dir", str(tiny_export_dir), "--input", str(path), "--shard-size", "300", "--threads", "1",
+            "--no-progress"]
+    command = [sys.executable, "-m", "embedforge", "embed-corpus", *args]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--output", str(killed)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "part-00002.parquet").exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no shard within 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not (killed / MANIFEST_FILE).exists(), "the run finished before it was killed: nothing was tested"
+    before = sorted(p.name for p in killed.glob("part-*.parquet"))
+    first_shard = (killed / "part-00000.parquet").read_bytes()
+    assert 3 <= len(before) < 40
+
+    changed = run_cli(*args[:-1], "--output", killed, "--text-field", "title", expect_ok=False)
+    assert changed.exit_code == 1 and "holds another job" in changed.output and "text_field" in changed.output
+    restarted = subprocess.run([*command, "--output", str(killed)], capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "continuing a killed run" in restarted.stderr
+    assert (killed / "part-00000.parquet").read_bytes() == first_shard  # kept, not redone
+    full = tmp_path / "full"
+    run_cli(*args[:-1], "--output", full)
+    resumed, resumed_vectors, _ = read_output(killed)
+    uninterrupted, full_vectors, _ = read_output(full)
+    assert resumed["resumed_after_rows"] == 300 * len(before) and resumed["count"] == 12000
+    assert list(resumed_vectors) == list(full_vectors)
+    for key, vector in full_vectors.items():
+        assert vector.tobytes() == resumed_vectors[key].tobytes()
+    assert sorted(p.name for p in killed.iterdir() if not p.name.startswith("part-")) == [JOB_FILE, MANIFEST_FILE]
+
+    path.write_text(path.read_text() + json.dumps({"document": "one more"}) + "\n")
+    changed = run_cli(*args[:-1], "--output", killed, expect_ok=False)
+    assert changed.exit_code == 1 and "changed (size or sha256)" in changed.output
+
+
+def test_output_dir_with_other_files_is_refused(tiny_export_dir, corpus, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run_cli("--model-dir", tiny_export_dir, "--input", corpus[0], "--output", tmp_path, expect_ok=False)
+    assert result.exit_code == 1 and "not an embed-corpus output" in result.output
+
+
+# ---- Ray ----
+
+@pytest.mark.slow
+def test_ray_run_matches_the_local_run(tiny_export_dir, corpus, tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'embedforge[cluster]')")
+    pytest.importorskip("ray.data", reason="ray[data] is not installed")
+    path, texts = corpus
+    second = write_corpus(tmp_path / "more.jsonl", make_texts(150, seed=9), id_prefix="more")
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    common = ["--model-dir", tiny_export_dir, "--input", path, "--input", second, "--id-field", "doc_id",
+              "--shard-size", "128"]
+    run_cli(*common, "--output", local, "--threads", "1")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        run_cli(*common, "--output", on_ray, "--ray", "auto", "--ray-actors", "2")
+    finally:
+        ray.shutdown()
+    local_manifest, local_vectors, local_tokens = read_output(local)
+    ray_manifest, ray_vectors, ray_tokens = read_output(on_ray)
+    assert sorted(ray_vectors) == sorted(local_vectors) and len(ray_vectors) == len(texts) + 150
+    keys = sorted(local_vectors)
+    similarity = cosine_rows(np.stack([local_vectors[k] for k in keys]), np.stack([ray_vectors[k] for k in keys]))
+    assert similarity.min() >= 0.99999
+    assert ray_tokens == local_tokens
+    assert ray_manifest["runner"] == "ray" and ray_manifest["ray_actors"] == 2
+    assert (ray_manifest["count"], ray_manifest["truncated"]) == (local_manifest["count"], 1)
+    assert not list(on_ray.glob(".ray-*"))
