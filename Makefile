@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --upgrade pip 2>/dev/null || true
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch"
-	$(PIP) install -e ".[train,serve,dev]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import embedforge, onnxruntime, grpc, transformers, pytest"
+	$(PIP) install -e ".[train,serve,cluster,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import embedforge, onnxruntime, grpc, transformers, pytest, pyarrow, ray.data"
 	touch $@
 
 setup: $(VENV)/.installed

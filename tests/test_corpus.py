@@ -251,6 +251,7 @@ def test_output_dir_with_other_files_is_refused(tiny_export_dir, corpus, tmp_pat
 # ---- Ray ----
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_ray_run_matches_the_local_run(tiny_export_dir, corpus, tmp_path):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'embedforge[cluster]')")
     pytest.importorskip("ray.data", reason="ray[data] is not installed")

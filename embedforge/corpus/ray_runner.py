@@ -91,7 +91,9 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
         staging = Path(tempfile.mkdtemp(prefix=".ray-", dir=job.output))
         paths = [str(p.resolve()) for p in job.inputs]
         dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-        dataset = dataset.map_batches(read_one_file, batch_size=1, num_cpus=0.5,
+        # Reading and writing take no CPU reservation: the actors hold the cores, and a read or write task that
+        # waited for a free CPU would wait for ever (the actors live until the dataset is written).
+        dataset = dataset.map_batches(read_one_file, batch_size=1, num_cpus=0,
                                       fn_kwargs={"input_format": job.input_format, "text_field": job.text_field,
                                                  "id_field": job.id_field, "skip_bad": job.skip_bad})
         dataset = dataset.map_batches(
@@ -102,7 +104,7 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
                                    "dimensions": job.dimensions, "max_batch_tokens": job.max_batch_tokens,
                                    "max_batch_size": job.max_batch_size, "truncate": job.truncate})
         try:
-            dataset.write_parquet(str(staging), min_rows_per_file=job.shard_size)
+            dataset.write_parquet(str(staging), min_rows_per_file=job.shard_size, ray_remote_args={"num_cpus": 0})
             written = sorted(staging.glob("*.parquet"))
             shards = [job.output / SHARD_PATTERN.format(i) for i in range(len(written))]
             for source, target in zip(written, shards, strict=True):
