@@ -20,7 +20,7 @@ from test_server import ServerThread, make_texts
 from embedforge.client import EmbedClient
 from embedforge.corpus.command import embed_corpus_command
 from embedforge.corpus.output import JOB_FILE, MANIFEST_FILE
-from embedforge.corpus.reader import BadInputError, Problem, read_records, resolve_inputs
+from embedforge.corpus.reader import BadInputError, Problem, read_file, read_records, resolve_inputs, split_lines
 from embedforge.corpus.vectors import CorpusEmbedder, plan_batches
 from embedforge.server.runtime import OnnxEmbedder
 
@@ -98,6 +98,15 @@ def test_text_file_blank_line_is_an_empty_text_and_bad_utf8_is_named(tmp_path):
     problems: list[Problem] = []
     assert [r.id for r in read_records([path], "text", "document", None, True, problems)] == ["t.txt:1", "t.txt:3"]
     assert [(p.line, p.reason.split(" ")[0]) for p in problems] == [(2, "empty"), (4, "not")]
+
+
+def test_parts_of_a_file_read_the_same_records_with_their_line_numbers(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"document": f"text {i} é"}) + "\n" if i % 7 else "\n" for i in range(50)))
+    whole = list(read_file(path, "auto", "document", None, False, []))
+    parts = split_lines(path, 8)
+    assert [p[2] for p in parts] == [8] * 6 + [2]
+    assert [r for part in parts for r in read_file(path, "auto", "document", None, False, [], part)] == whole
 
 
 def test_resolve_inputs_globs_and_errors(tmp_path):

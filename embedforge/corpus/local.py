@@ -10,6 +10,7 @@ byte.
 from __future__ import annotations
 
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
         return Chunk(chunk, ids, lengths, truncated)
 
     shard_index = len(done_shards)
+    embed_started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="corpus-read") as reader, \
             tqdm(total=count, initial=done, unit="text", unit_scale=True, dynamic_ncols=True, smoothing=0.1,
                  disable=not job.progress, desc="embed-corpus") as bar:
@@ -77,6 +79,7 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
             shard_index += 1
     manifest = job.manifest(identity, count, problems, complete_shards(job.output), started,
                             {"runner": "local", "threads": embedder.runtime.threads, "resumed_after_rows": done,
-                             "embedded": count - done})
+                             "embedded": count - done,
+                             "embed_seconds": round(time.perf_counter() - embed_started, 3)})
     write_json_atomic(job.output / MANIFEST_FILE, manifest)
     return manifest

@@ -1,6 +1,7 @@
 """The Ray runner: the same job on a Ray cluster (or a local Ray instance) with Ray Data.
 
-    input files --(one read task per file)--> records --map_batches over an actor pool--> vectors --> Parquet
+    input files --(read tasks, PART_LINES lines each)--> records --map_batches over an actor pool--> vectors
+    --> Parquet
 
 Each actor holds one CorpusEmbedder (one ONNX Runtime session with `actor_threads` threads) and embeds each
 batch of records the way the local runner embeds a shard: length-sorted model batches, the same vectors up to
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ import pyarrow as pa
 
 from embedforge.corpus.job import CorpusJob
 from embedforge.corpus.output import MANIFEST_FILE, SHARD_PATTERN, shard_table
-from embedforge.corpus.reader import BadInputError, Problem, read_file
+from embedforge.corpus.reader import BadInputError, Problem, read_file, split_lines
 from embedforge.corpus.vectors import CorpusEmbedder
 from embedforge.io import write_json_atomic
 
-READ_BLOCK_ROWS = 1024
+PART_LINES = 512
+"""Lines per read task, and at most the texts per actor call: small enough to spread one file over many actors."""
 
 
 def import_ray():
@@ -40,13 +42,12 @@ def import_ray():
     return ray
 
 
-def read_one_file(batch: dict[str, np.ndarray], input_format: str, text_field: str, id_field: str | None,
-                  skip_bad: bool) -> Iterator[dict[str, list[str]]]:
-    """Ray Data map_batches function: one input file -> blocks of (id, text, source) rows."""
-    for path in batch["path"]:
-        records = read_file(Path(str(path)), input_format, text_field, id_field, skip_bad, [])
-        while block := [r for _, r in zip(range(READ_BLOCK_ROWS), records, strict=False)]:
-            yield {"id": [r.id for r in block], "text": [r.text for r in block], "source": [r.source for r in block]}
+def read_part(batch: dict[str, np.ndarray], input_format: str, text_field: str, id_field: str | None,
+              skip_bad: bool) -> dict[str, list[str]]:
+    """Ray Data map_batches function: one part of an input file -> its (id, text, source) rows."""
+    path, part = Path(str(batch["path"][0])), tuple(int(x) for x in batch["part"][0])
+    records = list(read_file(path, input_format, text_field, id_field, skip_bad, [], part))
+    return {"id": [r.id for r in records], "text": [r.text for r in records], "source": [r.source for r in records]}
 
 
 class EmbedActor:
@@ -89,20 +90,22 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
         for stale in job.output.glob("part-*.parquet"):  # an earlier run that died while moving its shards
             stale.unlink()
         staging = Path(tempfile.mkdtemp(prefix=".ray-", dir=job.output))
-        paths = [str(p.resolve()) for p in job.inputs]
-        dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+        parts = [{"path": str(path.resolve()), "part": list(part)} for path in job.inputs
+                 for part in split_lines(path, PART_LINES)]
+        dataset = ray.data.from_items(parts, override_num_blocks=len(parts))
         # Reading and writing take no CPU reservation: the actors hold the cores, and a read or write task that
         # waited for a free CPU would wait for ever (the actors live until the dataset is written).
-        dataset = dataset.map_batches(read_one_file, batch_size=1, num_cpus=0,
+        dataset = dataset.map_batches(read_part, batch_size=1, num_cpus=0,
                                       fn_kwargs={"input_format": job.input_format, "text_field": job.text_field,
                                                  "id_field": job.id_field, "skip_bad": job.skip_bad})
         dataset = dataset.map_batches(
-            EmbedActor, batch_size=min(job.shard_size, 2048), batch_format="pyarrow", num_cpus=actor_threads,
+            EmbedActor, batch_size=min(job.shard_size, PART_LINES), batch_format="pyarrow", num_cpus=actor_threads,
             compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={"model_dir": str(job.model_dir.resolve()), "precision": job.precision_name,
                                    "provider": job.provider_key, "threads": actor_threads,
                                    "dimensions": job.dimensions, "max_batch_tokens": job.max_batch_tokens,
                                    "max_batch_size": job.max_batch_size, "truncate": job.truncate})
+        embed_started = time.perf_counter()
         try:
             dataset.write_parquet(str(staging), min_rows_per_file=job.shard_size, ray_remote_args={"num_cpus": 0})
             written = sorted(staging.glob("*.parquet"))
@@ -121,7 +124,8 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
             ray.shutdown()
     manifest = job.manifest(identity, count, problems, shards, started,
                             {"runner": "ray", "ray_actors": actors, "ray_actor_threads": actor_threads,
-                             "ray_cluster_cpus": cpus, "embedded": count})
+                             "ray_cluster_cpus": cpus, "embedded": count,
+                             "embed_seconds": round(time.perf_counter() - embed_started, 3)})
     write_json_atomic(job.output / MANIFEST_FILE, manifest)
     return manifest
 

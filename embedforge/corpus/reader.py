@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,14 +123,17 @@ def parse_line(line: bytes, fmt: str, text_field: str, id_field: str | None,
 
 
 def read_file(path: Path, fmt: str, text_field: str, id_field: str | None, skip_bad: bool,
-              problems: list[Problem]) -> Iterator[Record]:
+              problems: list[Problem], part: tuple[int, int, int] | None = None) -> Iterator[Record]:
     """The records of one file in order; bad lines raise BadInputError, or with skip_bad go to `problems`.
 
+    part: (byte offset, its line number, line count) reads only those lines (see split_lines).
     Blank lines of a JSONL file are not records (nor problems); in a text file a blank line is an empty text.
     """
     fmt = file_format(path, fmt)
+    offset, first_line, count = part or (0, 1, None)
     with path.open("rb") as f:
-        for number, line in enumerate(f, start=1):
+        f.seek(offset)
+        for number, line in enumerate(itertools.islice(f, count), start=first_line):
             if fmt == "jsonl" and not line.strip():
                 continue
             parsed = parse_line(line, fmt, text_field, id_field, path.name, number)
@@ -140,6 +144,17 @@ def read_file(path: Path, fmt: str, text_field: str, id_field: str | None, skip_
             else:
                 raise BadInputError(parsed.describe(f"{path}:{number}")
                                     + "; fix the line or pass --skip-bad to leave such lines out")
+
+
+def split_lines(path: Path, lines_per_part: int) -> list[tuple[int, int, int]]:
+    """Cut a file into parts of lines_per_part lines: [(byte offset, first line number, line count)]."""
+    parts, offset, number = [], 0, 0
+    with path.open("rb") as f:
+        while lines := list(itertools.islice(f, lines_per_part)):
+            parts.append((offset, number + 1, len(lines)))
+            offset += sum(map(len, lines))
+            number += len(lines)
+    return parts
 
 
 def read_records(files: list[Path], fmt: str, text_field: str, id_field: str | None, skip_bad: bool,
