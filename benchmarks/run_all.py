@@ -26,6 +26,8 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, list[str]]]:
         ("Training speed vs sentence-transformers", ["train_speed.py", "--work-dir", str(work / WORK_DIRS[0]), *steps]),
         ("Export speed: PyTorch vs ONNX fp32 vs ONNX int8", ["export_speed.py"]),
         ("Serving throughput and latency", ["serve_throughput.py"]),
+        ("Embedding a corpus: embed-corpus vs raw ONNX Runtime, sentence-transformers and local Ray",
+         ["embed_corpus.py", *(["--sentences", "2000", "--docs", "32"] if quick else [])]),
         ("STS-B quality: base vs fine-tuned", ["quality_stsb.py", "--work-dir", str(work / WORK_DIRS[1]), *steps]),
     ]
 

@@ -286,3 +286,14 @@ def test_ray_run_matches_the_local_run(tiny_export_dir, corpus, tmp_path):
     assert ray_manifest["runner"] == "ray" and ray_manifest["ray_actors"] == 2
     assert (ray_manifest["count"], ray_manifest["truncated"]) == (local_manifest["count"], 1)
     assert not list(on_ray.glob(".ray-*"))
+
+
+def test_embed_corpus_never_imports_torch(tiny_export_dir, corpus, tmp_path):
+    script = (f"import sys\nfrom embedforge.cli import main\n"
+              f"try:\n    main(['embed-corpus', '--model-dir', {str(tiny_export_dir)!r}, '--input', "
+              f"{str(corpus[0])!r}, '--output', {str(tmp_path / 'out')!r}, '--no-progress'])\n"
+              f"except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+              f"assert 'torch' not in sys.modules, 'torch was imported'\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / MANIFEST_FILE).is_file()
