@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from test_server import ServerThread, make_texts
 
 from embedforge.client import EmbedClient
 from embedforge.corpus.command import embed_corpus_command
@@ -25,6 +25,19 @@ from embedforge.corpus.vectors import CorpusEmbedder, plan_batches
 from embedforge.server.runtime import OnnxEmbedder
 
 ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("the a is of to and in how what egg eggs boil water pasta salt minutes bread bake oven coffee tea cup "
+         "hot cold cook rice pan fry soup recipe kitchen knife onion garlic sauce sugar flour butter milk").split()
+
+
+def make_texts(count: int, seed: int, max_words: int = 40) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words)))) for _ in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_corpus(path: Path, texts: list[str], id_prefix: str = "doc") -> Path:
@@ -149,9 +162,18 @@ def test_vectors_equal_the_servers_embed(tiny_export_dir, corpus, tmp_path):
     run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", output, "--id-field", "doc_id",
             "--shard-size", "64", "--threads", "1")
     manifest, vectors, tokens = read_output(output)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "embedforge", "serve", "--model-dir", str(tiny_export_dir),
+                               "--port", str(port), "--threads", "1"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        with EmbedClient(f"127.0.0.1:{port}", timeout=60) as client:
+            client.wait_until_serving(60)
+            served = client.embed(texts)
+    finally:
+        server.terminate()
+        server.wait(30)
     runtime = OnnxEmbedder(tiny_export_dir, threads=1)
-    with ServerThread(runtime) as server, EmbedClient(server.target, timeout=60) as client:
-        served = client.embed(texts)
     ours = np.stack([vectors[f"doc-{i}"] for i in range(len(texts))])
     assert cosine_rows(ours, served.vectors).min() >= 0.99999
     assert [tokens[f"doc-{i}"] for i in range(len(texts))] == runtime.tokenize(texts).lengths
@@ -289,8 +311,8 @@ def test_ray_run_matches_the_local_run(tiny_export_dir, corpus, tmp_path):
 
 
 def test_embed_corpus_never_imports_torch(tiny_export_dir, corpus, tmp_path):
-    script = (f"import sys\nfrom embedforge.cli import main\n"
-              f"try:\n    main(['embed-corpus', '--model-dir', {str(tiny_export_dir)!r}, '--input', "
+    script = (f"import sys\nfrom embedforge.cli import cli\n"
+              f"try:\n    cli(['embed-corpus', '--model-dir', {str(tiny_export_dir)!r}, '--input', "
               f"{str(corpus[0])!r}, '--output', {str(tmp_path / 'out')!r}, '--no-progress'])\n"
               f"except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
               f"assert 'torch' not in sys.modules, 'torch was imported'\n")
