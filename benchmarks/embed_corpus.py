@@ -3,7 +3,7 @@
     python benchmarks/embed_corpus.py                     # exports the bundled model into a temp dir
     python benchmarks/embed_corpus.py --export-dir output/vector_model/export --rounds 3
 
-Corpora (JSONL, `document` field): the unique sentences of STS-B train+valid+test (STSB_DIR, default
+Corpora (JSONL, `document` field): the unique sentences of STS-B train+valid+test (--stsb-dir, default
 ../shared/data/stsb), and --docs documents of 512 tokens built by joining consecutive sentences (cut at 512).
 - embed-corpus: `embedforge embed-corpus` run in this process, timed end to end (model load, input scan and
   hash, tokenizing, embedding, Parquet shards, manifest): what a user waits for.
@@ -21,21 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-STSB_DIR = Path(os.environ.get("STSB_DIR", ROOT.parent / "shared" / "data" / "stsb"))
+from common import STSB_DIR, export_bundled, stsb_file
 
 
 def read_sentences(directory: Path) -> list[str]:
     texts: dict[str, None] = {}
     for split in ("train", "valid", "test"):
-        with (directory / f"stsb_{split}.jsonl").open() as f:
+        with stsb_file(split, directory).open() as f:
             for line in f:
                 record = json.loads(line)
                 texts[record["query"]] = None
@@ -119,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export-dir", type=Path, help="export with an fp32 model (default: export the bundled "
                         "model into a temp dir)")
+    parser.add_argument("--stsb-dir", type=Path, default=STSB_DIR)
     parser.add_argument("--sentences", type=int, default=None, help="use the first N sentences [default: all]")
     parser.add_argument("--docs", type=int, default=192, help="512-token documents to embed")
     parser.add_argument("--rounds", type=int, default=2)
@@ -126,7 +124,7 @@ def main() -> None:
     parser.add_argument("--no-st", action="store_true", help="leave out sentence-transformers")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    sentences = read_sentences(STSB_DIR)
+    sentences = read_sentences(args.stsb_dir)
     documents = build_documents(sentences, args.docs)
     sentences = sentences[: args.sentences]
     shard_size = 4096  # the command's default, which the raw ORT batches follow
@@ -136,10 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="corpus-bench-") as tmp:
         workdir = Path(tmp)
         if args.export_dir is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from serve_throughput import export_bundled
-
-            args.export_dir = export_bundled(workdir, sentences[:512])
+            args.export_dir = export_bundled(workdir, precisions=("fp32",), parity_texts=sentences[:256])
         ray = None
         if not args.no_ray:
             try:

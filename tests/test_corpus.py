@@ -156,6 +156,7 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", texts), texts
 
 
+@pytest.mark.slow
 def test_vectors_equal_the_servers_embed(tiny_export_dir, corpus, tmp_path):
     path, texts = corpus
     output = tmp_path / "out"
@@ -227,6 +228,7 @@ def test_dimensions_need_matryoshka_sizes_and_cut_and_renormalise(tiny_export_di
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_restart_after_sigkill_continues_and_matches_an_uninterrupted_run(tiny_export_dir, tmp_path):
     path = write_corpus(tmp_path / "big.jsonl", make_texts(12000, seed=5, max_words=60))
     args = ["--model-dir", str(tiny_export_dir), "--input", str(path), "--shard-size", "300", "--threads", "1",
@@ -310,6 +312,7 @@ def test_ray_run_matches_the_local_run(tiny_export_dir, corpus, tmp_path):
     assert not list(on_ray.glob(".ray-*"))
 
 
+@pytest.mark.slow
 def test_embed_corpus_never_imports_torch(tiny_export_dir, corpus, tmp_path):
     script = (f"import sys\nfrom embedforge.cli import cli\n"
               f"try:\n    cli(['embed-corpus', '--model-dir', {str(tiny_export_dir)!r}, '--input', "

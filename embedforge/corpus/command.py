@@ -55,7 +55,7 @@ EPILOG = """Examples:
 @option("ray_actors", type=click.IntRange(1), default=None, show_default=False,
         help="Embedding actors (one ONNX Runtime session each) [default: cluster CPUs / --ray-actor-threads].")
 @option("ray_actor_threads", type=click.IntRange(1), default=1, help="Intra-op threads of each actor's session.")
-@option("progress/--no-progress", "progress", default=True, help="Show a progress bar (texts/s, ETA).")
+@option("progress", off="no_progress", default=True, help="Show a progress bar (texts/s, ETA).")
 def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path, text_field: str,
                          id_field: str | None, input_format: str, skip_bad: bool, no_truncate: bool, precision: str,
                          provider: str, threads: int | None, dimensions: int | None, shard_size: int,

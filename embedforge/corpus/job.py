@@ -14,7 +14,8 @@ from pathlib import Path
 from embedforge.corpus.output import shard_stats
 from embedforge.corpus.reader import Problem, describe_file, file_sha256, read_records
 from embedforge.corpus.vectors import output_dims
-from embedforge.server.runtime import PROVIDERS, choose_precision, choose_provider, read_manifest
+from embedforge.onnxrt import PROVIDERS
+from embedforge.server.runtime import choose_precision, choose_provider, read_manifest
 
 
 @dataclass
