@@ -14,6 +14,7 @@ OUT, the inputs and the export directory must be paths that every node sees (a s
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -113,9 +114,9 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
             for source, target in zip(written, shards, strict=True):
                 os.replace(source, target)
         except Exception as exc:
-            bad = _find_cause(exc, BadInputError)
+            bad = _bad_input(exc)
             if bad is not None:
-                raise BadInputError(str(bad)) from exc
+                raise BadInputError(str(bad)) from None
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -130,13 +131,16 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
     return manifest
 
 
-def _find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of `kind` in exc's cause chain (Ray wraps errors raised in tasks and actors)."""
+def _bad_input(exc: BaseException) -> BadInputError | None:
+    """The BadInputError a read task or an actor raised, from Ray's wrapping of it (the original exception
+    object does not always survive the trip back: then its message is read from the remote traceback)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kind):
+        if isinstance(exc, BadInputError):
             return exc
+        found = re.search(r"BadInputError: (.+)", str(exc))
+        if found:
+            return BadInputError(found.group(1).strip())
         seen.add(id(exc))
         exc = exc.__cause__ or getattr(exc, "cause", None) or exc.__context__
     return None
-
