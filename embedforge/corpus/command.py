@@ -55,12 +55,12 @@ EPILOG = """Examples:
 @option("ray_actors", type=click.IntRange(1), default=None, show_default=False,
         help="Embedding actors (one ONNX Runtime session each) [default: cluster CPUs / --ray-actor-threads].")
 @option("ray_actor_threads", type=click.IntRange(1), default=1, help="Intra-op threads of each actor's session.")
-@option("progress", off="no_progress", default=True, help="Show a progress bar (texts/s, ETA).")
+@option("no_progress", is_flag=True, help="No progress bar (it shows texts/s and the ETA).")
 def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path, text_field: str,
                          id_field: str | None, input_format: str, skip_bad: bool, no_truncate: bool, precision: str,
                          provider: str, threads: int | None, dimensions: int | None, shard_size: int,
                          max_batch_tokens: int, max_batch_size: int, ray_address: str | None,
-                         ray_actors: int | None, ray_actor_threads: int, progress: bool) -> None:
+                         ray_actors: int | None, ray_actor_threads: int, no_progress: bool) -> None:
     """Embed a corpus (JSONL or plain-text files) into Parquet shards with an exported model."""
     from embedforge.corpus.job import CorpusJob
     from embedforge.corpus.output import JobMismatchError, prepare_output
@@ -77,7 +77,7 @@ def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path,
                         text_field=text_field, id_field=id_field, input_format=input_format, skip_bad=skip_bad,
                         truncate=not no_truncate, precision=precision, provider=provider, threads=threads,
                         dimensions=dimensions, shard_size=shard_size, max_batch_tokens=max_batch_tokens,
-                        max_batch_size=max_batch_size, progress=progress)
+                        max_batch_size=max_batch_size, progress=not no_progress)
         identity = job.identity("local" if ray_address is None else "ray")
         state = prepare_output(output, identity)
         if state == "complete":
