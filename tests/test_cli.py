@@ -42,3 +42,20 @@ def test_underscore_spellings_parse_to_the_same_values():
     assert (params["pack_tokens"], params["fast_cpu_dropout"], params["batch_size"]) == (False, False, 8)
     with pytest.raises(click.NoSuchOption):
         serve.make_context("serve", ["--max__batch_tokens", "1"])
+
+
+def test_a_one_word_switch_is_declared_once_with_both_off_spellings():
+    from click.testing import CliRunner
+
+    from embedforge.cli_options import option
+
+    @click.command()
+    @option("progress", off="no_progress", default=True)
+    def command(progress: bool) -> None:
+        click.echo(f"progress={progress}")
+
+    opt = next(param for param in command.params if param.name == "progress")
+    assert opt.opts == ["--progress"] and opt.secondary_opts == ["--no-progress", "--no_progress"]
+    assert CliRunner().invoke(command, ["--no_progress"]).output == "progress=False\n"
+    assert CliRunner().invoke(command, ["--no-progress"]).output == "progress=False\n"
+    assert CliRunner().invoke(command, []).output == "progress=True\n"
