@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("embedforge.export.cli", "export_command", "Export a checkpoint to optimized ONNX."),
     "serve": ("embedforge.server.cli", "serve_command", "Serve an ONNX export over gRPC."),
     "embed": ("embedforge.server.cli", "embed_command", "Embed texts with a running server."),
-    "loadtest": ("embedforge.loadtest_cli", "loadtest_command", "Load-test a running server."),
+    "loadtest": ("embedforge.loadtest.command", "loadtest_command", "Load-test a running server."),
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from embedforge.cli_options import option
-from embedforge.loadtest import (
+from embedforge.loadtest.engine import (
     Call,
     CallResult,
     LoadSpec,
@@ -142,7 +142,7 @@ def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate
 
     Example: embedforge loadtest --target 127.0.0.1:50051 --rate 50 --batch 1-16 --duration 10 --plot lt.png
     """
-    from embedforge import loadtest_report as report_io
+    from embedforge.loadtest import report as report_io
 
     try:
         if compare is not None:
