@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
+import os
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -253,3 +258,44 @@ def test_loadtest_drives_the_http_api(server, tmp_path):
     scored = CliRunner().invoke(loadtest_command, ["--target", target, "--rpc", "score", "--batch", "3",
                                                    "--requests", "5", "--warmup", "0"])
     assert scored.exit_code == 0, scored.output
+
+
+@pytest.mark.slow
+def test_serve_cli_http_port_drains_in_flight_call_on_sigterm(tiny_export_dir):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        http_port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "embedforge", "serve", "--model-dir", str(tiny_export_dir),
+                                "--port", "0", "--http-port", str(http_port), "--threads", "1", "--grace-s", "20"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        for _ in range(300):
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        body = json.dumps({"input": ["egg " * 500] * 300, "encoding_format": "base64"}).encode()
+        request = urllib.request.Request(url + "/v1/embeddings", data=body,
+                                         headers={"Content-Type": "application/json"})
+
+        def call() -> tuple[dict, float]:
+            reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+            return reply, time.monotonic()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(call)
+            time.sleep(0.3)  # 300 texts of 500 tokens on one thread: still computing at SIGTERM
+            process.send_signal(signal.SIGTERM)
+            sent_at = time.monotonic()
+            reply, finished_at = in_flight.result()
+        assert len(reply["data"]) == 300 and finished_at > sent_at
+        assert process.wait(30) == 0
+        assert "event=stopped" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
