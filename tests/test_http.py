@@ -140,7 +140,8 @@ def test_wrong_model_body_and_route(server):
     with pytest.raises(openai.NotFoundError) as info:
         sdk(server).embeddings.create(model="text-embedding-3-small", input="a")
     assert f"serves {MODEL!r}" in info.value.message and info.value.code == "model_not_found"
-    assert http(server, "/v1/embeddings", b"{not json")[0] == 400
+    status, headers, body = http(server, "/v1/embeddings", b"{not json", {"X-Request-Id": "req-7"})
+    assert status == 400 and "not valid JSON" in body["error"]["message"] and headers["X-Request-Id"] == "req-7"
     assert http(server, "/v1/embeddings", b"[1, 2]")[2]["error"]["message"] == "request body must be a JSON object"
     status, _, body = http(server, "/v1/embeddings", json.dumps({"input": ["x" * 70_000]}).encode())
     assert status == 413 and "limit is 65536 bytes" in body["error"]["message"]

@@ -170,11 +170,9 @@ class HttpApi:
         try:
             body = await self._json(request) if request.method == "POST" else {}
             response = await handler(body, request_id)
-            response.headers["X-Request-Id"] = request_id
-            return response
         except ApiError as exc:
             name = exc.name
-            return error_response(exc.status, exc.message, exc.param, exc.code)
+            response = error_response(exc.status, exc.message, exc.param, exc.code)
         except asyncio.CancelledError:
             name = "CANCELLED"
             raise
@@ -182,13 +180,15 @@ class HttpApi:
             name, message = status_of(exc, request_id)
             field = re.match(r"\w+", message)  # the core's messages start with the field they name
             param = field.group() if field and field.group() in body else None
-            return error_response(HTTP_STATUS[name], message, param)
+            response = error_response(HTTP_STATUS[name], message, param)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
             if self._on_call is not None:
                 self._on_call("http", rpc, name, time.monotonic() - started)
+        response.headers["X-Request-Id"] = request_id
+        return response
 
     async def _json(self, request: web.Request) -> dict:
         """The body as a JSON object; aiohttp stops reading at client_max_size (HTTP 413) before it is parsed."""
