@@ -29,6 +29,8 @@ larger ones go to the tokenizer thread so that the loop never stalls."""
 
 TimingObserver = Callable[[float, float, float], None]
 """(queue_s, tokenize_s, inference_s) for every successful Embed/Score call."""
+CallObserver = Callable[[str, str, str, float], None]
+"""(protocol, rpc name, status name, seconds) for every finished call of either protocol, e.g. to update metrics."""
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,7 @@ import prometheus_client as prom
 from aiohttp import web
 
 from embedforge import __version__
-from embedforge.server.core import EmbeddingCore, Timing, status_of
-
-CallObserver = Callable[[str, str, str, float], None]
-"""(protocol, rpc name, status name, seconds) for every finished call."""
+from embedforge.server.core import CallObserver, EmbeddingCore, Timing, status_of
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}

@@ -19,10 +19,7 @@ from google.protobuf.message import Message
 from embedforge import __version__
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
-from embedforge.server.core import EmbeddingCore, Timing, status_of
-
-CallObserver = Callable[[str, str, str, float], None]
-"""(protocol, rpc name, status name, seconds) for every finished call, e.g. to update metrics."""
+from embedforge.server.core import CallObserver, EmbeddingCore, Timing, status_of
 
 
 def timing_message(timing: Timing) -> pb.Timing:
