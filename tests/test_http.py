@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 from click.testing import CliRunner
-from helpers import HookedEmbedder, ServerThread
+from helpers import HookedEmbedder, ServerThread, free_port
 
 from embedforge.client import EmbedClient
 from embedforge.loadtest.command import loadtest_command
@@ -29,11 +28,6 @@ from embedforge.server.runtime import OnnxEmbedder
 
 MODEL = "tiny-random-bert"  # the tiny export's model name (the served model's id)
 TEXTS = ["how to boil an egg", "bake the bread in a hot oven", "hot water and coffee in a cup"]
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_export_dir) -> OnnxEmbedder:
-    return OnnxEmbedder(tiny_export_dir, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +257,7 @@ def test_loadtest_drives_the_http_api(server, tmp_path):
 
 @pytest.mark.slow
 def test_serve_cli_http_port_drains_in_flight_call_on_sigterm(tiny_export_dir):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        http_port = sock.getsockname()[1]
+    http_port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "embedforge", "serve", "--model-dir", str(tiny_export_dir),
                                 "--port", "0", "--http-port", str(http_port), "--threads", "1", "--grace-s", "20"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
