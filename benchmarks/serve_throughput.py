@@ -10,15 +10,22 @@ Texts: the unique sentences of STS-B test (../shared/data/stsb/stsb_test.jsonl),
 - server: `embedforge serve` in a subprocess (--threads), driven from this process by --clients concurrent
   asyncio clients, each sending --texts-per-call texts per Embed call, until every text was sent once.
 Engines run interleaved for --rounds rounds and the median counts, so a busy moment hits all of them alike.
-- latency: one client, one text per call, sequential; p50 and p99 of the client-side wall time.
+- HTTP: the same server's OpenAI-compatible API (`--http-port`, same batcher), driven the same way by aiohttp
+  clients posting /v1/embeddings with encoding_format=base64 (the openai SDK's default), vectors decoded.
+- latency: one client, one text per call, sequential; p50 and p99 of the client-side wall time (gRPC, and HTTP
+  over one keep-alive connection).
 - serialization: encode + decode of 32 x 384 vectors as packed bytes vs `repeated float`.
-Goals: server/raw-ORT >= 0.85, server/ST >= 1.4 (fp32), int8 server/ST >= 2, single-text p50 <= 4 ms.
+Goals: server/raw-ORT >= 0.85, server/ST >= 1.4 (fp32), int8 server/ST >= 2, single-text p50 <= 4 ms,
+HTTP/gRPC texts/s >= 0.85 and HTTP single-text p50 within 1 ms of gRPC's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import functools
+import http.client
 import json
 import os
 import socket
@@ -120,20 +127,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(export_dir: Path, precision: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(export_dir: Path, precision: str, threads: int,
+                 extra: list[str]) -> tuple[subprocess.Popen, str, int]:
+    """`embedforge serve` with gRPC and the HTTP API; (process, gRPC target, HTTP port) once SERVING."""
     from embedforge.client import EmbedClient
 
-    port = free_port()
+    port, http_port = free_port(), free_port()
     command = [sys.executable, "-m", "embedforge", "serve", "--model-dir", str(export_dir), "--port", str(port),
-               "--precision", precision, "--provider", "cpu", "--threads", str(threads), "--log-level", "warning",
-               *extra]
+               "--http-port", str(http_port), "--precision", precision, "--provider", "cpu", "--threads",
+               str(threads), "--log-level", "warning", *extra]
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     target = f"127.0.0.1:{port}"
     with EmbedClient(target, timeout=1) as client:
         for _ in range(600):
             try:
                 if client.health() == "SERVING":
-                    return process, target
+                    return process, target, http_port
             except Exception:  # not listening yet
                 if process.poll() is not None:
                     sys.exit(f"server exited with {process.returncode}")
@@ -164,20 +173,62 @@ async def drive(target: str, texts: list[str], clients: int, per_call: int, pass
         return total / (time.perf_counter() - start)
 
 
-def single_text_latency(target: str, texts: list[str], calls: int) -> tuple[float, float]:
+def decode_http(payload: bytes, count: int) -> np.ndarray:
+    data = json.loads(payload)["data"]
+    assert len(data) == count
+    return np.stack([np.frombuffer(base64.b64decode(item["embedding"]), "<f4") for item in data])
+
+
+async def drive_http(port: int, texts: list[str], clients: int, per_call: int) -> float:
+    """As `drive`, over the HTTP API: POST /v1/embeddings (base64), one keep-alive connection per client."""
+    import aiohttp
+
+    calls = [texts[i: i + per_call] for i in range(0, len(texts), per_call)]
+    next_call = iter(range(len(calls)))
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async def embed(batch: list[str]) -> int:
+            async with session.post(url, json={"input": batch, "encoding_format": "base64"}) as response:
+                assert response.status == 200, await response.text()
+                return decode_http(await response.read(), len(batch)).shape[0]
+
+        async def worker() -> int:
+            return sum([await embed(calls[i]) for i in next_call])
+
+        await asyncio.gather(*(embed(c) for c in calls[:clients]))  # warm-up
+        start = time.perf_counter()
+        total = sum(await asyncio.gather(*(worker() for _ in range(clients))))
+        return total / (time.perf_counter() - start)
+
+
+def single_text_latency(target: str, http_port: int, texts: list[str], calls: int) -> dict[str, tuple[float, float]]:
+    """p50 and p99 ms of one-text calls over gRPC and over HTTP (one keep-alive connection), interleaved."""
     from embedforge.client import EmbedClient
 
+    connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+
+    def over_http(text: str) -> None:
+        connection.request("POST", "/v1/embeddings", json.dumps({"input": [text], "encoding_format": "base64"}),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        decode_http(response.read(), 1)
+
     rng = np.random.default_rng(0)
+    times: dict[str, list[float]] = {"grpc": [], "http": []}
     with EmbedClient(target, timeout=10) as client:
+        embed = {"grpc": lambda text: client.embed([text]), "http": over_http}
         for text in texts[:20]:
-            client.embed([text])
-        times = []
+            for fn in embed.values():
+                fn(text)
         for i in rng.integers(0, len(texts), size=calls):
-            start = time.perf_counter()
-            client.embed([texts[i]])
-            times.append(time.perf_counter() - start)
-    p50, p99 = np.percentile(np.array(times) * 1e3, [50, 99])
-    return float(p50), float(p99)
+            for name, fn in embed.items():
+                start = time.perf_counter()
+                fn(texts[i])
+                times[name].append(time.perf_counter() - start)
+    connection.close()
+    return {name: tuple(float(x) for x in np.percentile(np.array(t) * 1e3, [50, 99])) for name, t in times.items()}
 
 
 def main() -> None:
@@ -193,6 +244,8 @@ def main() -> None:
     parser.add_argument("--raw-batch", type=int, default=32)
     parser.add_argument("--latency-calls", type=int, default=500)
     parser.add_argument("--server-args", default="", help="extra `embedforge serve` options, e.g. '--max-wait-ms 0'")
+    parser.add_argument("--protocols-only", action="store_true", help="measure only the server, over gRPC and "
+                        "HTTP (no raw ORT / sentence-transformers anchors): quicker on a busy host")
     args = parser.parse_args()
 
     texts = read_texts(args.data)
@@ -205,15 +258,17 @@ def main() -> None:
         export_dir = args.export_dir or export_bundled(Path(workdir), parity_texts=texts[:256])
         exported = json.loads((export_dir / "manifest.json").read_text())["models"]
         precisions = [p for p in ("fp32", "int8") if p in exported]
-        try:
-            engines: dict[str, object] = {"st": SentenceTransformersEncode(texts, args.threads)}
-        except ImportError:
-            engines = {}
-            print("sentence-transformers is not installed: no ST comparison")
+        engines: dict[str, object] = {}
+        if not args.protocols_only:
+            try:
+                engines["st"] = SentenceTransformersEncode(texts, args.threads)
+            except ImportError:
+                print("sentence-transformers is not installed: no ST comparison")
         servers = {}
         try:
             for precision in precisions:
-                engines[f"raw-{precision}"] = RawOrt(export_dir, precision, texts, args.threads, args.raw_batch)
+                if not args.protocols_only:
+                    engines[f"raw-{precision}"] = RawOrt(export_dir, precision, texts, args.threads, args.raw_batch)
                 servers[precision] = start_server(export_dir, precision, args.threads, args.server_args.split())
             runs: dict[str, list[float]] = {}
             cpu_ms: dict[str, list[float]] = {}  # CPU ms per text: server process vs raw ORT in this process
@@ -222,21 +277,51 @@ def main() -> None:
                     runs.setdefault(name, []).append(engine.texts_per_s())
                     if isinstance(engine, RawOrt):
                         cpu_ms.setdefault(name, []).append(engine.cpu_ms_per_text)
-                for precision, (process, target) in servers.items():
-                    cpu = process_cpu_s(process.pid)
-                    runs.setdefault(f"server-{precision}", []).append(
-                        asyncio.run(drive(target, texts, args.clients, args.texts_per_call, passes=1)))
-                    cpu_ms.setdefault(f"server-{precision}", []).append(
-                        (process_cpu_s(process.pid) - cpu) * 1e3 / len(texts))
+                for precision, (process, target, http_port) in servers.items():
+                    protocols = {"server": functools.partial(drive, target, texts, args.clients, args.texts_per_call),
+                                 "http": functools.partial(drive_http, http_port, texts, args.clients,
+                                                           args.texts_per_call)}
+                    for kind in sorted(protocols, reverse=bool(round_index % 2)):  # alternate which goes first
+                        cpu, client_cpu = process_cpu_s(process.pid), time.process_time()
+                        runs.setdefault(f"{kind}-{precision}", []).append(asyncio.run(protocols[kind]()))
+                        cpu_ms.setdefault(f"{kind}-{precision}", []).append(
+                            (process_cpu_s(process.pid) - cpu) * 1e3 / len(texts))
+                        cpu_ms.setdefault(f"client-{kind}-{precision}", []).append(
+                            (time.process_time() - client_cpu) * 1e3 / len(texts))
                 print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()),
                       flush=True)
-            latency = {p: single_text_latency(target, texts, args.latency_calls) for p, (_, target) in servers.items()}
+            latency = {p: single_text_latency(target, http_port, texts, args.latency_calls)
+                       for p, (_, target, http_port) in servers.items()}
         finally:
-            for process, _ in servers.values():
+            for process, _, _ in servers.values():
                 process.terminate()
                 process.wait(30)
 
     best = {name: float(np.median(values)) for name, values in runs.items()}
+    if not args.protocols_only:
+        print_anchor_table(args, precisions, best, latency, cpu_ms)
+    print(f"\nHTTP API vs gRPC on the same server (same batcher), {args.clients} clients x {args.texts_per_call} "
+          f"texts/call, median of {args.rounds} rounds (the order alternates); HTTP/gRPC: median of the rounds' ratios")
+    print("precision  gRPC t/s  HTTP t/s  HTTP/gRPC  server CPU ms/text gRPC HTTP  client gRPC HTTP  "
+          "gRPC p50 ms  HTTP p50 ms  HTTP-gRPC p50 ms")
+    for precision in precisions:
+        grpc_tps, http_tps = best[f"server-{precision}"], best[f"http-{precision}"]
+        ratio = float(np.median(np.array(runs[f"http-{precision}"]) / np.array(runs[f"server-{precision}"])))
+        cpu = {key: float(np.median(cpu_ms[f"{key}-{precision}"]))
+               for key in ("server", "http", "client-server", "client-http")}
+        grpc_p50, http_p50 = latency[precision]["grpc"][0], latency[precision]["http"][0]
+        print(f"{precision:9}  {grpc_tps:8.0f}  {http_tps:8.0f}  {ratio:9.2f}  {cpu['server']:23.2f} {cpu['http']:4.2f}"
+              f"  {cpu['client-server']:11.2f} {cpu['client-http']:4.2f}  {grpc_p50:11.2f}  {http_p50:11.2f}  "
+              f"{http_p50 - grpc_p50:16.2f}")
+    print("server CPU ms/text: the server process's CPU time per text (all threads); client: this process's (the "
+          "load generator's), on the same cores")
+    print("goals: fp32 server/raw >= 0.85, fp32 server/ST >= 1.4, int8 server/ST >= 2.0, p50 <= 4 ms, "
+          "HTTP/gRPC >= 0.85, HTTP p50 - gRPC p50 <= 1 ms")
+
+
+def print_anchor_table(args: argparse.Namespace, precisions: list[str], best: dict[str, float],
+                       latency: dict, cpu_ms: dict[str, list[float]]) -> None:
+    """The server over gRPC against raw ONNX Runtime and sentence-transformers."""
     st = best.get("st")
     print(f"\ntexts/s, median of {args.rounds} interleaved rounds; server: {args.clients} clients x "
           f"{args.texts_per_call} texts/call; raw ORT: length-sorted batches of {args.raw_batch}; "
@@ -244,14 +329,13 @@ def main() -> None:
     print("precision  server t/s  raw ORT t/s  server/raw  server/ST  p50 ms  p99 ms  CPU ms/text server raw")
     for precision in precisions:
         served, raw = best[f"server-{precision}"], best[f"raw-{precision}"]
-        p50, p99 = latency[precision]
+        p50, p99 = latency[precision]["grpc"]
         vs_st = f"{served / st:9.2f}" if st else "      n/a"
         cpu_server, cpu_raw = (float(np.median(cpu_ms[f"{k}-{precision}"])) for k in ("server", "raw"))
         print(f"{precision:9}  {served:10.0f}  {raw:11.0f}  {served / raw:10.2f}  {vs_st}  {p50:6.2f}  {p99:6.2f}"
               f"  {cpu_server:17.2f} {cpu_raw:4.2f}")
     print("CPU ms/text: CPU time per text of the server process (all its threads) and of raw ORT; on a shared "
           "machine it shows the server's own cost better than texts/s do")
-    print("goals: fp32 server/raw >= 0.85, fp32 server/ST >= 1.4, int8 server/ST >= 2.0, p50 <= 4 ms")
 
 
 if __name__ == "__main__":

@@ -80,14 +80,17 @@ class ServerInfo:
     max_wait_ms: float
     min_batch_tokens: int
     server_version: str
+    matryoshka_dims: tuple[int, ...]  # vector sizes the model was trained for; empty: full vectors only
+    any_dimensions: bool  # the server accepts any `dimensions` (lossy for a model not trained for it)
 
 
 # ---- building requests and decoding responses (shared by the sync and async clients) ----
 
-def build_embed_request(texts: Sequence[str], truncate: bool = True, normalize: bool = True) -> pb.EmbedRequest:
+def build_embed_request(texts: Sequence[str], truncate: bool = True, normalize: bool = True,
+                        dimensions: int | None = None) -> pb.EmbedRequest:
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
-    return pb.EmbedRequest(texts=list(texts), truncate=truncate, normalize=normalize)
+    return pb.EmbedRequest(texts=list(texts), truncate=truncate, normalize=normalize, dimensions=dimensions)
 
 
 def build_score_request(query: str, documents: Sequence[str], top_k: int = 0,
@@ -119,7 +122,8 @@ def decode_info_response(r: pb.InfoResponse) -> ServerInfo:
     lim = r.limits
     return ServerInfo(r.model_name, r.dim, r.max_length, r.precision, r.provider, r.pooling,
                       lim.max_texts_per_request, lim.max_chars_per_text, lim.max_batch_tokens,
-                      lim.max_queue_tokens, lim.max_wait_ms, lim.min_batch_tokens, r.server_version)
+                      lim.max_queue_tokens, lim.max_wait_ms, lim.min_batch_tokens, r.server_version,
+                      tuple(r.matryoshka_dims), r.any_dimensions)
 
 
 # ---- channels ----
@@ -174,8 +178,9 @@ class EmbedClient:
         return self.timeout if deadline_s is None else deadline_s
 
     def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
-              deadline_s: float | None = None) -> EmbedResult:
-        request = build_embed_request(texts, truncate, normalize)
+              deadline_s: float | None = None, dimensions: int | None = None) -> EmbedResult:
+        """dimensions: the first d values of each vector, renormalised (for a model trained for it)."""
+        request = build_embed_request(texts, truncate, normalize, dimensions)
         response = self._stub.Embed(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
         return decode_embed_response(response)
 
@@ -234,8 +239,8 @@ class AsyncEmbedClient:
         return self.timeout if deadline_s is None else deadline_s
 
     async def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
-                    deadline_s: float | None = None) -> EmbedResult:
-        request = build_embed_request(texts, truncate, normalize)
+                    deadline_s: float | None = None, dimensions: int | None = None) -> EmbedResult:
+        request = build_embed_request(texts, truncate, normalize, dimensions)
         response = await self._stub.Embed(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
         return decode_embed_response(response)
 

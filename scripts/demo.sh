@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=${DEMO_OUT:-output/demo}
 PORT=${DEMO_PORT:-50151}
+HTTP_PORT=${DEMO_HTTP_PORT:-50152}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 rm -rf "$OUT"
@@ -24,13 +25,28 @@ $BIN/embedforge evaluate --model-name all-MiniLM-L6-v2 --test-path embedforge/sa
 step "export: best checkpoint to ONNX fp32 + int8, parity against PyTorch"
 $BIN/embedforge export --save-path "$OUT/model" --precision fp32 --precision int8
 
-step "serve: gRPC on 127.0.0.1:$PORT (background)"
-$BIN/embedforge serve --save-path "$OUT/model" --port "$PORT" > "$OUT/server.log" 2>&1 &
+step "serve: gRPC on 127.0.0.1:$PORT, the OpenAI-compatible HTTP API on 127.0.0.1:$HTTP_PORT (background)"
+$BIN/embedforge serve --save-path "$OUT/model" --port "$PORT" --http-port "$HTTP_PORT" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 
 step "embed: one call from the command line"
 $BIN/embedforge embed --target "127.0.0.1:$PORT" --wait-ready 60 "how long to boil an egg" | cut -c1-160
+
+step "openai SDK: one call to POST /v1/embeddings"
+$BIN/python - "$HTTP_PORT" <<'PY'
+import sys
+
+import openai
+
+client = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="unused")
+model = client.models.list().data[0].id
+response = client.embeddings.create(model=model, input=["how long to boil an egg", "eggs boil in 7 minutes"])
+for item in response.data:
+    print(f"model {response.model}  input {item.index}  dim {len(item.embedding)}  "
+          f"[{', '.join(f'{x:.4f}' for x in item.embedding[:5])}, ...]")
+print(f"usage: {response.usage.prompt_tokens} tokens")
+PY
 
 step "loadtest: 8 concurrent callers, 8 texts a call, 5 s"
 $BIN/embedforge loadtest --target "127.0.0.1:$PORT" --concurrency 8 --batch 8 --duration 5 --warmup 1 \

@@ -28,10 +28,9 @@ LAYERS = {
     "testing": 2, "evaluate": 2, "server": 2,
     "train": 3, "export": 3, "loadtest": 3, "corpus": 3,
     "cli": 4, "__main__": 5,
-    "loadtest_report": 3.1, "loadtest_cli": 3.2,  # until loadtest is a package
 }
 TORCH_FREE = {"io", "tokenization", "onnxrt", "data", "sample_data", "cli_options", "_proto", "client", "server",
-              "loadtest", "corpus", "cli", "__main__", "loadtest_cli", "loadtest_report"}
+              "loadtest", "corpus", "cli", "__main__"}
 TORCH_LIBRARIES = {"torch", "transformers", "sentence_transformers", "safetensors"}
 
 

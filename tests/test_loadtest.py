@@ -36,8 +36,8 @@ from embedforge.loadtest import (
     run_sweep,
     synthetic_texts,
 )
-from embedforge.loadtest_cli import loadtest_command
-from embedforge.loadtest_report import (
+from embedforge.loadtest.command import loadtest_command
+from embedforge.loadtest.report import (
     compare_rows,
     format_compare,
     format_report,

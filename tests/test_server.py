@@ -144,7 +144,7 @@ def test_metrics_endpoint(server, client):
     client.embed(["hot tea"])
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read()
     text = body.decode()
-    assert 'embedforge_requests_total{code="OK",rpc="Embed"}' in text
+    assert 'embedforge_requests_total{code="OK",protocol="grpc",rpc="Embed"}' in text
     for name in ("embedforge_batch_size_bucket", "embedforge_batch_tokens_bucket", "embedforge_queue_tokens",
                  'embedforge_stage_seconds_count{stage="tokenize"}', "embedforge_request_seconds_bucket"):
         assert name in text
@@ -162,6 +162,7 @@ def test_metrics_endpoint(server, client):
     (lambda c: c.score("query", []), "documents is empty"),
     (lambda c: c.score("query", ["doc", ""]), "documents[1] is empty"),
     (lambda c: c.score("query", ["doc", "egg " * 600], truncate=False), "documents[1] is longer"),
+    (lambda c: c.embed(["a"], dimensions=8), "not trained for truncated vectors"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_item(client, call, message):
     error = rpc_error(call, client)

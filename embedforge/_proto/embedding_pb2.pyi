@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "truncate", "normalize")
+    __slots__ = ("texts", "truncate", "normalize", "dimensions")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     truncate: bool
     normalize: bool
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ...) -> None: ...
+    dimensions: int
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("vectors", "dim", "count", "usage", "timing")
@@ -59,7 +61,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "dim", "max_length", "precision", "provider", "pooling", "limits", "server_version")
+    __slots__ = ("model_name", "dim", "max_length", "precision", "provider", "pooling", "limits", "server_version", "matryoshka_dims", "any_dimensions")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +70,8 @@ class InfoResponse(_message.Message):
     POOLING_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MATRYOSHKA_DIMS_FIELD_NUMBER: _ClassVar[int]
+    ANY_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     dim: int
     max_length: int
@@ -76,7 +80,9 @@ class InfoResponse(_message.Message):
     pooling: str
     limits: Limits
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    matryoshka_dims: _containers.RepeatedScalarFieldContainer[int]
+    any_dimensions: bool
+    def __init__(self, model_name: _Optional[str] = ..., dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., matryoshka_dims: _Optional[_Iterable[int]] = ..., any_dimensions: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_texts_per_request", "max_chars_per_text", "max_batch_tokens", "max_queue_tokens", "max_wait_ms", "min_batch_tokens")

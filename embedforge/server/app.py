@@ -1,4 +1,4 @@
-"""Server lifecycle: grpc.aio server, health, reflection, API key, TLS, Prometheus metrics, graceful drain.
+"""Server lifecycle: grpc.aio server (+ the HTTP API), health, reflection, API key, TLS, metrics, graceful drain.
 
     server = EmbeddingServer(embedder, ServeConfig(port=0))
     port = await server.start()      # listen() + load(): returns once the model is warmed up and SERVING
@@ -12,6 +12,9 @@ or, to answer health checks while a slow model loads:
     await server.load(make_embedder) # builds the model in a worker thread, warms it up, then SERVING
 
 `run_server` does the latter for the command line and drains on SIGTERM/SIGINT.
+
+With `http_port` set, the OpenAI-compatible HTTP API (server/http.py) listens too, on the same event loop and
+the same `EmbeddingCore` (so the same batcher, queue, limits and metrics) as gRPC.
 """
 
 from __future__ import annotations
@@ -33,18 +36,15 @@ from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
 from embedforge.server.batcher import Batcher, BatchStats
 from embedforge.server.config import ServeConfig
+from embedforge.server.core import EmbeddingCore, Limits
 from embedforge.server.embedder import Embedder
-from embedforge.server.service import EmbeddingServicer, Limits
+from embedforge.server.http import HttpApi
+from embedforge.server.service import EmbeddingServicer
 
 log = logging.getLogger("embedforge.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
-]
 
 
 class Metrics:
@@ -53,8 +53,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = prom.CollectorRegistry()
         r = self.registry
-        self.requests = prom.Counter("embedforge_requests", "Finished RPCs", ["rpc", "code"], registry=r)
-        self.latency = prom.Histogram("embedforge_request_seconds", "RPC latency", ["rpc"], registry=r,
+        self.requests = prom.Counter("embedforge_requests", "Finished calls (code: the gRPC status name, also "
+                                     "for HTTP)", ["protocol", "rpc", "code"], registry=r)
+        self.latency = prom.Histogram("embedforge_request_seconds", "Call latency", ["protocol", "rpc"], registry=r,
                                       buckets=(.001, .002, .004, .008, .016, .032, .064, .128, .256, .512, 1, 2, 4, 8))
         self.stage = prom.Histogram("embedforge_stage_seconds", "Time per call in each stage", ["stage"], registry=r,
                                     buckets=(.0001, .0005, .001, .002, .004, .008, .016, .032, .064, .128, .256, 1, 4))
@@ -72,9 +73,9 @@ class Metrics:
         queue_texts = prom.Gauge("embedforge_queue_texts", "Texts waiting for a batch", registry=r)
         queue_texts.set_function(lambda: batcher.queued_texts)
 
-    def on_call(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.requests.labels(rpc, code.name).inc()
-        self.latency.labels(rpc).observe(seconds)
+    def on_call(self, protocol: str, rpc: str, code: str, seconds: float) -> None:
+        self.requests.labels(protocol, rpc, code).inc()
+        self.latency.labels(protocol, rpc).observe(seconds)
 
     def on_timing(self, queue_s: float, tokenize_s: float, inference_s: float) -> None:
         self.stage.labels("queue").observe(queue_s)
@@ -144,6 +145,7 @@ class EmbeddingServer:
         self.config = config
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http: HttpApi | None = None
         self.batcher: Batcher | None = None
         self._metrics_http = None
         self._draining = False
@@ -164,12 +166,15 @@ class EmbeddingServer:
             raise ValueError("TLS needs both a certificate and a key")
         self.metrics = Metrics()
         limits = Limits(cfg.max_texts_per_request, cfg.max_chars_per_text)
-        self.servicer = EmbeddingServicer(limits, on_call=self.metrics.on_call, on_timing=self.metrics.on_timing)
+        self.core = EmbeddingCore(limits, cfg.allow_any_dimensions, on_timing=self.metrics.on_timing)
+        self.servicer = EmbeddingServicer(self.core, on_call=self.metrics.on_call)
         self.health = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        options = [("grpc.max_receive_message_length", cfg.max_request_bytes),
+                   ("grpc.max_send_message_length", cfg.max_request_bytes), ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -189,9 +194,14 @@ class EmbeddingServer:
             self._metrics_http, _ = prom.start_http_server(cfg.metrics_port, addr=cfg.host,
                                                            registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
+        if cfg.http_port is not None:
+            self.http = HttpApi(self.core, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
+                                registry=self.metrics.registry, on_call=self.metrics.on_call)
+            await self.http.start(cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)
         await self.server.start()
-        log.info("event=listening address=%s:%d tls=%s api_key=%s metrics_port=%s", cfg.host, self.port,
-                 cfg.tls_cert is not None, bool(cfg.api_key), self.metrics_port)
+        log.info("event=listening address=%s:%d tls=%s api_key=%s metrics_port=%s http_port=%s", cfg.host,
+                 self.port, cfg.tls_cert is not None, bool(cfg.api_key), self.metrics_port,
+                 self.http.port if self.http is not None else None)
         return self.port
 
     async def load(self, make_embedder: Callable[[], Embedder] | None = None) -> None:
@@ -222,11 +232,12 @@ class EmbeddingServer:
                                on_batch=self.metrics.on_batch)
         self.metrics.watch_queue(self.batcher)
         self.batcher.start()
-        self.servicer.attach(self.embedder, self.batcher)
+        self.core.attach(self.embedder, self.batcher)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("event=serving address=%s:%d model=%s precision=%s provider=%s unnormalized_output=%s",
-                 cfg.host, self.port, info.model_name, info.precision, info.provider, info.unnormalized)
+        log.info("event=serving address=%s:%d model=%s precision=%s provider=%s unnormalized_output=%s "
+                 "matryoshka_dims=%s", cfg.host, self.port, info.model_name, info.precision, info.provider,
+                 info.unnormalized, ",".join(map(str, info.matryoshka_dims)) or "none")
 
     async def drain(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within grace_s, then stop everything."""
@@ -235,11 +246,11 @@ class EmbeddingServer:
         log.info("event=draining grace_s=%s queued_texts=%d", grace,
                  self.batcher.queued_texts if self.batcher is not None else 0)
         await self.health.enter_graceful_shutdown()
-        self.servicer.draining = True
-        await self.server.stop(grace)
+        self.core.draining = True
+        await asyncio.gather(self.server.stop(grace), *([self.http.drain(grace)] if self.http is not None else []))
         if self.batcher is not None:
             await self.batcher.stop()
-        self.servicer.close()
+        self.core.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

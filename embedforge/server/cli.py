@@ -21,7 +21,8 @@ from embedforge.server.config import (
 )
 
 DEFAULTS = ServeConfig()
-SERVE_EPILOG = """Example: embedforge serve --save-path ./output/vector_model --port 50051 --metrics-port 9100"""
+SERVE_EPILOG = """Example: embedforge serve --save-path ./output/vector_model --port 50051 --http-port 8080
+--metrics-port 9100"""
 
 
 def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
@@ -44,7 +45,13 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @option("save_path", type=click.Path(path_type=Path, file_okay=False),
         help="Training output directory; serves its export (<save-path>/export).")
 @option("host", default=DEFAULTS.host, help="Address to bind.")
-@option("port", default=DEFAULTS.port, type=click.IntRange(0, 65535))
+@option("port", default=DEFAULTS.port, type=click.IntRange(0, 65535), help="gRPC port.")
+@option("http_port", type=click.IntRange(0, 65535), default=DEFAULTS.http_port,
+        help="Also serve the OpenAI-compatible HTTP API (/v1/embeddings, /v1/rerank, /v1/models, /health, "
+        "/metrics) on this port, same host, TLS and API key [default: off].")
+@option("allow_any_dimensions", is_flag=True, default=DEFAULTS.allow_any_dimensions,
+        help="Accept `dimensions` (truncated, renormalised vectors) for a model whose export records no "
+        "matryoshka_dims. Lossy: a model not trained for it ranks worse on truncated vectors.")
 @option("precision", type=click.Choice(["auto", "fp32", "int8", "fp16"]), default=DEFAULTS.precision,
         help="Which exported model; auto = fp16 on CUDA, else fp32.")
 @option("provider", type=click.Choice(["auto", "cpu", "cuda"]), default=DEFAULTS.provider,
@@ -66,6 +73,8 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
         help=f"Queued tokens before RESOURCE_EXHAUSTED [default: {QUEUE_BATCHES} x max-batch-tokens].")
 @option("max_texts_per_request", type=click.IntRange(1), default=DEFAULTS.max_texts_per_request)
 @option("max_chars_per_text", type=click.IntRange(1), default=DEFAULTS.max_chars_per_text)
+@option("max_request_bytes", type=click.IntRange(1), default=DEFAULTS.max_request_bytes,
+        help="Largest gRPC message or HTTP body; a larger HTTP body gets 413 before it is parsed.")
 @option("metrics_port", type=click.IntRange(0, 65535), default=DEFAULTS.metrics_port,
         help="Serve Prometheus metrics on this port (same host).")
 @option("grace_s", type=click.FloatRange(0), default=DEFAULTS.grace_s,
@@ -76,7 +85,8 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
         help="Environment variable holding the API key; when set, calls without it are UNAUTHENTICATED.")
 @option("log_level", type=click.Choice(["debug", "info", "warning", "error"]), default=DEFAULTS.log_level)
 def serve_command(model_dir: Path | None, save_path: Path | None, api_key_env: str, **settings: Any) -> None:
-    """Serve an exported model over gRPC (Embed, Score, Info, health, reflection)."""
+    """Serve an exported model over gRPC (Embed, Score, Info, health, reflection) and, with --http-port, the
+    OpenAI-compatible HTTP API."""
     from embedforge.server.app import run_server
     from embedforge.server.runtime import PROVIDERS, OnnxEmbedder, RuntimeConfigError, choose_provider, read_manifest
 
@@ -108,6 +118,8 @@ def serve_command(model_dir: Path | None, save_path: Path | None, api_key_env: s
 @option("no_truncate", is_flag=True, help="Fail on texts longer than the model's max_length.")
 @option("no_normalize", is_flag=True,
         help="Return vectors without L2 normalisation (the pooled, projected model output).")
+@option("dimensions", type=click.IntRange(1), default=None,
+        help="Only the first N values of each vector, renormalised (a model trained for it: see Info).")
 @option("timeout", type=click.FloatRange(0, min_open=True), default=30.0)
 @option("api_key_env", default=DEFAULTS.api_key_env, help="Environment variable holding the API key to send, if set.")
 @option("tls_root_cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
@@ -115,7 +127,8 @@ def serve_command(model_dir: Path | None, save_path: Path | None, api_key_env: s
 @option("wait_ready", type=click.FloatRange(0), default=0.0,
         help="Seconds to wait for the server's health to report SERVING first.")
 def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncate: bool, no_normalize: bool,
-                  timeout: float, api_key_env: str, tls_root_cert: Path | None, wait_ready: float) -> None:
+                  dimensions: int | None, timeout: float, api_key_env: str, tls_root_cert: Path | None,
+                  wait_ready: float) -> None:
     """Embed TEXTS with a running server; prints one vector per line (space-separated floats)."""
     import grpc
 
@@ -126,7 +139,8 @@ def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncat
                          tls_root_cert=tls_root_cert) as client:
             if wait_ready > 0:
                 client.wait_until_serving(wait_ready)
-            result = client.embed(list(texts), truncate=not no_truncate, normalize=not no_normalize)
+            result = client.embed(list(texts), truncate=not no_truncate, normalize=not no_normalize,
+                                  dimensions=dimensions)
     except grpc.RpcError as exc:
         raise click.ClickException(f"{target}: {exc.code().name}: {exc.details()}") from exc
     except TimeoutError as exc:

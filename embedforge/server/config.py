@@ -18,12 +18,14 @@ MIN_BATCH_TOKENS_CPU = 128
 MIN_BATCH_TOKENS_CUDA = 256
 MAX_CPU_WORKERS = 4  # default workers on CPU: min(cores, 4)
 QUEUE_BATCHES = 32  # default max_queue_tokens = 32 x max_batch_tokens: room for max_texts_per_request x max_length
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (EmbeddingServer.start() returns it)
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off, 0: any free port
     precision: str = "auto"  # auto: fp16 on CUDA, else fp32
     provider: str = "auto"  # auto: CUDA when available
     threads: int | None = None  # intra-op threads of a batch that runs alone; None: all cores
@@ -34,6 +36,8 @@ class ServeConfig:
     max_queue_tokens: int | None = None  # None: QUEUE_BATCHES x max_batch_tokens
     max_texts_per_request: int = 1024
     max_chars_per_text: int = 20000
+    max_request_bytes: int = MAX_REQUEST_BYTES  # largest gRPC message or HTTP body (HTTP 413 beyond it)
+    allow_any_dimensions: bool = False  # accept `dimensions` for a model not trained for it (lossy)
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     grace_s: float = 10.0  # on drain, time given to in-flight calls
     tls_cert: Path | None = None

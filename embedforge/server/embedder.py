@@ -18,6 +18,8 @@ class ModelInfo:
     provider: str
     unnormalized: bool = True
     """run_batch returns vectors before their L2 norm; False: they come normalised (normalize=false cannot be met)."""
+    matryoshka_dims: tuple[int, ...] = ()
+    """Vector sizes the model was trained for (the export manifest's matryoshka_dims); empty: full vectors only."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Embedder(Protocol):
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Tokenize texts (truncating at max_length); called from a worker thread, or on the event loop for
-        small requests (service.INLINE_TOKENIZE_CHARS)."""
+        small requests (core.INLINE_TOKENIZE_CHARS)."""
 
     def run_batch(self, batch: list[Any], alone: bool = True) -> np.ndarray:
         """Embed a batch of tokenized texts: float32 [len(batch), dim], unnormalised unless info.unnormalized is

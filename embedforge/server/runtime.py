@@ -58,6 +58,16 @@ def read_manifest(model_dir: Path) -> dict:
     return manifest
 
 
+def read_matryoshka_dims(manifest: dict, model_dir: Path) -> tuple[int, ...]:
+    """The manifest's optional `matryoshka_dims` (vector sizes the model was trained for), checked: 1..dim."""
+    sizes = manifest.get("matryoshka_dims") or []
+    dim = int(manifest["dim"])
+    if not isinstance(sizes, list) or not all(type(d) is int and 1 <= d <= dim for d in sizes):
+        raise RuntimeConfigError(f"{model_dir / 'manifest.json'}: matryoshka_dims must be a list of integers "
+                                 f"from 1 to dim={dim}, got {sizes!r}")
+    return tuple(sorted(set(sizes)))
+
+
 def choose_provider(requested: str) -> str:
     """auto: CUDA when onnxruntime offers it, else CPU; cuda: error if it is not available."""
     available = ort.get_available_providers()
@@ -126,7 +136,8 @@ class OnnxEmbedder:
         self.info = ModelInfo(model_name=str(manifest.get("base_model") or model_dir.name), dim=self.dim,
                               max_length=self.max_length, pooling=str(manifest.get("pooling", "")),
                               precision=precision, provider=active,
-                              unnormalized=self._output_name != manifest["output"])
+                              unnormalized=self._output_name != manifest["output"],
+                              matryoshka_dims=read_matryoshka_dims(manifest, model_dir))
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Tokenize in one batch call of the Rust tokenizer; texts over max_length are truncated and listed."""

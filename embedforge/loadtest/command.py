@@ -1,10 +1,13 @@
-"""`embedforge loadtest`: drive a running embedforge server over gRPC and report latency and throughput."""
+"""`embedforge loadtest`: drive a running embedforge server over gRPC, or its HTTP API (--target http://HOST:PORT),
+and report latency and throughput."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import click
 
 from embedforge.cli_options import option
-from embedforge.loadtest import (
+from embedforge.loadtest.engine import (
     Call,
     CallResult,
     LoadSpec,
@@ -75,31 +78,121 @@ async def _server_info(client, target: str, wait_ready_s: float):
             await asyncio.sleep(0.2)
 
 
-async def _run(target: str, rpc: str, deadline_s: float | None, api_key: str | None, tls_root_cert: str | None,
-               wait_ready_s: float, workload: Workload, spec: LoadSpec,
-               sweep: list[int] | None) -> tuple[dict, list[RunResult]]:
+def parse_server_timing(header: str) -> dict[str, float]:
+    """``queue;dur=0.12, inference;dur=3.4`` (a W3C Server-Timing header) -> {"queue": 0.12, "inference": 3.4}."""
+    timing = {}
+    for metric in header.split(","):
+        name, _, params = metric.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                timing[name] = float(value)
+    return timing
+
+
+def make_http_call(session, url: str, rpc: str, model: str, deadline_s: float | None) -> Call:
+    """Adapt an aiohttp ClientSession on the HTTP API to the engine's ``call(texts) -> CallResult``: embed posts
+    /v1/embeddings (base64, as the OpenAI SDK asks by default), score posts /v1/rerank (the first text is the
+    query). A failed call's code is ``HTTP <status>``."""
+    import aiohttp
+
+    path = "/v1/embeddings" if rpc == "embed" else "/v1/rerank"
+    timeout = aiohttp.ClientTimeout(total=deadline_s)
+
+    async def call(texts: list[str]) -> CallResult:
+        if rpc == "embed":
+            body = {"input": texts, "model": model, "encoding_format": "base64"}
+        else:
+            body = {"query": texts[0], "documents": texts[1:], "model": model}
+        try:
+            async with session.post(url + path, json=body, timeout=timeout) as response:
+                payload = json.loads(await response.read())
+                headers = response.headers
+        except asyncio.TimeoutError:
+            return CallResult(ok=False, code="DEADLINE_EXCEEDED", message=f"no reply within {deadline_s} s")
+        except (aiohttp.ClientError, ValueError) as exc:
+            return CallResult(ok=False, code="UNAVAILABLE", message=str(exc))
+        if response.status != 200:
+            message = payload.get("error", {}).get("message", "") if isinstance(payload, dict) else ""
+            return CallResult(ok=False, code=f"HTTP {response.status}", message=message)
+        return CallResult(ok=True, code="OK", n_texts=len(texts), tokens=payload["usage"]["total_tokens"],
+                          server_timing=parse_server_timing(headers.get("Server-Timing", "")))
+
+    return call
+
+
+async def _http_server_info(session, url: str, wait_ready_s: float) -> dict:
+    """The served model from /v1/models; first wait up to ``wait_ready_s`` for /health to answer 200."""
+    import aiohttp
+
+    give_up = time.monotonic() + wait_ready_s
+    while True:
+        try:
+            if wait_ready_s > 0:
+                async with session.get(url + "/health") as response:
+                    if response.status != 200:
+                        raise click.ClickException(f"{url}/health answers {response.status}")
+            async with session.get(url + "/v1/models") as response:
+                payload = json.loads(await response.read())
+                if response.status != 200:
+                    raise click.ClickException(f"{url}/v1/models answers {response.status}: "
+                                               f"{payload.get('error', {}).get('message', '')}")
+                return payload["data"][0]
+        except (aiohttp.ClientError, ValueError, KeyError, click.ClickException) as exc:
+            if time.monotonic() >= give_up:
+                raise click.ClickException(f"cannot reach an embedforge HTTP API at {url}: {exc}") from None
+            await asyncio.sleep(0.2)
+
+
+async def _drive(call: Call, workload: Workload, spec: LoadSpec, sweep: list[int] | None) -> list[RunResult]:
+    """One run, or one closed-loop run per --sweep level (progress on stderr)."""
+    if sweep is None:
+        return [await run_load(call, workload.next_texts, spec)]
+
+    def progress(step: RunResult) -> None:
+        p99 = step.latency.get_value_at_percentile(99) / 1000 if step.ok else float("nan")
+        click.echo(f"  concurrency {step.spec.concurrency}: {step.ok / step.elapsed_s:.1f} calls/s, "
+                   f"p99 {p99:.2f} ms, {sum(step.errors.values())} errors", err=True)
+
+    return await run_sweep(call, workload.next_texts, sweep, spec, on_step=progress)
+
+
+async def _run_grpc(target: str, rpc: str, deadline_s: float | None, api_key: str | None, tls_root_cert: str | None,
+                    wait_ready_s: float, workload: Workload, spec: LoadSpec,
+                    sweep: list[int] | None) -> tuple[dict, list[RunResult]]:
     from embedforge.client import AsyncEmbedClient
 
     # timeout: the deadline of the Info/health calls; every load call carries --deadline-ms instead.
     async with AsyncEmbedClient(target, timeout=5.0, api_key=api_key, tls_root_cert=tls_root_cert) as client:
         info = await _server_info(client, target, wait_ready_s)
-        call = make_grpc_call(client, rpc, deadline_s)
-        if sweep is None:
-            runs = [await run_load(call, workload.next_texts, spec)]
-        else:
-            def progress(step: RunResult) -> None:
-                p99 = step.latency.get_value_at_percentile(99) / 1000 if step.ok else float("nan")
-                click.echo(f"  concurrency {step.spec.concurrency}: {step.ok / step.elapsed_s:.1f} calls/s, "
-                           f"p99 {p99:.2f} ms, {sum(step.errors.values())} errors", err=True)
-
-            runs = await run_sweep(call, workload.next_texts, sweep, spec, on_step=progress)
+        runs = await _drive(make_grpc_call(client, rpc, deadline_s), workload, spec, sweep)
     server = {"model_name": info.model_name, "dim": info.dim, "max_length": info.max_length,
               "precision": info.precision, "provider": info.provider, "server_version": info.server_version}
     return server, runs
 
 
+async def _run_http(url: str, rpc: str, deadline_s: float | None, api_key: str | None, tls_root_cert: str | None,
+                    wait_ready_s: float, workload: Workload, spec: LoadSpec,
+                    sweep: list[int] | None) -> tuple[dict, list[RunResult]]:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    ssl_context = ssl.create_default_context(cafile=tls_root_cert) if tls_root_cert else None
+    # One connection per concurrent caller, as each gRPC caller has its own stream.
+    connector = aiohttp.TCPConnector(limit=spec.concurrency, ssl=ssl_context if ssl_context else True)
+    async with aiohttp.ClientSession(headers=headers, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=5.0)) as session:
+        model = await _http_server_info(session, url, wait_ready_s)
+        runs = await _drive(make_http_call(session, url, rpc, model["id"], deadline_s), workload, spec, sweep)
+    server = {"model_name": model["id"], "dim": model.get("dim"), "max_length": model.get("max_length"),
+              "precision": model.get("precision"), "provider": model.get("provider"),
+              "server_version": model.get("server_version")}
+    return server, runs
+
+
 @click.command(name="loadtest")
-@option("target", metavar="HOST:PORT", help="Address of a running `embedforge serve`.")
+@option("target", metavar="HOST:PORT", help="Address of a running `embedforge serve`: HOST:PORT (gRPC) or "
+        "http(s)://HOST:PORT (its HTTP API, `serve --http-port`).")
 @option("rpc", type=click.Choice(["embed", "score"]), default="embed",
         help="Call Embed (texts) or Score (one query + --batch documents).")
 @option("concurrency", type=click.IntRange(min=1), default=None,
@@ -138,11 +231,12 @@ def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate
                      tokens: int | None, deadline_ms: float, api_key_env: str | None, tls_root_cert: str | None,
                      wait_ready: float, sweep: str | None, seed: int, output: str | None, plot: str | None,
                      compare: tuple[str, str] | None) -> None:
-    """Load-test a running embedforge server: closed loop (--concurrency), open loop (--rate) or a --sweep.
+    """Load-test a running embedforge server over gRPC or HTTP: closed loop (--concurrency), open loop (--rate)
+    or a --sweep.
 
     Example: embedforge loadtest --target 127.0.0.1:50051 --rate 50 --batch 1-16 --duration 10 --plot lt.png
     """
-    from embedforge import loadtest_report as report_io
+    from embedforge.loadtest import report as report_io
 
     try:
         if compare is not None:
@@ -179,14 +273,17 @@ def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate
         if not api_key:
             raise click.UsageError(f"--api-key-env: environment variable {api_key_env} is not set or empty")
 
+    protocol = "http" if target.startswith(("http://", "https://")) else "grpc"
     config = {
-        "target": target, "rpc": rpc, "batch": batch, "texts": texts_desc, "deadline_ms": deadline_ms,
+        "target": target, "protocol": protocol, "rpc": rpc, "batch": batch, "texts": texts_desc,
+        "deadline_ms": deadline_ms,
         "seed": seed, "tls": tls_root_cert is not None,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "client_cpus": os.cpu_count(), "python": sys.version.split()[0],
     }
-    server, runs = asyncio.run(_run(target, rpc, deadline_ms / 1000.0, api_key, tls_root_cert, wait_ready,
-                                    workload, spec, levels))
+    run = _run_http if protocol == "http" else _run_grpc
+    server, runs = asyncio.run(run(target.rstrip("/"), rpc, deadline_ms / 1000.0, api_key, tls_root_cert, wait_ready,
+                                   workload, spec, levels))
     config["server"] = server
     report = build_report(config, runs, sweep=levels is not None)
     click.echo(report_io.format_report(report))

@@ -1,6 +1,6 @@
 """Load generator engine: workload, closed/open loop scheduling, HDR latency histograms, JSON report.
 
-The engine knows nothing about gRPC: it drives any ``async def call(texts) -> CallResult``.
+The engine knows neither gRPC nor HTTP: it drives any ``async def call(texts) -> CallResult``.
 
 Closed loop (``rate=None``): ``concurrency`` workers, each sends its next call when the previous one
 returns; latency = done - sent.
@@ -48,7 +48,7 @@ class LoadTestError(ValueError):
 
 @dataclass
 class CallResult:
-    """Outcome of one call: ``code`` is the gRPC status name ("OK" on success).
+    """Outcome of one call: ``code`` is "OK", the gRPC status name or, over HTTP, "HTTP <status>".
 
     ``n_texts`` counts the texts the server encoded, ``tokens`` the tokens it reports in its usage, and
     ``server_timing`` its own split of the call in milliseconds (e.g. queue, tokenize, inference).

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
-from embedforge.loadtest import PERCENTILES, REPORT_FORMAT_VERSION, LoadTestError, decode_histogram
+from embedforge.io import new_figure, save_figure, write_json_atomic
+from embedforge.loadtest.engine import PERCENTILES, REPORT_FORMAT_VERSION, LoadTestError, decode_histogram
 
 _LATENCY_KEYS = ["min", *(f"p{p:g}" for p in PERCENTILES), "max", "mean"]
 
@@ -99,17 +98,7 @@ def format_report(report: dict) -> str:
 
 def write_json(report: dict, path: str | Path) -> None:
     """Write the report atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_json_atomic(path, report)
 
 
 def read_json(path: str | Path) -> dict:
@@ -237,10 +226,8 @@ def write_plot(report: dict, path: str | Path) -> None:
     A run: latency histogram and percentile plot. A sweep: throughput vs p50/p99 latency and one
     percentile line per concurrency level.
     """
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
-
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    fig, (left, right) = new_figure(1, 2, figsize=(12, 4.5))
+    fig.set_layout_engine("constrained")
     if report["kind"] == "run":
         open_loop = report["mode"] == "open"
         label = "from schedule" if open_loop else "call"
@@ -268,13 +255,4 @@ def write_plot(report: dict, path: str | Path) -> None:
         _plot_percentiles(right, [(f"c={s['concurrency']}", s["latency_hdr"]) for s in steps])
         right.set_title("latency by percentile", fontsize="medium")
     fig.suptitle(f"embedforge loadtest: {_describe_config(report['config'])}", fontsize="medium")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    save_figure(fig, path)
