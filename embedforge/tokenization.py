@@ -22,3 +22,46 @@ def load_tokenizer(model_dir: str | Path, max_length: int) -> Tokenizer:
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     return tokenizer
+
+
+PREFIX_CHARS_PER_TOKEN = 8
+"""First guess of how many characters max_length tokens need (English: about 4-5 per WordPiece token)."""
+PREFIX_SAFE_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
+PREFIX_SAFE_NORMALIZERS = {"NoneType", "BertNormalizer", "Lowercase"}
+
+
+def cuts_at_spaces(tokenizer: Tokenizer) -> bool:
+    """Whether a text cut just before a space tokenizes into a prefix of the whole text's tokens.
+
+    True for tokenizers that normalize each character on its own and split words at whitespace (BERT's
+    WordPiece): the words before the cut are tokenized exactly as in the whole text.
+    """
+    return (type(tokenizer.pre_tokenizer).__name__ in PREFIX_SAFE_PRE_TOKENIZERS
+            and type(tokenizer.normalizer).__name__ in PREFIX_SAFE_NORMALIZERS)
+
+
+def encode_truncated(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list:
+    """`tokenizer.encode_batch_fast(texts)` (truncating at max_length), without tokenizing what is cut off.
+
+    A long text is first tokenized from a prefix cut just before a space: if that prefix already overflows
+    max_length, its truncated tokens are those of the whole text (see cuts_at_spaces); else the prefix doubles,
+    up to the whole text. So a 20,000-character text costs about as much as its first max_length tokens.
+    An encoding's `overflowing` is non-empty iff the text was truncated.
+    """
+    encodings = [None] * len(texts)
+    limit = max_length * PREFIX_CHARS_PER_TOKEN
+    todo = list(range(len(texts)))
+    while todo:
+        pieces, whole = [], []
+        for i in todo:
+            cut = texts[i].rfind(" ", 0, limit) if len(texts[i]) > limit and cuts_at_spaces(tokenizer) else -1
+            pieces.append(texts[i][:cut] if cut > 0 else texts[i])
+            whole.append(cut <= 0)
+        retry = []
+        for i, is_whole, encoding in zip(todo, whole, tokenizer.encode_batch_fast(pieces), strict=True):
+            if is_whole or encoding.overflowing:
+                encodings[i] = encoding
+            else:
+                retry.append(i)
+        todo, limit = retry, limit * 2
+    return encodings

@@ -126,25 +126,33 @@ class ServerThread:
 
 
 class HookedEmbedder:
-    """Test hook around a real embedder: slows each batch (`delay_s`, plus `delay_per_text_s` per text),
-    records what was computed, fails a batch that holds `fail_marker`."""
+    """Test hook around a real embedder: slows each batch (`delay_s`, plus `delay_per_text_s` per text) and
+    each tokenization (`tokenize_delay_s`), records what was computed, fails a batch that holds `fail_marker`
+    (or every batch while `fail_all`), blocks every batch while `hang` is set until `release` is."""
 
     def __init__(self, inner, delay_s: float = 0.0, delay_per_text_s: float = 0.0,
-                 fail_marker: str | None = None) -> None:
+                 fail_marker: str | None = None, tokenize_delay_s: float = 0.0) -> None:
         self.inner = inner
         self.info = inner.info
         self.delay_s = delay_s
         self.delay_per_text_s = delay_per_text_s
+        self.tokenize_delay_s = tokenize_delay_s
         self.computed: list[tuple[int, ...]] = []
         self.fail_ids = None if fail_marker is None else tuple(inner.tokenize([fail_marker]).ids[0])
+        self.fail_all = False  # every batch raises while True
+        self.hang = threading.Event()  # set: every batch blocks until `release` is set
+        self.release = threading.Event()
 
     def tokenize(self, texts):
+        time.sleep(self.tokenize_delay_s)
         return self.inner.tokenize(texts)
 
     def run_batch(self, batch, alone=True):
         time.sleep(self.delay_s + self.delay_per_text_s * len(batch))
+        if self.hang.is_set():
+            self.release.wait(60)
         keys = [tuple(ids) for ids in batch]
-        if self.fail_ids in keys:
+        if self.fail_all or self.fail_ids in keys:
             raise RuntimeError("injected failure")
         self.computed.extend(keys)
         return self.inner.run_batch(batch, alone)

@@ -144,7 +144,7 @@ def test_waits_up_to_max_wait_to_fill_a_batch_when_busy():
         return recorder
 
     recorder = run(main())
-    assert recorder.batches == [[0], [1], [2, 3]]
+    assert recorder.batches == [[0], [1, 2, 3]]
 
 
 def test_several_workers_run_batches_at_once():
@@ -265,7 +265,7 @@ def test_rejects_requests_that_can_never_fit():
         batcher = await started(Recorder(), max_batch_tokens=8, max_queue_tokens=20)
         with pytest.raises(TooLarge, match="max_batch_tokens"):
             await batcher.submit([1], [9])
-        with pytest.raises(TooLarge, match="more than the queue holds"):
+        with pytest.raises(TooLarge, match="more than one request may queue"):
             await batcher.submit([1, 2, 3], [8, 8, 8])
         await batcher.stop()
 
@@ -310,3 +310,128 @@ def test_batches_are_told_whether_they_run_alone():
     recorder = run(main())
     assert recorder.batches == [[1], [2], [3]]
     assert recorder.alone == [True, False, True]
+
+
+# ---- fairness, health, bounded stop ----
+
+def test_a_new_short_request_goes_before_queued_long_work_and_in_a_batch_of_its_own():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, max_batch_tokens=1024, min_batch_tokens=128)
+        running = asyncio.create_task(batcher.submit([0], [512]))
+        await wait_entered(recorder)
+        # Two clients queue 4 full batches of long texts each, then a short request arrives.
+        floods = [asyncio.create_task(batcher.submit(list(range(base, base + 8)), [512] * 8))
+                  for base in (100, 200)]
+        await asyncio.sleep(0.01)
+        short = asyncio.create_task(batcher.submit([7], [9]))
+        await asyncio.sleep(0.01)
+        recorder.gate.set()
+        await asyncio.gather(running, short, *floods)
+        await batcher.stop()
+        return recorder
+
+    batches = run(main()).batches
+    assert batches[1] == [7]  # right after the running batch, not padded to 512 and not behind the floods
+    assert sorted(p for b in batches[2:] for p in b) == list(range(100, 108)) + list(range(200, 208))
+    # the two flooding requests take turns (every 4th batch goes to the oldest): both are served early
+    owners = [b[0] // 100 for b in batches[2:]]
+    assert set(owners[:3]) == {1, 2}
+
+
+def test_ageing_serves_the_oldest_request_even_under_a_stream_of_new_ones():
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, max_batch_tokens=512, min_batch_tokens=1, max_wait_ms=0)
+        running = asyncio.create_task(batcher.submit([0], [512]))
+        await wait_entered(recorder)
+        old = asyncio.create_task(batcher.submit([1, 2], [512, 512]))  # two batches' worth, served once first
+        await asyncio.sleep(0.01)
+        news = [asyncio.create_task(batcher.submit([10 + i], [8])) for i in range(12)]
+        await asyncio.sleep(0.01)
+        recorder.gate.set()
+        await asyncio.gather(running, old, *news)
+        await batcher.stop()
+        return recorder
+
+    batches = run(main()).batches
+    position = next(i for i, b in enumerate(batches) if 2 in b or 1 in b)
+    assert position <= 4  # not after all 12 newer requests
+
+
+def test_one_request_may_hold_only_its_share_of_the_queue():
+    async def main():
+        batcher = await started(Recorder(), max_queue_tokens=1000, max_request_tokens=250)
+        with pytest.raises(TooLarge, match="more than one request may queue"):
+            await batcher.submit([1, 2, 3], [100, 100, 100])
+        result = await batcher.submit([1, 2], [100, 100])
+        await batcher.stop()
+        return result
+
+    assert run(main()).vectors.shape == (2, 2)
+
+
+def test_health_turns_false_after_failures_in_a_row_and_back_after_a_success():
+    reports: list[bool] = []
+
+    async def main():
+        batcher = await started(Recorder(fail_on=0), max_failures=3, on_health=reports.append)
+        for _ in range(2):
+            with pytest.raises(BatchFailed):
+                await batcher.submit([0], [1])
+        assert batcher.healthy and reports == []
+        with pytest.raises(BatchFailed):
+            await batcher.submit([0], [1])
+        assert not batcher.healthy
+        await batcher.submit([5], [1])
+        assert batcher.healthy
+        await batcher.stop()
+
+    run(main())
+    assert reports == [False, True]
+
+
+def test_a_worker_that_dies_is_logged_and_replaced(caplog):
+    calls = []
+
+    def on_batch(stats):
+        calls.append(stats)
+        if len(calls) == 1:
+            raise RuntimeError("observer bug")
+
+    async def main():
+        batcher = await started(Recorder(), workers=1, on_batch=on_batch)
+        first = await batcher.submit([1], [1])
+        await asyncio.sleep(0.01)
+        second = await batcher.submit([2], [1])  # served by the replacement worker
+        await batcher.stop()
+        return first, second
+
+    first, second = run(main())
+    assert second.vectors[0, 0] == 2 and len(calls) == 2
+    assert "event=worker_died" in caplog.text and "observer bug" in caplog.text
+
+
+def test_stop_gives_up_on_a_hanging_batch_within_its_timeout():
+    hang = threading.Event()
+
+    def run_batch(payloads, alone):
+        hang.wait(5)
+        return np.zeros((len(payloads), 2), dtype=np.float32)
+
+    async def main():
+        batcher = Batcher(run_batch, **LIMITS)
+        batcher.start()
+        stuck = asyncio.create_task(batcher.submit([1], [1]))
+        await asyncio.sleep(0.05)
+        started_at = time.monotonic()
+        finished = await batcher.stop(timeout=0.2)
+        took = time.monotonic() - started_at
+        stuck.cancel()
+        return finished, took
+
+    try:
+        finished, took = run(main())
+    finally:
+        hang.set()
+    assert finished is False and took < 1.0

@@ -39,7 +39,7 @@ def make_texts(count: int, seed: int, max_words: int = 40) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(embedder):
-    with ServerThread(embedder, max_texts_per_request=64, max_chars_per_text=3000,
+    with ServerThread(embedder, max_texts_per_request=64, max_chars_per_text=3000, max_concurrent_requests=400,
                       metrics_port=0) as running:
         yield running
 
@@ -189,7 +189,7 @@ def test_flood_gets_resource_exhausted_and_server_stays_healthy(embedder):
             assert c.embed(["still fine"]).vectors.shape == (1, 32)
             too_big = rpc_error(c.embed, ["egg " * 100] * 3)  # 306 tokens can never fit a 200-token queue
             assert too_big.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "more than the queue holds" in too_big.details()
+            assert "more than one request may queue" in too_big.details()
 
 
 def test_deadline_expired_call_is_never_computed(embedder):
@@ -486,7 +486,8 @@ def test_serve_cli_hands_the_server_its_options_and_resolved_defaults(tiny_expor
     assert result.exit_code == 0, result.output
     config = handed[0]
     assert (config.max_batch_tokens, config.workers, config.max_texts_per_request) == (4096, 3, 7)
-    assert (config.min_batch_tokens, config.max_queue_tokens) == (128, 32 * 4096)  # CPU defaults
+    assert (config.min_batch_tokens, config.max_queue_tokens) == (128, 4 * (7 + 1) * 512)  # CPU defaults
+    assert config.max_pending_bytes == config.max_receive_bytes == 8 * (20000 * 4 + 16) + 1024
     assert config.threads == (os.cpu_count() or 1) and config.api_key == "k3y"
     assert (config.port, config.max_wait_ms, config.grace_s) == (50051, 2.0, 10.0)
 

@@ -15,6 +15,11 @@ or, to answer health checks while a slow model loads:
 
 With `http_port` set, the OpenAI-compatible HTTP API (server/http.py) listens too, on the same event loop and
 the same `EmbeddingCore` (so the same batcher, queue, limits and metrics) as gRPC.
+
+Health tells the truth: NOT_SERVING while loading, after `max_failures` failed batches in a row (SERVING again
+after a success) and while draining. Exposure: reflection can be off, metrics bind `metrics_host` (loopback by
+default), an API key is checked (and a call without it counted) before the request body is parsed, an API key
+without TLS beyond loopback needs `allow_insecure_key`, and `tls_client_ca` requires client certificates.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import hmac
 import ipaddress
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,18 +39,29 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedforge._proto import embedding_pb2 as pb
-from embedforge._proto import embedding_pb2_grpc as pb_grpc
 from embedforge.server.batcher import Batcher, BatchStats
-from embedforge.server.config import ServeConfig
-from embedforge.server.core import EmbeddingCore, Limits
+from embedforge.server.config import QUEUE_REQUESTS, ServeConfig
+from embedforge.server.core import CallObserver, EmbeddingCore, Limits
 from embedforge.server.embedder import Embedder
 from embedforge.server.http import HttpApi
-from embedforge.server.service import EmbeddingServicer
+from embedforge.server.service import EmbeddingServicer, RateLimitedLog
 
 log = logging.getLogger("embedforge.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+STOP_MARGIN_S = 0.5  # after grace_s, time given to the batcher's last batch before it is abandoned
+
+
+def server_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """gRPC options: a request body may be as large as the limits allow (max_receive_bytes), no larger."""
+    return [("grpc.max_receive_message_length", config.max_receive_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0)]
+
+
+class InsecureKeyError(ValueError):
+    """An API key would travel in clear text beyond this machine."""
 
 
 class Metrics:
@@ -89,10 +106,16 @@ class Metrics:
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Require "authorization: Bearer KEY" or "x-api-key: KEY" on every call except health checks."""
+    """Require "authorization: Bearer KEY" or "x-api-key: KEY" on every call except health checks.
 
-    def __init__(self, api_key: str) -> None:
-        self._key = api_key.encode()
+    A call without the key is refused before its body is parsed (the refusing handler takes raw bytes) and
+    reported to `on_call` as UNAUTHENTICATED. Both keys are compared without surrounding whitespace."""
+
+    def __init__(self, api_key: str, on_call: CallObserver | None = None) -> None:
+        self._key = api_key.strip().encode()
+        if not self._key:
+            raise ValueError("empty API key")
+        self._on_call = on_call
 
     def _allowed(self, metadata: tuple) -> bool:
         values = dict(metadata or ())
@@ -106,6 +129,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(HEALTH_PREFIX) or self._allowed(details.invocation_metadata):
             return handler
+        if self._on_call is not None:
+            self._on_call("grpc", details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)
 
         async def deny(request, context: grpc.aio.ServicerContext):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key "
@@ -115,17 +140,30 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
             yield  # pragma: no cover (makes this an async generator)
 
+        # No request deserializer: the body stays bytes, never parsed.
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer,
-                                                       handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(deny, None, handler.response_serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(deny_stream, None, handler.response_serializer)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer,
-                                                        handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
-                                                     handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(deny, None, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(deny_stream, None, handler.response_serializer)
+
+
+class UnknownMethodHandler(grpc.GenericRpcHandler):
+    """Registered last: any method no other handler knows gets UNIMPLEMENTED and one rate-limited log line."""
+
+    def __init__(self, bad_input_log: RateLimitedLog) -> None:
+        self._log = bad_input_log
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+
+        async def unimplemented(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self._log.warning("unknown_method", "event=unknown_method method=%r", method[:100])
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
+
+        return grpc.unary_unary_rpc_method_handler(unimplemented)
 
 
 def is_loopback(host: str) -> bool:
@@ -161,46 +199,53 @@ class EmbeddingServer:
 
         Until `load` is done, Embed/Score/Info answer UNAVAILABLE ("model is loading").
         """
-        cfg = self.config
-        if (cfg.tls_cert is None) != (cfg.tls_key is None):
-            raise ValueError("TLS needs both a certificate and a key")
+        cfg = self.config.resolved(on_cuda=False)  # only the byte limits are read here; they do not depend on it
+        check_security(self.config)
         self.metrics = Metrics()
-        limits = Limits(cfg.max_texts_per_request, cfg.max_chars_per_text)
-        self.core = EmbeddingCore(limits, cfg.allow_any_dimensions, on_timing=self.metrics.on_timing)
+        limits = Limits(cfg.max_texts_per_request, cfg.max_chars_per_text, cfg.max_pending_bytes)
+        self.core = EmbeddingCore(limits, cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
+                                  tokenizer_threads=cfg.tokenizer_threads)
         self.servicer = EmbeddingServicer(self.core, on_call=self.metrics.on_call)
         self.health = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
-        options = [("grpc.max_receive_message_length", cfg.max_request_bytes),
-                   ("grpc.max_send_message_length", cfg.max_request_bytes), ("grpc.so_reuseport", 0)]
-        self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self.server)
+        api_key = (cfg.api_key or "").strip()
+        interceptors = [ApiKeyInterceptor(api_key, self.metrics.on_call)] if api_key else []
+        # gRPC refuses calls beyond the limit before it reads their bodies (RESOURCE_EXHAUSTED), so at most
+        # max_concurrent_requests bodies of at most max_receive_bytes each are in memory at once.
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg),
+                                      maximum_concurrent_rpcs=cfg.max_concurrent_requests)
+        self.server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self.server)
+        if cfg.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                                self.server)
+        self.server.add_generic_rpc_handlers((UnknownMethodHandler(self.servicer.bad_input_log),))
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert is not None:
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            client_ca = None if cfg.tls_client_ca is None else Path(cfg.tls_client_ca).read_bytes()
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                                                root_certificates=client_ca, require_client_auth=client_ca is not None)
             self.port = self.server.add_secure_port(address, creds)
         else:
             self.port = self.server.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot bind {address}")
-        if not is_loopback(cfg.host) and cfg.tls_cert is None and not cfg.api_key:
+        if not is_loopback(cfg.host) and cfg.tls_cert is None and not api_key:
             log.warning("event=insecure_bind host=%s detail=\"listening beyond localhost without TLS or API key\"",
                         cfg.host)
         if cfg.metrics_port is not None:
-            self._metrics_http, _ = prom.start_http_server(cfg.metrics_port, addr=cfg.host,
+            self._metrics_http, _ = prom.start_http_server(cfg.metrics_port, addr=cfg.metrics_host,
                                                            registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         if cfg.http_port is not None:
-            self.http = HttpApi(self.core, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
+            self.http = HttpApi(self.core, api_key=api_key or None, max_request_bytes=cfg.max_request_bytes,
                                 registry=self.metrics.registry, on_call=self.metrics.on_call)
             await self.http.start(cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)
         await self.server.start()
-        log.info("event=listening address=%s:%d tls=%s api_key=%s metrics_port=%s http_port=%s", cfg.host,
-                 self.port, cfg.tls_cert is not None, bool(cfg.api_key), self.metrics_port,
+        log.info("event=listening address=%s:%d tls=%s client_certs=%s api_key=%s reflection=%s metrics=%s:%s "
+                 "http_port=%s", cfg.host, self.port, cfg.tls_cert is not None, cfg.tls_client_ca is not None,
+                 bool(api_key), cfg.reflection, cfg.metrics_host, self.metrics_port,
                  self.http.port if self.http is not None else None)
         return self.port
 
@@ -225,11 +270,13 @@ class EmbeddingServer:
         info = self.embedder.info
         # Settings left automatic (None) follow the provider the model really runs on (ModelInfo.provider
         # holds ONNX Runtime's name for it); the command line has chosen them already.
-        cfg = self.config.resolved(on_cuda=info.provider == "CUDAExecutionProvider")
+        cfg = self.config.resolved(on_cuda=info.provider == "CUDAExecutionProvider", max_length=info.max_length)
         self.batcher = Batcher(self.embedder.run_batch, max_batch_tokens=cfg.max_batch_tokens,
                                min_batch_tokens=cfg.min_batch_tokens, workers=cfg.workers,
                                max_wait_ms=cfg.max_wait_ms, max_queue_tokens=cfg.max_queue_tokens,
-                               on_batch=self.metrics.on_batch)
+                               max_request_tokens=cfg.queue_tokens_for(info.max_length) // QUEUE_REQUESTS,
+                               max_failures=cfg.max_failures, on_batch=self.metrics.on_batch,
+                               on_health=self._on_batch_health)
         self.metrics.watch_queue(self.batcher)
         self.batcher.start()
         self.core.attach(self.embedder, self.batcher)
@@ -239,30 +286,62 @@ class EmbeddingServer:
                  "matryoshka_dims=%s", cfg.host, self.port, info.model_name, info.precision, info.provider,
                  info.unnormalized, ",".join(map(str, info.matryoshka_dims)) or "none")
 
-    async def drain(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, refuse new calls, let in-flight calls finish within grace_s, then stop everything."""
+    def _on_batch_health(self, healthy: bool) -> None:
+        """The batcher's verdict (max_failures failed batches in a row, or a success after them) -> health."""
+        if self._draining:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            asyncio.get_running_loop().create_task(self.health.set(name, status))
+
+    async def drain(self, grace_s: float | None = None) -> bool:
+        """NOT_SERVING, refuse new calls, let in-flight calls finish within grace_s, then stop everything.
+
+        The whole drain takes about grace_s even if a batch hangs; returns False in that case (a batch was
+        still running: its thread is abandoned, so the process should exit without waiting for it)."""
         grace = self.config.grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         self._draining = True
         log.info("event=draining grace_s=%s queued_texts=%d", grace,
                  self.batcher.queued_texts if self.batcher is not None else 0)
         await self.health.enter_graceful_shutdown()
         self.core.draining = True
         await asyncio.gather(self.server.stop(grace), *([self.http.drain(grace)] if self.http is not None else []))
+        finished = True
         if self.batcher is not None:
-            await self.batcher.stop()
+            finished = await self.batcher.stop(timeout=max(0.0, deadline - time.monotonic()) + STOP_MARGIN_S)
         self.core.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        log.info("event=stopped")
+        if finished:
+            log.info("event=stopped")
+        else:
+            log.error("event=stopped_with_hung_batch grace_s=%s detail=\"a model batch was still running\"", grace)
+        return finished
 
 
-def run_server(make_embedder: Callable[[], Embedder], config: ServeConfig) -> None:
-    """Listen, load the model, serve until SIGTERM/SIGINT, then drain and return; a failed load raises."""
-    asyncio.run(_serve_until_signal(make_embedder, config))
+def check_security(config: ServeConfig) -> None:
+    """Refuse settings that would leak the key or half-configure TLS (ValueError, InsecureKeyError)."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("TLS needs both a certificate and a key")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ValueError("client certificates (tls_client_ca) need TLS (tls_cert and tls_key)")
+    key = (config.api_key or "").strip()
+    if key and config.tls_cert is None and not is_loopback(config.host) and not config.allow_insecure_key:
+        raise InsecureKeyError(f"an API key without TLS on {config.host} would travel in clear text; give a TLS "
+                               "certificate and key, bind 127.0.0.1, or allow it explicitly (--allow-insecure-key)")
 
 
-async def _serve_until_signal(make_embedder: Callable[[], Embedder], config: ServeConfig) -> None:
+def run_server(make_embedder: Callable[[], Embedder], config: ServeConfig) -> bool:
+    """Listen, load the model, serve until SIGTERM/SIGINT, then drain; a failed load raises.
+
+    Returns False if a model batch still hung when the drain's time was up: the caller should exit non-zero
+    at once (os._exit), since the hung thread would keep the interpreter from ending."""
+    return asyncio.run(_serve_until_signal(make_embedder, config))
+
+
+async def _serve_until_signal(make_embedder: Callable[[], Embedder], config: ServeConfig) -> bool:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -277,8 +356,9 @@ async def _serve_until_signal(make_embedder: Callable[[], Embedder], config: Ser
             loading.result()  # raises if the model failed to load
             await stopping
     finally:
-        await server.drain()
+        finished = await server.drain()
         stopping.cancel()
         # A model still loading cannot be interrupted: wait for its thread, so that nothing is left
         # running; load() then sees the drain and drops the model.
         await loading
+    return finished

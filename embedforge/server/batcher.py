@@ -4,30 +4,42 @@ Callers `submit` the tokenized texts of one request; worker tasks merge the text
 into model batches and run them through a `run_batch` callable in worker threads (so the event loop never
 blocks while the model computes). `workers` batches may run at once (default 1; on a CPU, workers x
 intra-op threads = cores: several single-threaded runs avoid the thread synchronisation of one wide run).
-One more batch is formed while they run, so a thread never waits for the event loop between batches;
-its texts are checked again (caller gone? deadline passed?) right before it starts. Each batch is told
-whether it runs `alone` (no other batch in flight, nothing queued): a backend can then use all cores for a
-lone request and keep to its share under load.
+A batch is chosen only when a thread is free to run it, so that work arriving meanwhile can still go first.
+Each batch is told whether it runs `alone` (no other batch in flight, nothing queued): a backend can then
+use all cores for a lone request and keep to its share under load.
 
 A batch's cost is its padded size:  cost = batch_size * longest_length  <=  max_batch_tokens.
-To keep padding small the worker takes a window of the oldest queued texts, sorts it by length and cuts it
-into chunks: a chunk ends where the budget would be exceeded, or where it already holds min_batch_tokens
-real tokens and the next (longer) text would widen its padding. It runs the chunk holding the oldest
-text (so no text waits forever); the rest stay queued for the next batches.
+
+Fairness (which work goes next): least attained service first. Of the requests with queued texts, the one
+whose texts have had the fewest tokens computed so far goes first (ties: the one with the fewest tokens left,
+then the oldest); so a short request that just arrived is next, whatever is queued, and requests that have
+had equal service take turns (per-request round robin). Every AGEING_EVERY-th batch instead serves the
+oldest request, so a long request finishes even under a flood of new ones. By design a short text waits for
+the first running batch to end, not for the queue (README: the measured table, on a contended host).
+
+Padding: the worker takes a window of queued texts (the chosen request's first, then the others' in the same
+order), sorts it by length and cuts it into chunks: a chunk ends where the budget would be exceeded, where it
+already holds min_batch_tokens real tokens and the next (longer) text would widen its padding, or where the next
+text is over WIDEN_LIMIT times its longest (a short text is never padded to, and never waits for, a batch of
+long ones). It runs the chunk holding the chosen request's shortest text; the rest stay queued.
 Texts of one request may land in several batches; their vectors are put back in request order.
 
 Waiting: when a worker is idle, a new request runs at once. Right after a batch, if fewer than
 min_batch_tokens are queued, the worker waits until the oldest text has waited `max_wait_ms`
 (or min_batch_tokens are queued) so that a busy server runs fuller batches.
 
-Backpressure: at most `max_queue_tokens` tokens wait in the queue; `submit` raises QueueFull at once beyond
-that. Work whose caller is gone (cancelled) or whose deadline passed is dropped before it is computed.
+Backpressure: at most `max_queue_tokens` tokens wait in the queue and one request holds at most
+`max_request_tokens` of them; `submit` raises QueueFull at once beyond that. Work whose caller is gone
+(cancelled) or whose deadline passed is dropped before it is computed.
+
+Health: after `max_failures` failed batches in a row `healthy` turns False (and `on_health(False)` is called);
+the next successful batch turns it back. A worker task that dies is logged and replaced. `stop(timeout)`
+gives up on a batch that hangs and says so.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +57,8 @@ RunBatch = Callable[[list[Any], bool], np.ndarray]
 batch every core; False under load, where batches run side by side."""
 
 WINDOW_BATCHES = 4  # how many batches' worth of queued tokens are sorted together
+WIDEN_LIMIT = 4  # a chunk is closed before a text over 4x its longest (a short text does not wait for long ones)
+AGEING_EVERY = 4  # every 4th batch serves the oldest request (no request starves)
 
 
 class QueueFull(Exception):
@@ -60,7 +74,7 @@ class BatchFailed(Exception):
 
 
 class TooLarge(ValueError):
-    """The request can never be queued: a text over max_batch_tokens or more than max_queue_tokens in all."""
+    """The request can never be queued: a text over max_batch_tokens or more than max_request_tokens in all."""
 
 
 class BatcherStopped(Exception):
@@ -84,7 +98,7 @@ class BatchResult:
 
 class _Request:
     __slots__ = ("future", "deadline", "request_id", "submitted", "first_batch", "inference_s", "count",
-                 "remaining", "vectors")
+                 "remaining", "vectors", "queue", "queued_tokens", "served")
 
     def __init__(self, future: asyncio.Future, deadline: float | None, request_id: str, count: int) -> None:
         self.future = future
@@ -96,6 +110,9 @@ class _Request:
         self.count = count
         self.remaining = count
         self.vectors: np.ndarray | None = None
+        self.queue: list[_Item] = []  # its texts still waiting, shortest first
+        self.queued_tokens = 0
+        self.served = 0  # tokens of its texts taken into batches so far
 
 
 class _Item:
@@ -112,24 +129,35 @@ class Batcher:
     """Merge concurrent requests into token-budget batches and run them through `run_batch`."""
 
     def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int, min_batch_tokens: int, max_wait_ms: float,
-                 max_queue_tokens: int, workers: int = 1,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
-        """The limits are explained above; the server takes them from `embedforge.server.config.ServeConfig`."""
-        if min(max_batch_tokens, min_batch_tokens, max_queue_tokens, workers) < 1 or max_wait_ms < 0:
-            raise ValueError("token limits and workers must be >= 1 and max_wait_ms >= 0")
+                 max_queue_tokens: int, workers: int = 1, max_request_tokens: int | None = None,
+                 max_failures: int = 5, on_batch: Callable[[BatchStats], None] | None = None,
+                 on_health: Callable[[bool], None] | None = None) -> None:
+        """The limits are explained above; the server takes them from `embedforge.server.config.ServeConfig`.
+        max_request_tokens: the most one request may queue (None: max_queue_tokens)."""
+        max_request_tokens = max_request_tokens or max_queue_tokens
+        if min(max_batch_tokens, min_batch_tokens, max_queue_tokens, workers, max_request_tokens,
+               max_failures) < 1 or max_wait_ms < 0:
+            raise ValueError("token limits, workers and max_failures must be >= 1 and max_wait_ms >= 0")
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
         self.min_batch_tokens = min_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
+        self.max_request_tokens = min(max_request_tokens, max_queue_tokens)
+        self.max_failures = max_failures
         self._on_batch = on_batch
+        self._on_health = on_health
         self.workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedforge-infer")
-        self._pending: collections.deque[_Item] = collections.deque()
+        self._requests: list[_Request] = []  # requests with queued texts, in arrival order
         self._queued_tokens = 0
+        self._queued_texts = 0
         self._in_flight = 0  # batches taken from the queue and not yet delivered
+        self._batches = 0  # batches taken so far (every AGEING_EVERY-th serves the oldest request)
+        self._failures = 0  # failed batches in a row
+        self.healthy = True
         self._wakeup: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
         self._stopping = False
 
     @property
@@ -138,24 +166,46 @@ class Batcher:
 
     @property
     def queued_texts(self) -> int:
-        return len(self._pending)
+        return self._queued_texts
 
     def start(self) -> None:
         """Start the worker tasks on the running event loop."""
         self._wakeup = asyncio.Event()
-        loop = asyncio.get_running_loop()  # one task more than threads: the next batch waits ready for a thread
-        self._tasks = [loop.create_task(self._work(), name=f"embedforge-batcher-{i}") for i in range(self.workers + 1)]
+        for _ in range(self.workers):
+            self._spawn_worker()
 
-    async def stop(self) -> None:
-        """Refuse new work, let the running batch finish, fail what is still queued with BatcherStopped."""
+    def _spawn_worker(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._work(), name="embedforge-batcher")
+        self._tasks.add(task)
+        task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task) -> None:
+        """A worker returns only when stopping; one that died of an error is logged and replaced."""
+        self._tasks.discard(task)
+        if task.cancelled() or self._stopping:
+            return
+        log.error("event=worker_died error=%r detail=\"replaced by a new worker\"", task.exception())
+        self._spawn_worker()
+
+    async def stop(self, timeout: float | None = None) -> bool:
+        """Refuse new work, let running batches finish, fail what is still queued with BatcherStopped.
+
+        timeout: seconds to wait for running batches (None: as long as they take). Returns False if a batch
+        was still running then: its thread is left behind (it cannot be interrupted) and its callers fail."""
         self._stopping = True
+        finished = True
         if self._tasks:
             self._wakeup.set()
-            await asyncio.gather(*self._tasks)
-        while self._pending:
-            self._fail(self._pending.popleft().request, BatcherStopped("server is shutting down"))
-        self._queued_tokens = 0
-        self._executor.shutdown(wait=True)
+            _, running = await asyncio.wait(set(self._tasks), timeout=timeout)
+            finished = not running
+            for task in running:
+                task.cancel()
+        for request in self._requests:
+            self._fail(request, BatcherStopped("server is shutting down"))
+        self._requests.clear()
+        self._queued_tokens = self._queued_texts = 0
+        self._executor.shutdown(wait=finished)
+        return finished
 
     async def submit(self, payloads: Sequence[Any], lengths: Sequence[int], deadline: float | None = None,
                      request_id: str = "") -> BatchResult:
@@ -167,9 +217,9 @@ class Batcher:
         if len(payloads) != len(lengths) or not payloads:
             raise ValueError("payloads and lengths must be non-empty and of equal size")
         total = int(sum(lengths))
-        if total > self.max_queue_tokens:
-            raise TooLarge(f"request has {total} tokens, more than the queue holds ({self.max_queue_tokens}); "
-                           "split it into smaller requests")
+        if total > self.max_request_tokens:
+            raise TooLarge(f"request has {total} tokens, more than one request may queue "
+                           f"({self.max_request_tokens}); split it into smaller requests")
         if max(lengths) > self.max_batch_tokens:
             raise TooLarge(f"a text of {max(lengths)} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
         if self._queued_tokens + total > self.max_queue_tokens:
@@ -177,9 +227,12 @@ class Batcher:
                             f"limit {self.max_queue_tokens}")
         loop = asyncio.get_running_loop()
         request = _Request(loop.create_future(), deadline, request_id, len(payloads))
-        items = enumerate(zip(payloads, lengths, strict=True))
-        self._pending.extend(_Item(request, i, int(n), p) for i, (p, n) in items)
+        items = [_Item(request, i, int(n), p) for i, (p, n) in enumerate(zip(payloads, lengths, strict=True))]
+        request.queue = sorted(items, key=lambda it: it.length)
+        request.queued_tokens = total
+        self._requests.append(request)
         self._queued_tokens += total
+        self._queued_texts += len(items)
         self._wakeup.set()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
@@ -202,18 +255,32 @@ class Batcher:
                 batch, vectors, seconds = await loop.run_in_executor(self._executor, self._compute, batch)
                 if batch:
                     self._deliver(batch, vectors, seconds)
+                    self._on_outcome(ok=True)
             except Exception as exc:  # one failing batch fails only its own requests
                 ids = sorted({it.request.request_id for it in batch})
                 log.error("event=batch_failed size=%d request_ids=%s error=%r", len(batch), ",".join(ids), exc)
                 for item in batch:
                     self._fail(item.request, BatchFailed(f"inference failed: {exc}"))
                 batch = []
+                self._on_outcome(ok=False)
             finally:
                 self._in_flight -= 1
             if batch and self._on_batch is not None:
                 longest = max(it.length for it in batch)
                 self._on_batch(BatchStats(len(batch), sum(it.length for it in batch), len(batch) * longest, seconds))
-            idle = not self._pending
+            idle = not self._requests
+
+    def _on_outcome(self, ok: bool) -> None:
+        self._failures = 0 if ok else self._failures + 1
+        healthy = self._failures < self.max_failures
+        if healthy != self.healthy:
+            self.healthy = healthy
+            if healthy:
+                log.info("event=healthy detail=\"a batch succeeded\"")
+            else:
+                log.error("event=unhealthy failures_in_a_row=%d", self._failures)
+            if self._on_health is not None:
+                self._on_health(healthy)
 
     def _compute(self, batch: list[_Item]) -> tuple[list[_Item], np.ndarray | None, float]:
         """In a worker thread: drop texts whose caller left or whose deadline passed while the batch waited
@@ -226,7 +293,7 @@ class Batcher:
         for item in live:
             if item.request.first_batch is None:
                 item.request.first_batch = started
-        alone = self._in_flight == 1 and not self._pending  # read from this thread: a hint, not a guarantee
+        alone = self._in_flight == 1 and not self._requests  # read from this thread: a hint, not a guarantee
         vectors = self._run_batch([it.payload for it in live], alone)
         if vectors.shape[0] != len(live):
             raise RuntimeError(f"run_batch returned {vectors.shape[0]} vectors for {len(live)} texts")
@@ -238,13 +305,13 @@ class Batcher:
             if self._stopping:
                 return None
             self._drop_dead()
-            if not self._pending:
+            if not self._requests:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 idle = True
                 continue
             if not idle and self._queued_tokens < self.min_batch_tokens:
-                wait = self._pending[0].request.submitted + self.max_wait_s - time.monotonic()
+                wait = self._requests[0].submitted + self.max_wait_s - time.monotonic()
                 if wait > 0:
                     self._wakeup.clear()
                     try:
@@ -255,52 +322,66 @@ class Batcher:
             return self._take_batch()
 
     def _drop_dead(self) -> None:
-        """Remove queued texts whose request is finished (cancelled, failed) or past its deadline."""
+        """Remove queued requests that are finished (cancelled, failed) or past their deadline."""
         now = time.monotonic()
-        keep: list[_Item] = []
-        dropped = False
-        for item in self._pending:
-            request = item.request
+        keep: list[_Request] = []
+        for request in self._requests:
             if not request.future.done() and request.deadline is not None and now >= request.deadline:
                 self._fail(request, DeadlineExceeded("deadline passed while queued"))
             if request.future.done():
-                self._queued_tokens -= item.length
-                dropped = True
+                self._queued_tokens -= request.queued_tokens
+                self._queued_texts -= len(request.queue)
             else:
-                keep.append(item)
-        if dropped:
-            self._pending = collections.deque(keep)
+                keep.append(request)
+        self._requests = keep
 
     def _take_batch(self) -> list[_Item]:
+        self._batches += 1
+        if self._batches % AGEING_EVERY == 0:
+            order = list(self._requests)  # arrival order: the oldest first
+        else:
+            order = sorted(self._requests, key=lambda r: (r.served, r.queued_tokens))  # stable: then oldest
+        first = order[0].queue[0]
         window: list[_Item] = []
         tokens = 0
-        for item in self._pending:
-            if window and tokens + item.length > WINDOW_BATCHES * self.max_batch_tokens:
-                break
-            window.append(item)
-            tokens += item.length
-        oldest = window[0]
-        ordered = sorted(window, key=lambda it: it.length)
+        for request in order:
+            for item in request.queue:
+                if window and tokens + item.length > WINDOW_BATCHES * self.max_batch_tokens:
+                    break
+                window.append(item)
+                tokens += item.length
+            else:
+                continue
+            break
+        window.sort(key=lambda it: it.length)
         batch: list[_Item] = []
         batch_tokens = 0
-        has_oldest = False
-        for item in ordered:  # cut the sorted window into chunks; keep the chunk that holds the oldest text
+        has_first = False
+        for item in window:  # cut the sorted window into chunks; keep the chunk that holds `first`
             if batch:
+                longest = batch[-1].length
                 over_budget = (len(batch) + 1) * item.length > self.max_batch_tokens
-                widens = item.length > batch[-1].length and batch_tokens >= self.min_batch_tokens
-                if over_budget or widens:
-                    if has_oldest:
+                widens = item.length > longest and batch_tokens >= self.min_batch_tokens
+                if over_budget or widens or item.length > WIDEN_LIMIT * longest:
+                    if has_first:
                         break
-                    batch, batch_tokens, has_oldest = [], 0, False
+                    batch, batch_tokens = [], 0
             batch.append(item)
             batch_tokens += item.length
-            has_oldest = has_oldest or item is oldest
-        chosen = {id(it) for it in batch}
-        rest = [it for it in window if id(it) not in chosen]
-        for _ in range(len(window)):
-            self._pending.popleft()
-        self._pending.extendleft(reversed(rest))
-        self._queued_tokens -= sum(it.length for it in batch)
+            has_first = has_first or item is first
+        taken: dict[int, set[int]] = {}
+        for item in batch:
+            taken.setdefault(id(item.request), set()).add(id(item))
+        for request in order:
+            ids = taken.get(id(request))
+            if ids:
+                kept = [it for it in request.queue if id(it) not in ids]
+                used = request.queued_tokens - sum(it.length for it in kept)
+                request.queue, request.queued_tokens = kept, request.queued_tokens - used
+                request.served += used
+        self._requests = [r for r in self._requests if r.queue]
+        self._queued_tokens -= batch_tokens
+        self._queued_texts -= len(batch)
         return batch
 
     def _deliver(self, batch: list[_Item], vectors: np.ndarray, seconds: float) -> None:

@@ -16,7 +16,7 @@ from embedforge.server.config import (
     MAX_CPU_WORKERS,
     MIN_BATCH_TOKENS_CPU,
     MIN_BATCH_TOKENS_CUDA,
-    QUEUE_BATCHES,
+    QUEUE_REQUESTS,
     ServeConfig,
 )
 
@@ -70,45 +70,85 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @option("max_wait_ms", type=click.FloatRange(0), default=DEFAULTS.max_wait_ms,
         help="Longest wait to fill a batch while busy (no wait when idle).")
 @option("max_queue_tokens", type=click.IntRange(1), default=DEFAULTS.max_queue_tokens,
-        help=f"Queued tokens before RESOURCE_EXHAUSTED [default: {QUEUE_BATCHES} x max-batch-tokens].")
+        help=f"Queued tokens before RESOURCE_EXHAUSTED [default: {QUEUE_REQUESTS} maximal requests, "
+        "(max-texts-per-request + 1) x max_length each; one request holds at most one such share].")
 @option("max_texts_per_request", type=click.IntRange(1), default=DEFAULTS.max_texts_per_request)
 @option("max_chars_per_text", type=click.IntRange(1), default=DEFAULTS.max_chars_per_text)
 @option("max_request_bytes", type=click.IntRange(1), default=DEFAULTS.max_request_bytes,
         help="Largest gRPC message or HTTP body; a larger HTTP body gets 413 before it is parsed.")
+@option("max_concurrent_requests", type=click.IntRange(1), default=DEFAULTS.max_concurrent_requests,
+        help="Calls in progress at once (health checks included); more get RESOURCE_EXHAUSTED before their "
+        "bodies are read.")
+@option("max_pending_bytes", type=click.IntRange(1), default=DEFAULTS.max_pending_bytes,
+        help="Request bytes held before tokenization; a call that would exceed it gets RESOURCE_EXHAUSTED at "
+        "once [default: the largest request the limits allow, (max-texts-per-request + 1) x "
+        "max-chars-per-text x 4 bytes]. The gRPC receive limit is that size too (at most --max-request-bytes).")
+@option("tokenizer_threads", type=click.IntRange(1), default=DEFAULTS.tokenizer_threads,
+        help="Threads tokenizing large requests (in slices of 32 texts).")
+@option("max_failures", type=click.IntRange(1), default=DEFAULTS.max_failures,
+        help="Failed model batches in a row before health reports NOT_SERVING (SERVING again after a success).")
+@option("metrics_host", default=DEFAULTS.metrics_host, help="Address of the metrics endpoint.")
 @option("metrics_port", type=click.IntRange(0, 65535), default=DEFAULTS.metrics_port,
-        help="Serve Prometheus metrics on this port (same host).")
+        help="Serve Prometheus metrics on this port (of --metrics-host).")
+@option("no_reflection", is_flag=True, help="Do not serve gRPC server reflection.")
 @option("grace_s", type=click.FloatRange(0), default=DEFAULTS.grace_s,
-        help="On SIGTERM/SIGINT, time given to in-flight calls.")
+        help="On SIGTERM/SIGINT, time given to in-flight calls; the stop takes about this long at most, even if "
+        "a batch hangs (then the exit status is 1).")
 @option("tls_cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=DEFAULTS.tls_cert)
 @option("tls_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=DEFAULTS.tls_key)
-@option("api_key_env", default=DEFAULTS.api_key_env,
-        help="Environment variable holding the API key; when set, calls without it are UNAUTHENTICATED.")
+@option("tls_client_ca", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        default=DEFAULTS.tls_client_ca, help="Mutual TLS: require client certificates signed by this CA (PEM).")
+@option("api_key_env", default=None, show_default=False,
+        help=f"Environment variable holding the API key; calls without it are UNAUTHENTICATED. Given, the "
+        f"variable must be set and non-empty (unless --no-auth). Not given: {DEFAULTS.api_key_env} if set.")
+@option("no_auth", is_flag=True, help="Serve without an API key, whatever the environment holds.")
+@option("allow_insecure_key", is_flag=True,
+        help="Allow an API key without TLS on a non-loopback address (the key travels in clear text).")
 @option("log_level", type=click.Choice(["debug", "info", "warning", "error"]), default=DEFAULTS.log_level)
-def serve_command(model_dir: Path | None, save_path: Path | None, api_key_env: str, **settings: Any) -> None:
+def serve_command(model_dir: Path | None, save_path: Path | None, api_key_env: str | None, no_auth: bool,
+                  no_reflection: bool, **settings: Any) -> None:
     """Serve an exported model over gRPC (Embed, Score, Info, health, reflection) and, with --http-port, the
     OpenAI-compatible HTTP API."""
-    from embedforge.server.app import run_server
+    from embedforge.server.app import check_security, run_server
     from embedforge.server.runtime import PROVIDERS, OnnxEmbedder, RuntimeConfigError, choose_provider, read_manifest
 
-    config = ServeConfig(api_key_env=api_key_env, api_key=os.environ.get(api_key_env) or None, **settings)
+    config = ServeConfig(api_key_env=api_key_env or DEFAULTS.api_key_env,
+                         api_key=_api_key(api_key_env, no_auth), reflection=not no_reflection, **settings)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     directory = _resolve_model_dir(model_dir, save_path)
-    if (config.tls_cert is None) != (config.tls_key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together")
+    try:
+        check_security(config)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     try:
         max_length = int(read_manifest(directory)["max_length"])
-        config = config.resolved(on_cuda=choose_provider(config.provider) == PROVIDERS["cuda"])
+        config = config.resolved(on_cuda=choose_provider(config.provider) == PROVIDERS["cuda"], max_length=max_length)
     except RuntimeConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     if config.max_batch_tokens < max_length:
         raise click.UsageError(f"--max-batch-tokens {config.max_batch_tokens} is below the model's max_length "
                                f"{max_length}; one long text would not fit in a batch")
     try:
-        run_server(lambda: OnnxEmbedder(directory, precision=config.precision, provider=config.provider,
-                                        threads=config.threads, workers=config.workers), config)
+        finished = run_server(lambda: OnnxEmbedder(directory, precision=config.precision, provider=config.provider,
+                                                   threads=config.threads, workers=config.workers), config)
     except RuntimeConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    if finished is False:
+        click.echo(f"error: a model batch still ran {config.grace_s} s after SIGTERM; exiting without it", err=True)
+        sys.stderr.flush()
+        os._exit(1)  # the hung batch's thread would keep a normal exit waiting forever
+
+
+def _api_key(api_key_env: str | None, no_auth: bool) -> str | None:
+    """The API key to require (stripped), or None. A variable named with --api-key-env must hold one."""
+    if no_auth:
+        return None
+    key = os.environ.get(api_key_env or DEFAULTS.api_key_env, "").strip()
+    if api_key_env is not None and not key:
+        raise click.UsageError(f"--api-key-env {api_key_env}: the variable is unset or empty; set it, or give "
+                               "--no-auth to serve without authentication")
+    return key or None
 
 
 @click.command(name="embed")

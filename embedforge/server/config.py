@@ -17,8 +17,12 @@ from pathlib import Path
 MIN_BATCH_TOKENS_CPU = 128
 MIN_BATCH_TOKENS_CUDA = 256
 MAX_CPU_WORKERS = 4  # default workers on CPU: min(cores, 4)
-QUEUE_BATCHES = 32  # default max_queue_tokens = 32 x max_batch_tokens: room for max_texts_per_request x max_length
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+QUEUE_BATCHES = 32  # default max_queue_tokens without a known max_length: 32 x max_batch_tokens
+QUEUE_REQUESTS = 4  # default max_queue_tokens = 4 maximal requests, so one request holds at most a quarter of it
+UTF8_MAX_BYTES = 4  # bytes of one character in UTF-8, at most
+FIELD_OVERHEAD_BYTES = 16  # protobuf tag + length of one string field, with room to spare
+MESSAGE_OVERHEAD_BYTES = 1024  # the request's other (small) fields
 
 
 @dataclass(frozen=True)
@@ -33,26 +37,50 @@ class ServeConfig:
     max_batch_tokens: int = 16384  # token budget of one model batch (batch size x longest text)
     min_batch_tokens: int | None = None  # None: MIN_BATCH_TOKENS_CPU or MIN_BATCH_TOKENS_CUDA
     max_wait_ms: float = 2.0  # longest wait to fill a batch while busy
-    max_queue_tokens: int | None = None  # None: QUEUE_BATCHES x max_batch_tokens
+    max_queue_tokens: int | None = None  # None: QUEUE_REQUESTS maximal requests (see queue_tokens_for)
     max_texts_per_request: int = 1024
     max_chars_per_text: int = 20000
     max_request_bytes: int = MAX_REQUEST_BYTES  # largest gRPC message or HTTP body (HTTP 413 beyond it)
     allow_any_dimensions: bool = False  # accept `dimensions` for a model not trained for it (lossy)
+    # Calls at once (health checks included), refused with RESOURCE_EXHAUSTED before their bodies are read:
+    # request bodies in memory <= max_concurrent_requests x max_receive_bytes.
+    max_concurrent_requests: int = 64
+    max_pending_bytes: int | None = None  # request bytes held before tokenization; None: max_receive_bytes
+    tokenizer_threads: int = 2  # so that one huge request never holds up the others
+    max_failures: int = 5  # batch failures in a row before health reports NOT_SERVING (back after a success)
+    metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
-    grace_s: float = 10.0  # on drain, time given to in-flight calls
+    reflection: bool = True
+    grace_s: float = 10.0  # on drain, time given to in-flight calls; the whole stop is bounded by it
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: require client certificates signed by this CA
     api_key_env: str = "EMBEDFORGE_API_KEY"  # where the command line reads api_key from
-    api_key: str | None = None  # None: no authentication
+    api_key: str | None = None  # None: no authentication; compared stripped of surrounding whitespace
+    allow_insecure_key: bool = False  # allow an API key without TLS on a non-loopback address
     log_level: str = "info"
 
-    def resolved(self, on_cuda: bool, cores: int | None = None) -> ServeConfig:
-        """A copy with every None (automatic) setting chosen for the provider and `cores` (default: this machine's)."""
+    @property
+    def max_receive_bytes(self) -> int:
+        """The largest request body accepted: the largest within the limits (a Score: query +
+        max_texts_per_request documents of max_chars_per_text 4-byte characters), at most max_request_bytes."""
+        per_text = self.max_chars_per_text * UTF8_MAX_BYTES + FIELD_OVERHEAD_BYTES
+        return min(self.max_request_bytes, (self.max_texts_per_request + 1) * per_text + MESSAGE_OVERHEAD_BYTES)
+
+    def queue_tokens_for(self, max_length: int) -> int:
+        """Default queue: QUEUE_REQUESTS maximal requests (max_texts_per_request + 1 texts of max_length)."""
+        return QUEUE_REQUESTS * (self.max_texts_per_request + 1) * max_length
+
+    def resolved(self, on_cuda: bool, cores: int | None = None, max_length: int | None = None) -> ServeConfig:
+        """A copy with every None (automatic) setting chosen for the provider, `cores` (default: this machine's)
+        and the model's max_length (None: unknown, the queue holds QUEUE_BATCHES full batches)."""
         cores = cores or os.cpu_count() or 1
+        queue = QUEUE_BATCHES * self.max_batch_tokens if max_length is None else self.queue_tokens_for(max_length)
         return dataclasses.replace(
             self,
             threads=self.threads or cores,
             workers=self.workers or (1 if on_cuda else min(cores, MAX_CPU_WORKERS)),
             min_batch_tokens=self.min_batch_tokens or (MIN_BATCH_TOKENS_CUDA if on_cuda else MIN_BATCH_TOKENS_CPU),
-            max_queue_tokens=self.max_queue_tokens or QUEUE_BATCHES * self.max_batch_tokens,
+            max_queue_tokens=self.max_queue_tokens or queue,
+            max_pending_bytes=self.max_pending_bytes or self.max_receive_bytes,
         )

@@ -9,16 +9,18 @@ Status names are gRPC's canonical codes ("INVALID_ARGUMENT", ...); the HTTP API 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from embedforge.server.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull, TooLarge
-from embedforge.server.embedder import Embedder, ModelInfo, l2_normalize
+from embedforge.server.embedder import Embedder, ModelInfo, Tokenized, l2_normalize
 
 log = logging.getLogger("embedforge.server.core")
 
@@ -33,10 +35,35 @@ CallObserver = Callable[[str, str, str, float], None]
 """(protocol, rpc name, status name, seconds) for every finished call of either protocol, e.g. to update metrics."""
 
 
+TOKENIZE_SLICE_TEXTS = 32
+"""A large request is tokenized 32 texts at a time (a few milliseconds each), so that other requests' slices
+run in between."""
+
+
 @dataclass(frozen=True)
 class Limits:
     max_texts_per_request: int
     max_chars_per_text: int
+    max_pending_bytes: int = 1 << 30  # request bytes held before tokenization
+
+
+class Overloaded(Exception):
+    """Too many request bytes wait for tokenization already."""
+
+
+class Held:
+    """Request bytes counted against max_pending_bytes until the request is tokenized (or finished)."""
+
+    def __init__(self, core: EmbeddingCore, size: int) -> None:
+        self._core = core
+        self.size = size
+
+    def release(self) -> None:
+        self._core._pending_bytes -= self.size
+        self.size = 0
+
+
+_HELD: contextvars.ContextVar[Held | None] = contextvars.ContextVar("embedforge_held_bytes", default=None)
 
 
 class InvalidRequest(Exception):
@@ -76,7 +103,7 @@ def status_of(exc: Exception, request_id: str) -> tuple[str, str]:
     """The status name and message a failed call answers with; unexpected errors are logged as INTERNAL."""
     if isinstance(exc, (InvalidRequest, TooLarge)):
         return "INVALID_ARGUMENT", str(exc)
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, Overloaded)):
         return "RESOURCE_EXHAUSTED", f"{exc}; retry later"
     if isinstance(exc, DeadlineExceeded):
         return "DEADLINE_EXCEEDED", str(exc)
@@ -92,14 +119,35 @@ class EmbeddingCore:
     """One model and its batcher behind every protocol. Until `attach`, every call raises Unavailable."""
 
     def __init__(self, limits: Limits, allow_any_dimensions: bool = False,
-                 on_timing: TimingObserver | None = None) -> None:
+                 on_timing: TimingObserver | None = None, tokenizer_threads: int = 2) -> None:
         self.limits = limits
         self.allow_any_dimensions = allow_any_dimensions
         self.embedder: Embedder | None = None
         self.batcher: Batcher | None = None
         self.draining = False
         self._on_timing = on_timing
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedforge-tokenize")
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer_threads,
+                                                 thread_name_prefix="embedforge-tokenize")
+        self._pending_bytes = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def admit(self, size: int) -> Held:
+        """Count a call's body (size bytes) against max_pending_bytes, or refuse it with Overloaded at once.
+        The call's `_run` releases it once the texts are tokens; the caller releases it when the call ends."""
+        if self._pending_bytes + size > self.limits.max_pending_bytes:
+            raise Overloaded(f"{self._pending_bytes} request bytes wait for tokenization, this one has {size}, "
+                             f"the limit is {self.limits.max_pending_bytes}")
+        self._pending_bytes += size
+        held = Held(self, size)
+        _HELD.set(held)
+        return held
+
+    def run_in_pool(self, fn: Callable, *args: Any) -> Awaitable:
+        """Run fn(*args) on a tokenizer thread (e.g. parsing a large request body)."""
+        return asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     def attach(self, embedder: Embedder, batcher: Batcher) -> None:
         """Serve calls with this (loaded, warmed-up) model and its running batcher."""
@@ -188,19 +236,37 @@ class EmbeddingCore:
         batcher, embedder = self.batcher, self.embedder
         if batcher.queued_tokens >= batcher.max_queue_tokens:  # refuse before paying for tokenization
             raise QueueFull(f"queue full: {batcher.queued_tokens} tokens queued")
-        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            tokenized = embedder.tokenize(texts)  # tens of microseconds: cheaper than a thread hop
-        else:
-            tokenized = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool,
-                                                                         embedder.tokenize, texts)
+        tokenized = await self._tokenize(embedder, texts, deadline)
+        held = _HELD.get()
+        if held is not None:
+            held.release()  # the texts are tokens now: the queue's token budget counts them from here
         tokenize_s = time.monotonic() - arrived
         if not truncate and tokenized.truncated:
             i = tokenized.truncated[0]
             raise InvalidRequest(f"{fields[i]}[{indices[i]}] is longer than max_length="
                                  f"{embedder.info.max_length} tokens and truncate is false")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed during tokenization")
         result = await batcher.submit(tokenized.ids, tokenized.lengths, deadline, request_id)
         total_s = time.monotonic() - arrived
         if self._on_timing is not None:
             self._on_timing(result.queue_s, tokenize_s, result.inference_s)
         timing = Timing(result.queue_s, tokenize_s, result.inference_s, total_s)
         return Embedded(result.vectors, int(sum(tokenized.lengths)), timing)
+
+    async def _tokenize(self, embedder: Embedder, texts: list[str], deadline: float | None) -> Tokenized:
+        """Small requests inline (tens of microseconds: cheaper than a thread hop); larger ones in slices of
+        TOKENIZE_SLICE_TEXTS texts on the tokenizer threads, stopping if the deadline passes meanwhile."""
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            return embedder.tokenize(texts)
+        ids: list = []
+        lengths: list[int] = []
+        truncated: list[int] = []
+        for start in range(0, len(texts), TOKENIZE_SLICE_TEXTS):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline passed during tokenization")
+            part = await self.run_in_pool(embedder.tokenize, texts[start:start + TOKENIZE_SLICE_TEXTS])
+            ids.extend(part.ids)
+            lengths.extend(part.lengths)
+            truncated.extend(start + i for i in part.truncated)
+        return Tokenized(ids, lengths, truncated)

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from embedforge.onnxrt import PROVIDERS, create_session, pad_token_ids
 from embedforge.server.embedder import ModelInfo, Tokenized
-from embedforge.tokenization import load_tokenizer
+from embedforge.tokenization import encode_truncated, load_tokenizer
 
 log = logging.getLogger("embedforge.server.runtime")
 
@@ -140,8 +140,9 @@ class OnnxEmbedder:
                               matryoshka_dims=read_matryoshka_dims(manifest, model_dir))
 
     def tokenize(self, texts: list[str]) -> Tokenized:
-        """Tokenize in one batch call of the Rust tokenizer; texts over max_length are truncated and listed."""
-        encodings = self.tokenizer.encode_batch_fast(texts)
+        """Tokenize with the Rust tokenizer; texts over max_length are truncated (their tail never tokenized)
+        and listed."""
+        encodings = encode_truncated(self.tokenizer, texts, self.max_length)
         ids = [np.array(e.ids, dtype=np.int64) for e in encodings]
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Tokenized(ids=ids, lengths=[len(x) for x in ids], truncated=truncated)

@@ -4,22 +4,119 @@ Knows gRPC, never onnxruntime: each RPC is translated into a call of the protoco
 (validate -> tokenize -> Batcher.submit, merged with concurrent calls of both protocols) and its exceptions
 into status codes. Vectors go out as one packed little-endian float32 `bytes` field (see the .proto).
 Until a model is attached every call gets UNAVAILABLE.
+
+The handlers take the raw request body: its bytes count against the core's pending-bytes budget (a call over
+it gets RESOURCE_EXHAUSTED at once) before it is parsed; a body that does not parse, or a string field with
+invalid UTF-8, gets INVALID_ARGUMENT naming the field, with at most one log line per kind per 10 s. (The gRPC
+server refuses calls beyond max_concurrent_requests before reading them: see app.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from embedforge import __version__
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
-from embedforge.server.core import CallObserver, EmbeddingCore, Timing, status_of
+from embedforge.server.core import CallObserver, EmbeddingCore, Held, InvalidRequest, Timing, status_of
+
+log = logging.getLogger("embedforge.server.service")
+
+INLINE_PARSE_BYTES = 64 * 1024
+"""Larger request bodies are parsed on a tokenizer thread (a 20 MB body takes tens of milliseconds)."""
+REQUEST_ID_MAX_CHARS = 64
+REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:/-]")
+LOG_EVERY_S = 10.0  # one log line per kind of bad input per 10 s (with the count of those not logged)
+
+
+class RateLimitedLog:
+    """At most one warning per key every `every_s` seconds; the next one says how many were left out."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
+        self._log = logger
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self._every_s) < self._every_s:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return
+        self._last[key] = now
+        skipped = self._skipped.pop(key, 0)
+        self._log.warning(message + " suppressed_since_last=%d", *args, skipped)
+
+
+def sanitize_request_id(value: str | None) -> str:
+    """The client's x-request-id, safe to log: at most 64 characters of [A-Za-z0-9._:/-] (others become "_");
+    a fresh id when it is missing or empty."""
+    if not value:
+        return uuid.uuid4().hex[:16]
+    return REQUEST_ID_UNSAFE.sub("_", value[:REQUEST_ID_MAX_CHARS])
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(raw) or shift > 63:
+            raise DecodeError("truncated varint")
+        byte = raw[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def invalid_utf8_field(raw: bytes, descriptor: Descriptor) -> str | None:
+    """The first top-level string field of `raw` holding invalid UTF-8 ("texts[3]", "query"); None if none
+    (or if the wire format breaks off before one is found)."""
+    pos, seen = 0, {}
+    try:
+        while pos < len(raw):
+            key, pos = _varint(raw, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(raw, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                size, pos = _varint(raw, pos)
+                value, pos = raw[pos:pos + size], pos + size
+                field = descriptor.fields_by_number.get(number)
+                if field is None or field.type != FieldDescriptor.TYPE_STRING:
+                    continue
+                index = seen[number] = seen.get(number, -1) + 1
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"{field.name}[{index}]" if field.is_repeated else field.name
+            else:
+                return None
+    except DecodeError:
+        return None
+    return None
+
+
+def parse_request(raw: bytes, message_type: type[Message]) -> Message:
+    """Parse a request body; InvalidRequest names the field holding invalid UTF-8, or says the body is bad."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        field = invalid_utf8_field(raw, message_type.DESCRIPTOR)
+        if field is not None:
+            raise InvalidRequest(f"{field} is not valid UTF-8") from None
+        raise InvalidRequest(f"request body is not a valid {message_type.DESCRIPTOR.full_name} "
+                             f"({len(raw)} bytes)") from None
 
 
 def timing_message(timing: Timing) -> pb.Timing:
@@ -31,6 +128,25 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, core: EmbeddingCore, on_call: CallObserver | None = None) -> None:
         self.core = core
         self._on_call = on_call
+        self.bad_input_log = RateLimitedLog(log)
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """Handlers that take the raw request body (registered instead of the generated typed handlers), so
+        that admission comes before parsing and a body that does not parse is answered, not a traceback."""
+        rpcs = {"Embed": (self._embed_rpc, pb.EmbedRequest, pb.EmbedResponse),
+                "Score": (self._score_rpc, pb.ScoreRequest, pb.ScoreResponse),
+                "Info": (self._info_rpc, pb.InfoRequest, pb.InfoResponse)}
+
+        def raw_handler(rpc: str, handler: Callable[..., Awaitable[Message]], request_type: type[Message]):
+            async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+                return await self._call(rpc, handler, raw, context, request_type)
+            return handle
+
+        service = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+        return grpc.method_handlers_generic_handler(service, {
+            rpc: grpc.unary_unary_rpc_method_handler(raw_handler(rpc, handler, request_type),
+                                                     response_serializer=response_type.SerializeToString)
+            for rpc, (handler, request_type, response_type) in rpcs.items()})
 
     # ---- RPCs ----
 
@@ -69,23 +185,37 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         request_id: str) -> pb.InfoResponse:
         return info_message(self.core)
 
-    async def _call(self, rpc: str, handler: Callable[..., Awaitable[Message]], request: Message,
-                    context: grpc.aio.ServicerContext) -> Message:
-        """Run one RPC: map errors to status codes, report (protocol, rpc, code, seconds) to the observer."""
+    async def _call(self, rpc: str, handler: Callable[..., Awaitable[Message]], request: Message | bytes,
+                    context: grpc.aio.ServicerContext, request_type: type[Message] | None = None) -> Message:
+        """Run one RPC: admit and parse a raw body (bytes, with request_type), map errors to status codes,
+        report (protocol, rpc, code, seconds) to the observer."""
         started = time.monotonic()
         code = "OK"
         metadata = dict(context.invocation_metadata() or ())
-        request_id = metadata.get("x-request-id") or uuid.uuid4().hex[:16]
+        request_id = sanitize_request_id(metadata.get("x-request-id"))
         remaining = context.time_remaining()
         deadline = None if remaining is None else started + remaining
+        held: Held | None = None
         try:
+            if isinstance(request, bytes):
+                self.core.check_ready()
+                held = self.core.admit(len(request))
+                if len(request) > INLINE_PARSE_BYTES:  # keep the event loop responsive
+                    request = await self.core.run_in_pool(parse_request, request, request_type)
+                else:
+                    request = parse_request(request, request_type)
             return await handler(request, deadline, request_id)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as exc:  # every failure becomes a status; status_of logs the unexpected ones
             code, message = status_of(exc, request_id)
+            if code == "INVALID_ARGUMENT":
+                self.bad_input_log.warning(f"invalid:{rpc}", "event=invalid_request rpc=%s request_id=%s error=%r",
+                                           rpc, request_id, message[:200])
         finally:
+            if held is not None:
+                held.release()
             if self._on_call is not None:
                 self._on_call("grpc", rpc, code, time.monotonic() - started)
         await context.abort(grpc.StatusCode[code], message)

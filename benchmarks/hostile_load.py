@@ -1,0 +1,230 @@
+"""The server under hostile and mixed load (issue 13's table), measured against a subprocess server on 127.0.0.1.
+
+    python benchmarks/hostile_load.py                                   # exports the bundled model (fp32) first
+    python benchmarks/hostile_load.py --export-dir output/vector_model/export --phase-s 20 --flooders 48
+
+Phases, --phase-s seconds each, a bystander sending one short text every 20 ms throughout:
+  1. the bystander alone;
+  2. + --flooders clients sending maximal Embed requests (max texts x max chars) back to back;
+  3. + --documenters clients sending Score requests of 64 documents of ~600 tokens (cut at max_length).
+Printed per phase: the server's peak RSS, the bystander's calls and p50/p99, the attackers' statuses and how
+fast refusals came back, beside the duration of one full-budget batch (32 x 512 tokens on the session a batch
+uses under load), which is what the bystander's latency is compared with.
+Targets (issue 13): RSS within 1 GB of the quiet phase, bystander p99 <= 1.5x and p50 <= 0.5x one full-budget
+batch in both flood phases, refusals within 100 ms. Bounded: every loop stops at its phase's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_throughput import start_server  # noqa: E402
+
+WORDS = ("the a is of to and in how what egg boil water pasta salt minutes bread bake oven coffee tea cup hot cold "
+         "cook rice pan fry soup recipe kitchen knife onion garlic sauce sugar flour butter milk").split()
+IDENTITY = {"request_serializer": None, "response_deserializer": None}
+
+
+def export_fp32(workdir: Path) -> Path:
+    from embedforge.export import export_checkpoint
+    from embedforge.model import BertVectorModel
+
+    checkpoint = workdir / "checkpoint-step-0"
+    BertVectorModel.from_base(None).save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 0, "val_loss": None}))
+    print("exporting the bundled model (fp32) ...", flush=True)
+    export_checkpoint(checkpoint, workdir / "export", precisions=("fp32",), parity_texts=["a short text"] * 8)
+    return workdir / "export"
+
+
+def words(rng: np.random.Generator, chars: int) -> str:
+    text = " ".join(rng.choice(WORDS, size=chars // 4 + 8))
+    return text[:chars]
+
+
+def full_batch_seconds(export_dir: Path, max_length: int, batch_tokens: int, repeats: int = 3) -> float:
+    """Median seconds of one batch of batch_tokens / max_length texts of max_length tokens, on the session a
+    batch uses under load (threads // workers), as the server runs it."""
+    from embedforge.server.runtime import OnnxEmbedder
+
+    cores = os.cpu_count() or 1
+    embedder = OnnxEmbedder(export_dir, precision="fp32", provider="cpu", threads=cores, workers=min(cores, 4))
+    ids = embedder.tokenize([words(np.random.default_rng(0), max_length * 8)] * (batch_tokens // max_length)).ids
+    embedder.run_batch(ids, alone=False)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        embedder.run_batch(ids, alone=False)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+class RssSampler:
+    """Peak VmRSS (bytes) of a process, sampled every 50 ms in a thread; `take()` returns and resets the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.peak = max(self.peak, self.rss())
+            except OSError:
+                return
+
+    def take(self) -> int:
+        peak, self.peak = self.peak, 0
+        return peak
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+async def bystander(channel, stop: float, latencies: list[float], codes: collections.Counter) -> None:
+    from embedforge.client import build_embed_request
+
+    body = build_embed_request(["how to boil an egg"]).SerializeToString()
+    call = channel.unary_unary("/embedforge.v1.EmbeddingService/Embed", **IDENTITY)
+    while time.monotonic() < stop:
+        started = time.monotonic()
+        try:
+            await call(body, timeout=60)
+            latencies.append(time.monotonic() - started)
+            codes["OK"] += 1
+        except Exception as exc:  # grpc.aio.AioRpcError
+            codes[exc.code().name] += 1
+        await asyncio.sleep(max(0.0, 0.02 - (time.monotonic() - started)))
+
+
+async def attacker(channel, method: str, body: bytes, stop: float, codes: collections.Counter,
+                   refusals: list[float]) -> None:
+    call = channel.unary_unary(f"/embedforge.v1.EmbeddingService/{method}", **IDENTITY)
+    while time.monotonic() < stop:
+        started = time.monotonic()
+        try:
+            await call(body, timeout=30)
+            codes["OK"] += 1
+        except Exception as exc:
+            code = exc.code().name
+            codes[code] += 1
+            if code == "RESOURCE_EXHAUSTED":
+                refusals.append(time.monotonic() - started)
+                await asyncio.sleep(0.05)  # a client retrying after a refusal, not a busy loop
+
+
+def ms(values: list[float], q: float) -> str:
+    return f"{np.quantile(values, q) * 1e3:.1f}" if values else "-"
+
+
+async def run_phases(target: str, sampler: RssSampler, args: argparse.Namespace, limits) -> list[dict]:
+    import grpc
+
+    from embedforge.client import build_embed_request, build_score_request
+
+    rng = np.random.default_rng(1)
+    flood_body = build_embed_request([words(rng, limits.max_chars_per_text)
+                                      for _ in range(limits.max_texts_per_request)]).SerializeToString()
+    documents = [words(rng, 3000) for _ in range(64)]  # ~600 tokens each
+    score_body = build_score_request("how to boil an egg", documents).SerializeToString()
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
+    phases = [("bystander alone", []),
+              (f"+ {args.flooders} clients: maximal Embed ({limits.max_texts_per_request} x "
+               f"{limits.max_chars_per_text} chars)", [("Embed", flood_body)] * args.flooders),
+              (f"+ {args.documenters} clients: Score, 64 documents of ~600 tokens",
+               [("Score", score_body)] * args.documenters)]
+    rows = []
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(8)]
+    try:
+        for name, attackers in phases:
+            sampler.take()
+            stop = time.monotonic() + args.phase_s
+            latencies: list[float] = []
+            by_codes: collections.Counter = collections.Counter()
+            at_codes: collections.Counter = collections.Counter()
+            refusals: list[float] = []
+            await asyncio.gather(
+                bystander(channels[0], stop, latencies, by_codes),
+                *(attacker(channels[1 + i % 7], method, body, stop, at_codes, refusals)
+                  for i, (method, body) in enumerate(attackers)))
+            rows.append({"phase": name, "peak_rss_mb": sampler.take() / 1e6, "bystander_calls": by_codes["OK"],
+                         "bystander_errors": dict(by_codes - collections.Counter({"OK": by_codes["OK"]})),
+                         "p50_ms": ms(latencies, 0.5), "p99_ms": ms(latencies, 0.99),
+                         "p50_s": float(np.quantile(latencies, 0.5)) if latencies else float("nan"),
+                         "p99_s": float(np.quantile(latencies, 0.99)) if latencies else float("nan"),
+                         "attackers": dict(at_codes), "refusal_p99_ms": ms(refusals, 0.99),
+                         "refusal_max_ms": ms(refusals, 1.0)})
+            print(json.dumps(rows[-1]), flush=True)
+            await asyncio.sleep(2)  # let the last attackers' calls finish before the next phase
+    finally:
+        for channel in channels:
+            await channel.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export-dir", type=Path, help="an fp32 export (default: export the bundled model)")
+    parser.add_argument("--phase-s", type=float, default=20.0)
+    parser.add_argument("--flooders", type=int, default=48)
+    parser.add_argument("--documenters", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra `embedforge serve` argument")
+    args = parser.parse_args()
+
+    from embedforge.server.config import ServeConfig
+
+    limits = ServeConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_dir = args.export_dir or export_fp32(Path(tmp))
+        max_length = int(json.loads((export_dir / "manifest.json").read_text())["max_length"])
+        batch_s = full_batch_seconds(export_dir, max_length, limits.max_batch_tokens)
+        process, target = start_server(export_dir, "fp32", args.threads, args.serve_arg)
+        sampler = RssSampler(process.pid)
+        try:
+            rows = asyncio.run(run_phases(target, sampler, args, limits))
+            alive = process.poll() is None
+        finally:
+            sampler.close()
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    print(f"\nCPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"one full-budget batch ({limits.max_batch_tokens // max_length} x {max_length} tokens, under-load "
+          f"session): {batch_s * 1e3:.0f} ms; server alive after the floods: {alive}\n")
+    quiet = rows[0]["peak_rss_mb"]
+    print("| load | peak RSS | bystander calls | p50 | p99 | p50 / batch | p99 / batch | attackers | refusal p99 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['phase']} | {row['peak_rss_mb']:.0f} MB (+{row['peak_rss_mb'] - quiet:.0f}) | "
+              f"{row['bystander_calls']} {row['bystander_errors'] or ''} | {row['p50_ms']} ms | {row['p99_ms']} ms | "
+              f"{row['p50_s'] / batch_s:.2f} | {row['p99_s'] / batch_s:.2f} | {row['attackers'] or '-'} | "
+              f"{row['refusal_p99_ms']} ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Soak: mixed short and long texts at 80% of measured capacity for --minutes, against a subprocess server.
+
+    python benchmarks/soak.py --minutes 10                       # exports the bundled model (fp32) first
+    python benchmarks/soak.py --minutes 2 --export-dir /tmp/export
+
+First the capacity (calls/s) of the mix is measured closed-loop (--clients callers, --capacity-s seconds); then
+calls start open-loop at 80% of that rate (Poisson arrivals, bounded by --max-in-flight) for --minutes. The mix:
+9 in 10 calls embed 1-8 short STS-B-like texts (5-40 words), 1 in 10 embeds 4 long texts (~600 tokens, cut at
+max_length). Printed: errors by status, the server's RSS each minute and its growth after the first (warm-up)
+minute, p50/p99 per minute and the last minute's p99 against the first's.
+Targets (issue 13, --minutes 10): zero errors, RSS growth under 5% after warm-up, p99 last/first within 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostile_load import RssSampler, export_fp32, words  # noqa: E402
+from serve_throughput import start_server  # noqa: E402
+
+
+def make_calls(count: int, seed: int) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    calls = []
+    for _ in range(count):
+        if rng.random() < 0.1:
+            calls.append([words(rng, 3000) for _ in range(4)])
+        else:
+            calls.append([words(rng, int(rng.integers(5, 40)) * 5) for _ in range(int(rng.integers(1, 9)))])
+    return calls
+
+
+async def capacity(client, calls: list[list[str]], clients: int, seconds: float) -> float:
+    """Calls per second with `clients` closed-loop callers."""
+    stop = time.monotonic() + seconds
+    done = [0]
+
+    async def caller(offset: int) -> None:
+        i = offset
+        while time.monotonic() < stop:
+            await client.embed(calls[i % len(calls)])
+            done[0] += 1
+            i += clients
+
+    started = time.monotonic()
+    await asyncio.gather(*(caller(k) for k in range(clients)))
+    return done[0] / (time.monotonic() - started)
+
+
+async def soak(client, calls: list[list[str]], rate: float, minutes: float, max_in_flight: int,
+               sampler: RssSampler) -> tuple[list[list[float]], collections.Counter, list[int]]:
+    import grpc
+
+    rng = np.random.default_rng(7)
+    per_minute: list[list[float]] = [[] for _ in range(int(np.ceil(minutes)))]
+    codes: collections.Counter = collections.Counter()
+    rss: list[int] = []
+    in_flight = asyncio.Semaphore(max_in_flight)
+    started = time.monotonic()
+    stop = started + minutes * 60
+    tasks = set()
+
+    async def one(texts: list[str]) -> None:
+        t0 = time.monotonic()
+        try:
+            await client.embed(texts)
+            minute = min(int((t0 - started) // 60), len(per_minute) - 1)
+            per_minute[minute].append(time.monotonic() - t0)
+            codes["OK"] += 1
+        except grpc.RpcError as exc:
+            codes[exc.code().name] += 1
+        finally:
+            in_flight.release()
+
+    i, next_minute = 0, started + 60
+    while time.monotonic() < stop:
+        await asyncio.sleep(rng.exponential(1.0 / rate))
+        if time.monotonic() >= next_minute:
+            rss.append(sampler.rss())
+            next_minute += 60
+        if in_flight.locked():
+            codes["SKIPPED_CLIENT_SIDE"] += 1  # the server fell behind: counted, not queued without bound
+            continue
+        await in_flight.acquire()
+        task = asyncio.ensure_future(one(calls[i % len(calls)]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+    await asyncio.gather(*tasks)
+    rss.append(sampler.rss())
+    return per_minute, codes, rss
+
+
+async def run(target: str, args: argparse.Namespace, sampler: RssSampler) -> None:
+    from embedforge.client import AsyncEmbedClient
+
+    calls = make_calls(2000, seed=3)
+    async with AsyncEmbedClient(target, timeout=60) as client:
+        measured = await capacity(client, calls, args.clients, args.capacity_s)
+        rate = 0.8 * measured
+        print(f"capacity: {measured:.1f} calls/s with {args.clients} callers; soaking at {rate:.1f} calls/s "
+              f"for {args.minutes} min", flush=True)
+        per_minute, codes, rss = await soak(client, calls, rate, args.minutes, args.max_in_flight, sampler)
+    errors = {code: n for code, n in codes.items() if code != "OK"}
+    print(f"calls OK: {codes['OK']}, errors: {errors or 0}")
+    for minute, latencies in enumerate(per_minute):
+        if latencies:
+            print(f"minute {minute + 1}: {len(latencies)} calls, p50 {np.quantile(latencies, 0.5) * 1e3:.1f} ms, "
+                  f"p99 {np.quantile(latencies, 0.99) * 1e3:.1f} ms, RSS {rss[minute] / 1e6:.0f} MB")
+    if len(rss) >= 2:
+        print(f"RSS growth after the first minute: {(rss[-1] / rss[0] - 1) * 100:+.1f}% "
+              f"({rss[0] / 1e6:.0f} -> {rss[-1] / 1e6:.0f} MB)")
+    filled = [m for m in per_minute if m]
+    if len(filled) >= 2:
+        first, last = np.quantile(filled[0], 0.99), np.quantile(filled[-1], 0.99)
+        print(f"p99 last / first minute: {last / first:.2f} ({first * 1e3:.1f} -> {last * 1e3:.1f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--export-dir", type=Path, help="an fp32 export (default: export the bundled model)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--capacity-s", type=float, default=20.0)
+    parser.add_argument("--max-in-flight", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_dir = args.export_dir or export_fp32(Path(tmp))
+        process, target = start_server(export_dir, "fp32", args.threads, [])
+        sampler = RssSampler(process.pid)
+        try:
+            asyncio.run(run(target, args, sampler))
+        finally:
+            sampler.close()
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    print(f"CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
