@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from embedforge.cli_options import option
-from embedforge.export import MIN_COSINE, PRECISIONS, ExportError, default_output_dir, default_precisions, export_checkpoint
+from embedforge.export import (
+    MIN_COSINE,
+    PRECISIONS,
+    ExportError,
+    default_output_dir,
+    default_precisions,
+    export_checkpoint,
+)
 from embedforge.export.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
 from embedforge.export.parity import format_parity_table
 
