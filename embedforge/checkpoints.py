@@ -76,7 +76,7 @@ def missing_files(path: Path) -> list[str]:
         sizes = json.loads(listed.read_text())
     except ValueError:
         return [f"{FILE_LIST} (not valid JSON)"]
-    return [name if (path / name).is_file() else f"{name} (size {(path / name).stat().st_size}, recorded {size})"
+    return [f"{name} (size {(path / name).stat().st_size}, recorded {size})" if (path / name).is_file() else name
             for name, size in sizes.items()
             if not (path / name).is_file() or (path / name).stat().st_size != size]
 

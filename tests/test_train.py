@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import SAMPLE_PAIRS, free_port, write_jsonl
+from helpers import SAMPLE_PAIRS, free_port, make_checkpoint, write_jsonl
 from safetensors.torch import load_file
 from torch import nn
 
@@ -294,3 +294,194 @@ def test_clip_gradients_matches_torch_clip_grad_norm(scale):
     else:
         assert norm.item() < 1
         assert all(torch.equal(p.grad, g) for p, g in zip(models[0].parameters(), before, strict=True))
+
+
+# -- integrity (issue 14) ------------------------------------------------------------------
+
+
+def nan_on_calls(monkeypatch, calls: set[int] | None) -> None:
+    """PairCosine returns NaN on the given forward calls (1-based; None: from the 2nd call on)."""
+    from embedforge.train.trainer import PairCosine
+
+    real_forward, count = PairCosine.forward, [0]
+
+    def forward(self, input_ids, attention_mask):
+        count[0] += 1
+        cosine = real_forward(self, input_ids, attention_mask)
+        poisoned = count[0] in calls if calls is not None else count[0] >= 2
+        return cosine * float("nan") if poisoned else cosine
+
+    monkeypatch.setattr(PairCosine, "forward", forward)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(base_model, pairs, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, {3})
+    result = train(config(base_model, pairs, tmp_path / "run", num_epochs=1, save_steps=3))
+    assert result.global_step == 6
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(record["step"], record["skipped_steps"]) for record in log] == [(3, 1), (6, 1)]
+    for info in checkpoints.list_checkpoints(tmp_path / "run"):
+        assert all(torch.isfinite(tensor).all() for tensor in weights(info.path).values())
+        assert np.isfinite(info.val_loss)
+
+
+def test_the_run_stops_after_max_bad_steps_in_a_row(base_model, pairs, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, None)
+    with pytest.raises(TrainError, match=r"step 4: the loss or the gradient norm was not finite in 3 steps in a "
+                                         r"row \(--max-bad-steps 3.*--learning-rate"):
+        train(config(base_model, pairs, tmp_path / "run", num_epochs=1, save_steps=1, max_bad_steps=3))
+    for info in checkpoints.list_checkpoints(tmp_path / "run"):  # step 1 (good) and the skipped 2, 3: all finite
+        assert all(torch.isfinite(tensor).all() for tensor in weights(info.path).values())
+
+
+def test_no_checkpoint_with_a_non_finite_validation_loss(base_model, pairs, tmp_path, monkeypatch):
+    import embedforge.train.checkpointer as checkpointer
+
+    real_validate = checkpointer.validate
+    monkeypatch.setattr(checkpointer, "validate", lambda *a: {**real_validate(*a), "val_loss": float("nan")})
+    with pytest.raises(ValueError, match="step 2: the validation figures are not finite"):
+        train(config(base_model, pairs, tmp_path / "run", num_epochs=1, save_steps=2))
+    assert checkpoints.list_checkpoints(tmp_path / "run") == []
+
+
+def test_best_checkpoint_ignores_non_finite_validation_losses(tiny_model_dir, tmp_path):
+    import shutil
+
+    for step, val_loss in ((1, float("nan")), (2, 0.7), (3, float("inf"))):
+        make_checkpoint(shutil.copytree(tiny_model_dir, tmp_path / f"checkpoint-step-{step}"), step, val_loss)
+    assert checkpoints.select_best(tmp_path).step == 2
+    make_checkpoint(tmp_path / "checkpoint-step-2", 2, float("-inf"))
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint has a finite val_loss"):
+        checkpoints.select_best(tmp_path)
+
+
+def test_one_unreadable_trainer_state_skips_only_that_checkpoint(tiny_model_dir, tmp_path, caplog):
+    import shutil
+
+    for step in (1, 2):
+        make_checkpoint(shutil.copytree(tiny_model_dir, tmp_path / f"checkpoint-step-{step}"), step, 0.5 - step / 10)
+    (tmp_path / "checkpoint-step-2" / "trainer_state.json").write_text("{broken")
+    assert [info.step for info in checkpoints.list_checkpoints(tmp_path)] == [1]
+    assert "skipping" in caplog.text and "checkpoint-step-2" in caplog.text
+    assert checkpoints.select_best(tmp_path).step == 1
+    checkpoints.prune_checkpoints(tmp_path, keep=1)
+    assert (tmp_path / "checkpoint-step-1").is_dir()
+
+
+def test_a_checkpoint_is_complete_only_with_every_listed_file_at_its_size(base_model, tmp_path):
+    model = BertVectorModel.from_pretrained(base_model)
+    info = checkpoints.save_checkpoint(tmp_path, 5, model, {"step": 5, "val_loss": 0.5}, {"global_step": 5})
+    listed = json.loads((info.path / checkpoints.FILE_LIST).read_text())
+    assert {"model.safetensors", "training_state.pt", "trainer_state.json"} <= set(listed)
+    assert [i.step for i in checkpoints.list_checkpoints(tmp_path)] == [5]
+    (info.path / "model.safetensors").write_bytes(b"")  # what a power cut without fsync can leave
+    assert checkpoints.list_checkpoints(tmp_path) == []
+    with pytest.raises(checkpoints.CheckpointError, match=r"model.safetensors \(size 0, recorded \d+\)"):
+        checkpoints.read_checkpoint(info.path)
+
+
+def test_atomic_writes_fsync_files_and_directory_around_the_rename(tmp_path, monkeypatch):
+    from embedforge import io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    io.write_text_atomic(tmp_path / "a.txt", "x")
+    assert [kind for kind, _ in events] == ["fsync", "fsync", "replace", "fsync"]
+    assert events[0][1].startswith(str(tmp_path / ".a.txt.")) and events[1][1] == events[3][1] == str(tmp_path)
+    events.clear()
+    io.write_dir_atomic(tmp_path / "d", lambda tmp: (tmp / "f").write_text("y"))
+    replace = events.index(("replace", str(tmp_path / "d")))
+    synced_before = [path for kind, path in events[:replace] if kind == "fsync"]
+    assert any(path.endswith("/f") for path in synced_before) and str(tmp_path) in synced_before
+    assert ("fsync", str(tmp_path)) in events[replace:]
+
+
+def test_an_orphaned_old_dir_is_restored_and_live_temporaries_are_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    old = tmp_path / f".old-checkpoint-step-4-{dead_pid}"  # killed between moving step 4 aside and renaming the new
+    old.mkdir()
+    (old / "model.safetensors").write_text("weights")
+    stale = tmp_path / f".tmp-checkpoint-step-6-{dead_pid}-abcd1234"
+    live = tmp_path / f".tmp-checkpoint-step-8-{os.getpid()}-abcd1234"  # a write in progress (this process)
+    stale.mkdir()
+    live.mkdir()
+    checkpoints.remove_stale_temporaries(tmp_path)
+    assert (tmp_path / "checkpoint-step-4" / "model.safetensors").read_text() == "weights"
+    assert not old.exists() and not stale.exists() and live.is_dir()
+
+
+def test_resume_loads_no_pickled_code(base_model, pairs, tmp_path):
+    from embedforge.train.trainer import build_learner, load_model, restore
+
+    train(config(base_model, pairs, tmp_path / "run", max_steps=1))
+    info = checkpoints.list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(info.path / "training_state.pt", weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["payload"] = RunsCode(str(marker))
+    torch.save(state, info.path / "training_state.pt")
+    cfg = config(base_model, pairs, tmp_path / "run")
+    learner = build_learner(cfg, load_model(cfg, torch.device("cpu"), info), torch.device("cpu"), 6)
+    with pytest.raises(checkpoints.CheckpointError, match="refused to load"):
+        restore(learner, info, 6)
+    assert not marker.exists()
+
+
+class RunsCode:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def record_batches(monkeypatch) -> list[list[int]]:
+    from embedforge.train.trainer import TokenizedPairs
+
+    seen, real_collate = [], TokenizedPairs.collate
+    monkeypatch.setattr(TokenizedPairs, "collate", lambda self, batch, device: seen.append(batch.tolist())
+                        or real_collate(self, batch, device))
+    return seen
+
+
+@pytest.mark.parametrize("first, extended", [({"max_steps": 4}, {"max_steps": 9}),
+                                             ({"num_epochs": 1}, {"num_epochs": 2})])
+def test_a_finished_run_extended_continues_the_data_order(base_model, pairs, tmp_path, monkeypatch, first, extended):
+    seen = record_batches(monkeypatch)
+    straight = config(base_model, pairs, tmp_path / "straight", save_steps=100, **extended)
+    train(straight)
+    straight_batches = list(seen)
+    seen.clear()
+    train(config(base_model, pairs, tmp_path / "run", save_steps=100, **first))
+    final = checkpoints.list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(final.path / "training_state.pt", weights_only=True)
+    steps = first.get("max_steps", 6)
+    assert (state["epoch"], state["batches_done_in_epoch"], state["total_steps"]) == (steps // 6, steps % 6, steps)
+    result = train(config(base_model, pairs, tmp_path / "run", save_steps=100, resume="latest", **extended))
+    assert result.global_step == len(straight_batches)
+    assert seen == straight_batches  # the same batches in the same order: none trained twice, none left out
+
+
+def test_an_extended_schedule_continues_its_decay_to_the_new_last_step(base_model, pairs, tmp_path):
+    from embedforge.train.trainer import build_learner, linear_schedule, load_model, restore
+
+    cfg = config(base_model, pairs, tmp_path / "run", save_steps=100, max_steps=4, warmup_steps=2)
+    train(cfg)
+    info = checkpoints.list_checkpoints(tmp_path / "run")[-1]
+    learner = build_learner(cfg, load_model(cfg, torch.device("cpu"), info), torch.device("cpu"), total_steps=10)
+    restore(learner, info, total_steps=10)
+    reference = linear_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate), 2, 10)
+    for _ in range(4):
+        reference.step()
+    assert learner.learning_rate == pytest.approx(reference.get_last_lr()[0])  # step 4 of 10: 0.75 * lr
+    assert [group["lr"] for group in learner.optimizer.param_groups] == pytest.approx([0.75 * cfg.learning_rate] * 2)
+
+
+def test_resuming_with_other_data_or_model_options_is_refused(base_model, pairs, tmp_path):
+    train(config(base_model, pairs, tmp_path / "run", max_steps=2, save_steps=100))
+    with pytest.raises(TrainError, match=r"--resume: --batch-size 4 -> 2, --pooling 'mean' -> 'cls': these "
+                                         r"data/model options differ"):
+        train(config(base_model, pairs, tmp_path / "run", resume="latest", batch_size=2, pooling="cls"))
