@@ -485,3 +485,126 @@ def test_resuming_with_other_data_or_model_options_is_refused(base_model, pairs,
     with pytest.raises(TrainError, match=r"--resume: --batch-size 4 -> 2, --pooling 'mean' -> 'cls': these "
                                          r"data/model options differ"):
         train(config(base_model, pairs, tmp_path / "run", resume="latest", batch_size=2, pooling="cls"))
+
+
+CHECKPOINT_WRITER = """
+import os, sys, json, torch
+from pathlib import Path
+from embedforge import checkpoints
+from embedforge.model import BertVectorModel
+torch.set_num_threads(1)
+save_path, source = Path(sys.argv[1]), Path(sys.argv[2])
+model = BertVectorModel.from_pretrained(source)
+trainer_state = json.loads((source / "trainer_state.json").read_text())
+training_state = torch.load(source / "training_state.pt", weights_only=True)
+for line in sys.stdin:  # "write": fork a writer that rewrites checkpoints until killed; "reap": wait for it
+    if line.strip() == "write":
+        pid = os.fork()
+        if pid == 0:
+            step = 0
+            while True:
+                step = step % 3 + 1  # steps 1 and 2 exist: replacing them passes through .old-; 3 is new
+                checkpoints.save_checkpoint(save_path, step, model, {**trainer_state, "step": step}, training_state)
+        print(pid, flush=True)
+    else:
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_always_leaves_a_resumable_run(base_model, pairs, tmp_path):
+    import random
+    import signal
+    import time
+
+    from embedforge.train.trainer import _find_resume_checkpoint
+
+    run = tmp_path / "run"
+    cfg = config(base_model, pairs, run, max_steps=2, save_steps=1)
+    train(cfg)  # checkpoints 1 and 2, what the writer rewrites
+    script = tmp_path / "writer.py"
+    script.write_text(CHECKPOINT_WRITER)
+    writer = subprocess.Popen([sys.executable, str(script), str(run), str(run / "checkpoint-step-2")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rng, deadline, trials = random.Random(14), time.monotonic() + 60, 0
+    try:
+        while trials < 20 and time.monotonic() < deadline:
+            writer.stdin.write("write\n")
+            writer.stdin.flush()
+            pid = int(writer.stdout.readline())
+            time.sleep(rng.uniform(0.0, 0.4))  # one checkpoint write takes about 0.05-0.2 s here
+            os.kill(pid, signal.SIGKILL)
+            writer.stdin.write("reap\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "reaped"
+            trials += 1
+            # What `train --resume latest` does first: clean up, then pick the latest complete checkpoint.
+            checkpoints.remove_stale_temporaries(run)
+            assert not [child.name for child in run.iterdir() if child.name.startswith((".tmp-", ".old-"))]
+            latest = _find_resume_checkpoint(TrainConfig(save_path=str(run), resume="latest"), run)
+            assert latest.step in (1, 2, 3) and not checkpoints.missing_files(latest.path)
+            assert weights(latest.path) and torch.load(latest.path / "training_state.pt", weights_only=True)
+            assert {info.step for info in checkpoints.list_checkpoints(run)} >= {1, 2}
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
+    assert trials >= 20
+    resumed = train(config(base_model, pairs, run, max_steps=3, save_steps=1, resume="latest"))
+    assert resumed.global_step == 3
+
+
+FAILING_RANK_SCRIPT = """
+import os, sys
+import embedforge.train.checkpointer as checkpointer
+from embedforge.train.trainer import TrainConfig, train
+rank, mode = int(os.environ["RANK"]), sys.argv[4]
+train_path = sys.argv[1]
+if mode == "validate" and rank == 0:
+    def broken_validate(*args):
+        raise RuntimeError("injected failure while validating")
+    checkpointer.validate = broken_validate
+if mode == "data" and rank == 1:
+    train_path = sys.argv[1] + ".missing"  # this rank alone cannot start
+cfg = TrainConfig(train_path=train_path, val_path=sys.argv[1], model_name=sys.argv[2], max_length=64, batch_size=2,
+                  learning_rate=1e-3, num_epochs=1, warmup_steps=1, save_steps=2, save_path=sys.argv[3],
+                  pooling="mean", show_progress=False, device="cpu")
+train(cfg)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["validate", "data"])
+def test_a_failure_on_one_rank_stops_every_rank_quickly(base_model, pairs, tmp_path, mode):
+    import time
+
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK_SCRIPT)
+    port = free_port()
+    processes = [subprocess.Popen([sys.executable, str(script), str(pairs), str(base_model), str(tmp_path / "run"),
+                                   mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                       "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for rank in (0, 1)]
+    ended: dict[int, float] = {}
+    deadline = time.monotonic() + 180
+    try:
+        while len(ended) < 2 and time.monotonic() < deadline:
+            for rank, process in enumerate(processes):
+                if rank not in ended and process.poll() is not None:
+                    ended[rank] = time.monotonic()
+            time.sleep(0.1)
+    finally:
+        for process in processes:
+            process.kill()
+        outputs = [process.communicate(timeout=10)[0] for process in processes]
+    assert len(ended) == 2, f"a rank still waited: {outputs}"
+    assert abs(ended[0] - ended[1]) < 30
+    assert [process.returncode for process in processes] == [1, 1], outputs
+    if mode == "validate":
+        assert "injected failure while validating" in outputs[0]
+        assert "rank 0 failed while validating or saving" in outputs[1]
+    else:
+        assert "another rank refused to start" in outputs[0] and "no such file" in outputs[1]
+    assert checkpoints.list_checkpoints(tmp_path / "run") == []

@@ -39,7 +39,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
 UNPADDED_FILES = {"fp32": "model_unpadded.onnx", "int8": "model_int8_unpadded.onnx"}  # CPU, unpadded batches
 MANIFEST_FILE = "manifest.json"
-MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
+MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.95}
 """Default parity floors: the lowest min cosine (PyTorch vs ONNX Runtime, over the parity texts) each precision
 may show. fp32 differs from PyTorch only by kernel rounding; fp16 (CUDA) by half-precision rounding; int8 by
 per-channel weight quantization, for which the floor comes from measurement (README, "Export")."""
