@@ -237,6 +237,9 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
     with _all_ranks_agree(device, world_size):  # every check that can stop the run, on every rank, before training
         _check_config(config)
         train_pairs, val_pairs = _read_data(config)
+        if is_main:  # a killed run's temporaries go, a checkpoint it moved aside comes back (before listing)
+            checkpoints.remove_stale_temporaries(save_path)
+    with _all_ranks_agree(device, world_size):
         if config.resume is None:
             _refuse_existing_run(save_path)
         else:
@@ -407,9 +410,8 @@ def _check_resumed_config(config: TrainConfig, run_path: Path) -> None:
 
 
 def _prepare_save_path(config: TrainConfig, save_path: Path) -> None:
-    """Clear a killed run's temporaries (restoring a half-replaced checkpoint); record the config."""
+    """Create the save path; record the config."""
     save_path.mkdir(parents=True, exist_ok=True)
-    checkpoints.remove_stale_temporaries(save_path)
     write_json_atomic(save_path / CONFIG_RECORD, asdict(config))
 
 
