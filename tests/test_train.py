@@ -473,8 +473,10 @@ def test_an_extended_schedule_continues_its_decay_to_the_new_last_step(base_mode
     info = checkpoints.list_checkpoints(tmp_path / "run")[-1]
     learner = build_learner(cfg, load_model(cfg, torch.device("cpu"), info), torch.device("cpu"), total_steps=10)
     restore(learner, info, total_steps=10)
-    reference = linear_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate), 2, 10)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    reference = linear_schedule(optimizer, 2, 10)
     for _ in range(4):
+        optimizer.step()
         reference.step()
     assert learner.learning_rate == pytest.approx(reference.get_last_lr()[0])  # step 4 of 10: 0.75 * lr
     assert [group["lr"] for group in learner.optimizer.param_groups] == pytest.approx([0.75 * cfg.learning_rate] * 2)
@@ -556,11 +558,11 @@ def test_sigkill_during_checkpoint_writes_always_leaves_a_resumable_run(base_mod
 
 
 FAILING_RANK_SCRIPT = """
-import os, sys
+import os, sys, time
 import embedforge.train.checkpointer as checkpointer
 from embedforge.train.trainer import TrainConfig, train
 rank, mode = int(os.environ["RANK"]), sys.argv[4]
-train_path = sys.argv[1]
+train_path, failing = sys.argv[1], (mode == "validate" and rank == 0) or (mode == "data" and rank == 1)
 if mode == "validate" and rank == 0:
     def broken_validate(*args):
         raise RuntimeError("injected failure while validating")
@@ -570,7 +572,13 @@ if mode == "data" and rank == 1:
 cfg = TrainConfig(train_path=train_path, val_path=sys.argv[1], model_name=sys.argv[2], max_length=64, batch_size=2,
                   learning_rate=1e-3, num_epochs=1, warmup_steps=1, save_steps=2, save_path=sys.argv[3],
                   pooling="mean", show_progress=False, device="cpu")
-train(cfg)
+try:
+    train(cfg)
+except Exception:
+    if failing:  # the failing rank stays alive a while (a slow teardown): the others must not wait for it to die
+        open(sys.argv[5], "w").write(str(time.time()))
+        time.sleep(40)
+    raise
 """
 
 
@@ -581,26 +589,24 @@ def test_a_failure_on_one_rank_stops_every_rank_quickly(base_model, pairs, tmp_p
 
     script = tmp_path / "failing_rank.py"
     script.write_text(FAILING_RANK_SCRIPT)
+    failed_at = tmp_path / "failed_at"
     port = free_port()
     processes = [subprocess.Popen([sys.executable, str(script), str(pairs), str(base_model), str(tmp_path / "run"),
-                                   mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   mode, str(failed_at)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                        "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
                  for rank in (0, 1)]
-    ended: dict[int, float] = {}
-    deadline = time.monotonic() + 180
+    other = processes[1] if mode == "validate" else processes[0]
     try:
-        while len(ended) < 2 and time.monotonic() < deadline:
-            for rank, process in enumerate(processes):
-                if rank not in ended and process.poll() is not None:
-                    ended[rank] = time.monotonic()
-            time.sleep(0.1)
+        other.wait(timeout=240)
+        other_ended = time.time()
+        for process in processes:
+            process.wait(timeout=120)
     finally:
         for process in processes:
             process.kill()
         outputs = [process.communicate(timeout=10)[0] for process in processes]
-    assert len(ended) == 2, f"a rank still waited: {outputs}"
-    assert abs(ended[0] - ended[1]) < 30
+    assert other_ended - float(failed_at.read_text()) < 30, outputs  # not waiting for the failed rank to die
     assert [process.returncode for process in processes] == [1, 1], outputs
     if mode == "validate":
         assert "injected failure while validating" in outputs[0]
