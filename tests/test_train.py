@@ -447,6 +447,7 @@ def record_batches(monkeypatch) -> list[list[int]]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, extended", [({"max_steps": 4}, {"max_steps": 9}),
                                              ({"num_epochs": 1}, {"num_epochs": 2})])
 def test_a_finished_run_extended_continues_the_data_order(base_model, pairs, tmp_path, monkeypatch, first, extended):
