@@ -8,10 +8,13 @@ Layout under a save path::
                                         the best checkpoint's model, copied by train and evaluate --select-best
     <save_path>/best_model.json         {"checkpoint", "step", "val_loss", "files"}: which checkpoint that is
 
-A checkpoint is built in a hidden temporary directory and renamed into place once complete, so a run
-killed at any moment leaves either the whole checkpoint or none. The model files at the root make the
-save path itself loadable (`BertVectorModel.from_pretrained(save_path)`, transformers' `AutoModel` and
-`AutoTokenizer`); they are not a checkpoint and listing never sees them. Only saving the training state
+A checkpoint is built in a hidden temporary directory, fsynced, and renamed into place once complete, so a
+run killed at any moment (or a power cut) leaves either the whole checkpoint or none. Its last file,
+`checkpoint_files.json`, lists every other file with its size: a checkpoint is complete only when each is
+present with that size (checkpoints written before the list existed need REQUIRED_FILES). A checkpoint
+that cannot be read is skipped by listings with a warning, never fatal to them. The model files at the root
+make the save path itself loadable (`BertVectorModel.from_pretrained(save_path)`, transformers' `AutoModel`
+and `AutoTokenizer`); they are not a checkpoint and listing never sees them. Only saving the training state
 imports torch; listing and selection are plain file reads, used by train, evaluate, export and the benchmarks.
 """
 
@@ -19,12 +22,16 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedforge.io import write_dir_atomic, write_file_atomic, write_json_atomic
+from embedforge.io import recover_directory, write_dir_atomic, write_file_atomic, write_json_atomic
+
+log = logging.getLogger("embedforge.checkpoints")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -35,8 +42,9 @@ BEST_MODEL_RECORD = "best_model.json"
 # so the root loads as a model only while every other file beside them is from the same checkpoint.
 WEIGHT_ENTRY_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Checkpoint files that are no part of the model, and the save path's own records: never copied to the root.
-_NOT_MODEL_FILES = (STATE_FILE, TRAINING_STATE_FILE, BEST_RECORD, BEST_MODEL_RECORD)
 REQUIRED_FILES = ("embedforge.json", "config.json", "model.safetensors", "tokenizer.json", STATE_FILE)
+FILE_LIST = "checkpoint_files.json"
+_NOT_MODEL_FILES = (STATE_FILE, TRAINING_STATE_FILE, BEST_RECORD, BEST_MODEL_RECORD, FILE_LIST)
 
 
 class CheckpointError(ValueError):
@@ -60,7 +68,17 @@ def checkpoint_name(step: int) -> str:
 
 
 def missing_files(path: Path) -> list[str]:
-    return [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    """Files the checkpoint lacks (or holds at another size than recorded), by name; empty when complete."""
+    listed = path / FILE_LIST
+    if not listed.is_file():
+        return [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    try:
+        sizes = json.loads(listed.read_text())
+    except ValueError:
+        return [f"{FILE_LIST} (not valid JSON)"]
+    return [f"{name} (size {(path / name).stat().st_size}, recorded {size})" if (path / name).is_file() else name
+            for name, size in sizes.items()
+            if not (path / name).is_file() or (path / name).stat().st_size != size]
 
 
 def read_checkpoint(path: str | Path) -> CheckpointInfo:
@@ -87,18 +105,28 @@ def list_checkpoints(save_path: str | Path) -> list[CheckpointInfo]:
     found = []
     for child in save_path.iterdir():
         if child.is_dir() and CHECKPOINT_PATTERN.match(child.name) and not missing_files(child):
-            found.append(read_checkpoint(child))
+            try:
+                found.append(read_checkpoint(child))
+            except CheckpointError as error:
+                log.warning("skipping %s: %s", child, error)
     return sorted(found, key=lambda info: info.step)
 
 
 def select_best(save_path: str | Path) -> CheckpointInfo:
-    """The complete checkpoint with the lowest validation loss (the latest one when none has a val_loss)."""
+    """The complete checkpoint with the lowest finite validation loss (the latest one when none has a val_loss).
+
+    A non-finite val_loss never wins; when every recorded one is non-finite, that is an error.
+    """
     checkpoints = list_checkpoints(save_path)
     if not checkpoints:
         raise CheckpointError(f"{save_path}: no complete checkpoint (run `embedforge train --save-path {save_path}`)")
-    scored = [info for info in checkpoints if info.val_loss is not None]
-    if not scored:
+    recorded = [info for info in checkpoints if info.val_loss is not None]
+    if not recorded:
         return checkpoints[-1]
+    scored = [info for info in recorded if math.isfinite(info.val_loss)]
+    if not scored:
+        raise CheckpointError(f"{save_path}: no checkpoint has a finite val_loss "
+                              f"({', '.join(f'{info.name}: {info.val_loss}' for info in recorded)}); the run diverged")
     return min(scored, key=lambda info: (info.val_loss, -info.step))
 
 
@@ -172,11 +200,9 @@ def _recorded_files(record_path: Path) -> list[str]:
 
 
 def remove_stale_temporaries(save_path: Path) -> None:
-    """Delete temporary dirs a killed run left behind (they never count as checkpoints)."""
-    if save_path.is_dir():
-        for child in save_path.iterdir():
-            if child.is_dir() and child.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(child, ignore_errors=True)
+    """Delete temporary dirs a killed run left behind (they never count as checkpoints) and restore a checkpoint
+    it moved aside; a live writer's temporaries stay (embedforge.io.recover_directory)."""
+    recover_directory(Path(save_path))
 
 
 def save_checkpoint(save_path: Path, step: int, model, trainer_state: dict, training_state: dict) -> CheckpointInfo:
@@ -187,6 +213,8 @@ def save_checkpoint(save_path: Path, step: int, model, trainer_state: dict, trai
         model.save_pretrained(tmp)
         torch.save(training_state, tmp / TRAINING_STATE_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        sizes = {str(file.relative_to(tmp)): file.stat().st_size for file in sorted(tmp.rglob("*")) if file.is_file()}
+        (tmp / FILE_LIST).write_text(json.dumps(sizes, indent=2) + "\n")  # last: the checkpoint's own completeness
 
     return read_checkpoint(write_dir_atomic(Path(save_path) / checkpoint_name(step), write))
 

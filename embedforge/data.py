@@ -23,6 +23,7 @@ from pathlib import Path
 
 MAX_REPORTED_PROBLEMS = 10
 _CHUNK_BYTES = 1 << 20
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max; beyond it float32 is inf
 
 
 class DataError(ValueError):
@@ -99,10 +100,16 @@ def _number(record: dict, field: str, errors: list[str], required: bool) -> floa
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         errors.append(f"field '{field}' must be a number, got {_json_type(value)}")
         return None
-    if not math.isfinite(value):
-        errors.append(f"field '{field}' must be a finite number, got {value}")
+    try:
+        number = float(value)
+    except OverflowError:
+        errors.append(f"field '{field}' is too large for a number ({len(str(value))} digits)")
         return None
-    return float(value)
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        errors.append(f"field '{field}' must be a finite number within float32 range (training uses float32), "
+                      f"got {value}")
+        return None
+    return number
 
 
 def _json_type(value: object) -> str:

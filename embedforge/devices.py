@@ -44,16 +44,26 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) generator states, for an exact resume."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) generator states, for an exact resume.
+
+    Plain lists, ints and tensors only, so that `torch.load(weights_only=True)` reads them back (no pickled
+    numpy objects in a checkpoint).
+    """
+    version, python_keys, gauss = random.getstate()
+    name, numpy_keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(python_keys), gauss],
+             "numpy": [name, numpy_keys.tolist(), position, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, python_keys, gauss = state["python"]
+    random.setstate((version, tuple(python_keys), gauss))
+    name, numpy_keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(numpy_keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,32 +1,44 @@
 """Atomic file and directory writes, and figures saved without pyplot's global state.
 
 Every file the project writes for users (checkpoints, reports, exports, plots) goes through here, so
-that a run killed at any moment leaves either the old file or the new one, never half of one.
+that a run killed at any moment leaves either the old file or the new one, never half of one, and a power
+cut does not either: each file and its directory are fsynced before the rename (the data is on disk) and
+the directory again after it (the rename is).
+
+Temporaries carry the writer's pid (`.tmp-NAME-PID-*`, `.old-NAME-PID`, `.NAME.PID.*`): the cleanup of
+temporaries (:func:`recover_directory`) leaves alone those of a live process, and restores a `.old-` dir that
+a writer killed between its two renames left in place of NAME.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("embedforge.io")
+_TEMPORARY = re.compile(r"^\.(tmp|old)-(.+)-(\d+)(-[^-]*)?$")
+
 
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_file)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
         write(Path(temporary))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
+        fsync_file(Path(temporary))
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it owner-only
+        fsync_dir(path.parent)
         os.replace(temporary, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -49,21 +61,85 @@ def write_dir_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    recover_directory(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-{os.getpid()}-"))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; the result should read like any new directory
     try:
         write(tmp)
+        fsync_tree(tmp)
+        fsync_dir(final.parent)
         if final.exists():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)
-            os.replace(tmp, final)
+            os.replace(tmp, final)  # a crash between these renames leaves `old`: recover_directory restores it
+            fsync_dir(final.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (new names, renames) durable."""
+    handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory, deepest first."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(directory) / name)
+        fsync_dir(Path(directory))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def recover_directory(parent: Path, name: str | None = None) -> None:
+    """Clean up after writers in `parent` (of `name` only, if given) that died: delete their temporaries,
+    restore what they half-replaced.
+
+    A `.old-NAME-PID` dir is the previous NAME, moved aside by a writer killed before its new NAME was in
+    place: when NAME is missing it is renamed back, otherwise deleted. Anything a live process is writing
+    (its pid in the name) is left alone; a temporary without a pid (older versions) counts as dead.
+    """
+    if not parent.is_dir():
+        return
+    for child in sorted(parent.iterdir()):
+        if not child.is_dir() or not child.name.startswith((".tmp-", ".old-")):
+            continue
+        match = _TEMPORARY.match(child.name)
+        target = match.group(2) if match else None
+        if name is not None and target != name and not (target is None and child.name[5:].startswith(f"{name}-")):
+            continue
+        if match is not None and pid_alive(int(match.group(3))):
+            continue
+        if match is not None and match.group(1) == "old" and not (parent / target).exists():
+            os.replace(child, parent / target)
+            fsync_dir(parent)
+            log.warning("restored %s from %s (its writer died between two renames)", parent / target, child.name)
+        else:
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **subplot_options: Any):

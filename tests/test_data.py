@@ -135,3 +135,13 @@ def test_bundled_sample_data_is_valid_and_split_by_query():
     queries = {split: {p.query for p in pairs} for split, pairs in splits.items()}
     assert not queries["train"] & queries["valid"] and not queries["train"] & queries["test"]
     assert all(len({p.rel for p in pairs}) > 3 for pairs in splits.values()), "relevance is graded"
+
+
+def test_numbers_beyond_float32_are_data_errors_with_line_and_field(tmp_path):
+    path = write(tmp_path, "big.jsonl", json.dumps(GOOD[0]) + "\n"
+                 '{"query": "q", "document": "d", "rel": 0.5, "weight": 1e39}\n'
+                 '{"query": "q", "document": "d", "rel": 0.5, "weight": ' + "9" * 400 + "}\n")
+    with pytest.raises(DataError) as error:
+        read_pairs(path)
+    assert "line 2: field 'weight' must be a finite number within float32 range" in str(error.value)
+    assert "line 3: field 'weight' is too large for a number (400 digits)" in str(error.value)

@@ -17,7 +17,7 @@ from helpers import assert_same_vectors, leftovers, make_checkpoint, pytorch_unn
 
 from embedforge.data import Pair, read_pairs
 from embedforge.evaluate.runner import evaluate_pairs
-from embedforge.export import MANIFEST_FILE, ExportError, export_checkpoint
+from embedforge.export import MANIFEST_FILE, MIN_COSINE, ExportError, export_checkpoint
 from embedforge.export.cli import export_command
 from embedforge.export.optimize import fusion_complete
 from embedforge.export.parity import compare, onnx_embed, onnx_session, select_parity_pairs
@@ -91,6 +91,11 @@ def test_parity_recorded(exported, tiny_model_dir, pairs_file):
     int8 = manifest["models"]["int8"]["parity"]
     assert 0.9 < int8["min_cosine"] <= int8["mean_cosine"] <= 1.0 + 1e-9
     assert int8["max_abs_diff"] > fp32["max_abs_diff"]
+    # Each checked graph records the floor it passed beside the figure.
+    for entry in manifest["models"].values():
+        for parity in (entry["parity"], entry["unpadded"]["parity"]):
+            assert parity["checked"] is True and parity["min_cosine"] >= parity["min_cosine_floor"]
+    assert fp32["min_cosine_floor"] == 0.9999 and int8["min_cosine_floor"] == MIN_COSINE["int8"]
     # The metric figures, computed here from each side's own vectors: PyTorch, and the int8 graph.
     pairs = read_pairs(pairs_file)
     tokenizer = load_tokenizer(output, manifest["max_length"])
@@ -135,7 +140,8 @@ def test_pooling_and_projection_match_pytorch(tmp_path, pooling, projection_dim)
 def test_fp16_on_cpu_is_written_with_fp32_io_and_parity_skipped(tmp_path, tiny_model_dir):
     manifest = export_checkpoint(tiny_model_dir, tmp_path / "export", precisions=("fp16",), parity_texts=TEXTS)
     assert set(manifest["models"]) == {"fp32", "fp16"}
-    assert "skipped" in manifest["models"]["fp16"]["parity"]
+    fp16 = manifest["models"]["fp16"]["parity"]
+    assert "skipped" in fp16 and fp16["checked"] is False and fp16["min_cosine_floor"] == 0.999
     model = onnx.load(str(tmp_path / "export" / "model_fp16.onnx"))
     elem = onnx.TensorProto
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [elem.INT64, elem.INT64]
@@ -341,3 +347,46 @@ def test_onnx_embed_equal_lengths_batches_never_pad(exported):
     onnx_embed(Recording(), tokenizer, TEXTS, batch_size=2, equal_lengths=True)
     assert seen and all(mask.all() and len(mask) <= 2 for mask in seen)
     assert sum(len(mask) for mask in seen) == len(TEXTS)
+
+
+@pytest.mark.slow
+def test_non_finite_onnx_outputs_fail_the_parity_gate(tmp_path, tiny_model_dir, monkeypatch):
+    import embedforge.export.parity as parity
+
+    real_embed = parity.onnx_embed
+
+    def nan_embed(*args, **kwargs):
+        vectors = real_embed(*args, **kwargs)
+        vectors[1] = np.nan  # one text comes out as NaN: its cosine is NaN, and `nan < floor` is False
+        return vectors
+
+    monkeypatch.setattr(parity, "onnx_embed", nan_embed)
+    with pytest.raises(ExportError, match="fp32: the ONNX outputs are not finite"):
+        export_checkpoint(tiny_model_dir, tmp_path / "export", precisions=("fp32",), parity_texts=TEXTS)
+    assert not (tmp_path / "export").exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.slow
+def test_int8_floor_fails_the_export_and_min_cosine_overrides_it(tmp_path, tiny_model_dir, pairs_file):
+    arguments = ["--checkpoint-dir", str(tiny_model_dir), "--parity-path", str(pairs_file), "--output",
+                 str(tmp_path / "export"), "--precision", "int8"]
+    result = CliRunner().invoke(export_command, [*arguments, "--min-cosine", "int8=1.0"])
+    assert result.exit_code == 1
+    assert "int8 parity check failed" in result.output and "is below 1.0" in result.output
+    assert "fp32 parity" not in result.output and not (tmp_path / "export").exists()
+    result = CliRunner().invoke(export_command, [*arguments, "--min_cosine", "int8=0.5"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "export" / MANIFEST_FILE).read_text())
+    assert manifest["models"]["int8"]["parity"]["min_cosine_floor"] == 0.5
+    assert manifest["models"]["fp32"]["parity"]["min_cosine_floor"] == MIN_COSINE["fp32"]
+
+
+def test_min_cosine_values_are_checked(tmp_path, tiny_model_dir):
+    arguments = ["--checkpoint-dir", str(tiny_model_dir), "--output", str(tmp_path / "export")]
+    result = CliRunner().invoke(export_command, [*arguments, "--min-cosine", "int8"])
+    assert result.exit_code == 2 and "expected PRECISION=VALUE" in result.output
+    result = CliRunner().invoke(export_command, [*arguments, "--min-cosine", "int9=0.9"])
+    assert result.exit_code == 1 and "unknown precision 'int9'" in result.output
+    result = CliRunner().invoke(export_command, [*arguments, "--min-cosine", "fp32=1.5"])
+    assert result.exit_code == 1 and "must be in (0, 1]" in result.output
+    assert not (tmp_path / "export").exists()

@@ -85,6 +85,17 @@ def test_normalize_false_returns_the_unnormalized_pytorch_vector(client, tiny_mo
     assert np.einsum("ij,ij->i", normalised, model.encode(texts)).min() >= 0.9999
 
 
+def test_serving_an_unchecked_precision_logs_a_warning(tiny_export_dir, tmp_path, caplog):
+    export = shutil.copytree(tiny_export_dir, tmp_path / "export")
+    OnnxEmbedder(export, precision="fp32", threads=1)
+    assert "unchecked_precision" not in caplog.text
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["models"]["fp32"]["parity"] = {"skipped": "no CUDA here", "checked": False, "min_cosine_floor": 0.99}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    OnnxEmbedder(export, precision="fp32", threads=1)
+    assert "event=unchecked_precision precision=fp32" in caplog.text and "no CUDA here" in caplog.text
+
+
 def test_old_export_without_unnormalized_output_refuses_normalize_false(tiny_export_dir, client, tmp_path):
     old_export = shutil.copytree(tiny_export_dir, tmp_path / "old_export")
     manifest = json.loads((old_export / "manifest.json").read_text())

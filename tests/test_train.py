@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import SAMPLE_PAIRS, free_port, write_jsonl
+from helpers import SAMPLE_PAIRS, free_port, make_checkpoint, write_jsonl
 from safetensors.torch import load_file
 from torch import nn
 
@@ -294,3 +294,324 @@ def test_clip_gradients_matches_torch_clip_grad_norm(scale):
     else:
         assert norm.item() < 1
         assert all(torch.equal(p.grad, g) for p, g in zip(models[0].parameters(), before, strict=True))
+
+
+# -- integrity (issue 14) ------------------------------------------------------------------
+
+
+def nan_on_calls(monkeypatch, calls: set[int] | None) -> None:
+    """PairCosine returns NaN on the given forward calls (1-based; None: from the 2nd call on)."""
+    from embedforge.train.trainer import PairCosine
+
+    real_forward, count = PairCosine.forward, [0]
+
+    def forward(self, input_ids, attention_mask):
+        count[0] += 1
+        cosine = real_forward(self, input_ids, attention_mask)
+        poisoned = count[0] in calls if calls is not None else count[0] >= 2
+        return cosine * float("nan") if poisoned else cosine
+
+    monkeypatch.setattr(PairCosine, "forward", forward)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(base_model, pairs, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, {3})
+    result = train(config(base_model, pairs, tmp_path / "run", num_epochs=1, save_steps=3))
+    assert result.global_step == 6
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(record["step"], record["skipped_steps"]) for record in log] == [(3, 1), (6, 1)]
+    for info in checkpoints.list_checkpoints(tmp_path / "run"):
+        assert all(torch.isfinite(tensor).all() for tensor in weights(info.path).values())
+        assert np.isfinite(info.val_loss)
+
+
+def test_the_run_stops_after_max_bad_steps_in_a_row(base_model, pairs, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, None)
+    with pytest.raises(TrainError, match=r"step 4: the loss or the gradient norm was not finite in 3 steps in a "
+                                         r"row \(--max-bad-steps 3.*--learning-rate"):
+        train(config(base_model, pairs, tmp_path / "run", num_epochs=1, save_steps=1, max_bad_steps=3))
+    for info in checkpoints.list_checkpoints(tmp_path / "run"):  # step 1 (good) and the skipped 2, 3: all finite
+        assert all(torch.isfinite(tensor).all() for tensor in weights(info.path).values())
+
+
+def test_no_checkpoint_with_a_non_finite_validation_loss(base_model, pairs, tmp_path, monkeypatch):
+    import embedforge.train.checkpointer as checkpointer
+
+    real_validate = checkpointer.validate
+    monkeypatch.setattr(checkpointer, "validate", lambda *a: {**real_validate(*a), "val_loss": float("nan")})
+    with pytest.raises(ValueError, match="step 2: the validation figures are not finite"):
+        train(config(base_model, pairs, tmp_path / "run", num_epochs=1, save_steps=2))
+    assert checkpoints.list_checkpoints(tmp_path / "run") == []
+
+
+def test_best_checkpoint_ignores_non_finite_validation_losses(tiny_model_dir, tmp_path):
+    import shutil
+
+    for step, val_loss in ((1, float("nan")), (2, 0.7), (3, float("inf"))):
+        make_checkpoint(shutil.copytree(tiny_model_dir, tmp_path / f"checkpoint-step-{step}"), step, val_loss)
+    assert checkpoints.select_best(tmp_path).step == 2
+    make_checkpoint(tmp_path / "checkpoint-step-2", 2, float("-inf"))
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint has a finite val_loss"):
+        checkpoints.select_best(tmp_path)
+
+
+def test_one_unreadable_trainer_state_skips_only_that_checkpoint(tiny_model_dir, tmp_path, caplog):
+    import shutil
+
+    for step in (1, 2):
+        make_checkpoint(shutil.copytree(tiny_model_dir, tmp_path / f"checkpoint-step-{step}"), step, 0.5 - step / 10)
+    (tmp_path / "checkpoint-step-2" / "trainer_state.json").write_text("{broken")
+    assert [info.step for info in checkpoints.list_checkpoints(tmp_path)] == [1]
+    assert "skipping" in caplog.text and "checkpoint-step-2" in caplog.text
+    assert checkpoints.select_best(tmp_path).step == 1
+    checkpoints.prune_checkpoints(tmp_path, keep=1)
+    assert (tmp_path / "checkpoint-step-1").is_dir()
+
+
+def test_a_checkpoint_is_complete_only_with_every_listed_file_at_its_size(base_model, tmp_path):
+    model = BertVectorModel.from_pretrained(base_model)
+    info = checkpoints.save_checkpoint(tmp_path, 5, model, {"step": 5, "val_loss": 0.5}, {"global_step": 5})
+    listed = json.loads((info.path / checkpoints.FILE_LIST).read_text())
+    assert {"model.safetensors", "training_state.pt", "trainer_state.json"} <= set(listed)
+    assert [i.step for i in checkpoints.list_checkpoints(tmp_path)] == [5]
+    (info.path / "model.safetensors").write_bytes(b"")  # what a power cut without fsync can leave
+    assert checkpoints.list_checkpoints(tmp_path) == []
+    with pytest.raises(checkpoints.CheckpointError, match=r"model.safetensors \(size 0, recorded \d+\)"):
+        checkpoints.read_checkpoint(info.path)
+
+
+def test_atomic_writes_fsync_files_and_directory_around_the_rename(tmp_path, monkeypatch):
+    from embedforge import io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    io.write_text_atomic(tmp_path / "a.txt", "x")
+    assert [kind for kind, _ in events] == ["fsync", "fsync", "replace", "fsync"]
+    assert events[0][1].startswith(str(tmp_path / ".a.txt.")) and events[1][1] == events[3][1] == str(tmp_path)
+    events.clear()
+    io.write_dir_atomic(tmp_path / "d", lambda tmp: (tmp / "f").write_text("y"))
+    replace = events.index(("replace", str(tmp_path / "d")))
+    synced_before = [path for kind, path in events[:replace] if kind == "fsync"]
+    assert any(path.endswith("/f") for path in synced_before) and str(tmp_path) in synced_before
+    assert ("fsync", str(tmp_path)) in events[replace:]
+
+
+def test_an_orphaned_old_dir_is_restored_and_live_temporaries_are_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    old = tmp_path / f".old-checkpoint-step-4-{dead_pid}"  # killed between moving step 4 aside and renaming the new
+    old.mkdir()
+    (old / "model.safetensors").write_text("weights")
+    stale = tmp_path / f".tmp-checkpoint-step-6-{dead_pid}-abcd1234"
+    live = tmp_path / f".tmp-checkpoint-step-8-{os.getpid()}-abcd1234"  # a write in progress (this process)
+    stale.mkdir()
+    live.mkdir()
+    checkpoints.remove_stale_temporaries(tmp_path)
+    assert (tmp_path / "checkpoint-step-4" / "model.safetensors").read_text() == "weights"
+    assert not old.exists() and not stale.exists() and live.is_dir()
+
+
+def test_resume_loads_no_pickled_code(base_model, pairs, tmp_path):
+    from embedforge.train.trainer import build_learner, load_model, restore
+
+    train(config(base_model, pairs, tmp_path / "run", max_steps=1))
+    info = checkpoints.list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(info.path / "training_state.pt", weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["payload"] = RunsCode(str(marker))
+    torch.save(state, info.path / "training_state.pt")
+    cfg = config(base_model, pairs, tmp_path / "run")
+    learner = build_learner(cfg, load_model(cfg, torch.device("cpu"), info), torch.device("cpu"), 6)
+    with pytest.raises(checkpoints.CheckpointError, match="refused to load"):
+        restore(learner, info, 6)
+    assert not marker.exists()
+
+
+class RunsCode:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def record_batches(monkeypatch) -> list[list[int]]:
+    from embedforge.train.trainer import TokenizedPairs
+
+    seen, real_collate = [], TokenizedPairs.collate
+    monkeypatch.setattr(TokenizedPairs, "collate", lambda self, batch, device: seen.append(batch.tolist())
+                        or real_collate(self, batch, device))
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, extended", [({"max_steps": 4}, {"max_steps": 9}),
+                                             ({"num_epochs": 1}, {"num_epochs": 2})])
+def test_a_finished_run_extended_continues_the_data_order(base_model, pairs, tmp_path, monkeypatch, first, extended):
+    seen = record_batches(monkeypatch)
+    straight = config(base_model, pairs, tmp_path / "straight", save_steps=100, **extended)
+    train(straight)
+    straight_batches = list(seen)
+    seen.clear()
+    train(config(base_model, pairs, tmp_path / "run", save_steps=100, **first))
+    final = checkpoints.list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(final.path / "training_state.pt", weights_only=True)
+    steps = first.get("max_steps", 6)
+    assert (state["epoch"], state["batches_done_in_epoch"], state["total_steps"]) == (steps // 6, steps % 6, steps)
+    result = train(config(base_model, pairs, tmp_path / "run", save_steps=100, resume="latest", **extended))
+    assert result.global_step == len(straight_batches)
+    assert seen == straight_batches  # the same batches in the same order: none trained twice, none left out
+
+
+def test_an_extended_schedule_continues_its_decay_to_the_new_last_step(base_model, pairs, tmp_path):
+    from embedforge.train.trainer import build_learner, linear_schedule, load_model, restore
+
+    cfg = config(base_model, pairs, tmp_path / "run", save_steps=100, max_steps=4, warmup_steps=2)
+    train(cfg)
+    info = checkpoints.list_checkpoints(tmp_path / "run")[-1]
+    learner = build_learner(cfg, load_model(cfg, torch.device("cpu"), info), torch.device("cpu"), total_steps=10)
+    restore(learner, info, total_steps=10)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    reference = linear_schedule(optimizer, 2, 10)
+    for _ in range(4):
+        optimizer.step()
+        reference.step()
+    assert learner.learning_rate == pytest.approx(reference.get_last_lr()[0])  # step 4 of 10: 0.75 * lr
+    assert [group["lr"] for group in learner.optimizer.param_groups] == pytest.approx([0.75 * cfg.learning_rate] * 2)
+
+
+def test_resuming_with_other_data_or_model_options_is_refused(base_model, pairs, tmp_path):
+    train(config(base_model, pairs, tmp_path / "run", max_steps=2, save_steps=100))
+    with pytest.raises(TrainError, match=r"--resume: --batch-size 4 -> 2, --pooling 'mean' -> 'cls': these "
+                                         r"data/model options differ"):
+        train(config(base_model, pairs, tmp_path / "run", resume="latest", batch_size=2, pooling="cls"))
+
+
+CHECKPOINT_WRITER = """
+import os, sys, json, torch
+from pathlib import Path
+from embedforge import checkpoints
+from embedforge.model import BertVectorModel
+torch.set_num_threads(1)
+save_path, source = Path(sys.argv[1]), Path(sys.argv[2])
+model = BertVectorModel.from_pretrained(source)
+trainer_state = json.loads((source / "trainer_state.json").read_text())
+training_state = torch.load(source / "training_state.pt", weights_only=True)
+for line in sys.stdin:  # "write": fork a writer that rewrites checkpoints until killed; "reap": wait for it
+    if line.strip() == "write":
+        pid = os.fork()
+        if pid == 0:
+            step = 0
+            while True:
+                step = step % 3 + 1  # steps 1 and 2 exist: replacing them passes through .old-; 3 is new
+                checkpoints.save_checkpoint(save_path, step, model, {**trainer_state, "step": step}, training_state)
+        print(pid, flush=True)
+    else:
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_always_leaves_a_resumable_run(base_model, pairs, tmp_path):
+    import random
+    import signal
+    import time
+
+    from embedforge.train.trainer import _find_resume_checkpoint
+
+    run = tmp_path / "run"
+    cfg = config(base_model, pairs, run, max_steps=2, save_steps=1)
+    train(cfg)  # checkpoints 1 and 2, what the writer rewrites
+    script = tmp_path / "writer.py"
+    script.write_text(CHECKPOINT_WRITER)
+    writer = subprocess.Popen([sys.executable, str(script), str(run), str(run / "checkpoint-step-2")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rng, deadline, trials = random.Random(14), time.monotonic() + 60, 0
+    try:
+        while trials < 20 and time.monotonic() < deadline:
+            writer.stdin.write("write\n")
+            writer.stdin.flush()
+            pid = int(writer.stdout.readline())
+            time.sleep(rng.uniform(0.0, 0.4))  # one checkpoint write takes about 0.05-0.2 s here
+            os.kill(pid, signal.SIGKILL)
+            writer.stdin.write("reap\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "reaped"
+            trials += 1
+            # What `train --resume latest` does first: clean up, then pick the latest complete checkpoint.
+            checkpoints.remove_stale_temporaries(run)
+            assert not [child.name for child in run.iterdir() if child.name.startswith((".tmp-", ".old-"))]
+            latest = _find_resume_checkpoint(TrainConfig(save_path=str(run), resume="latest"), run)
+            assert latest.step in (1, 2, 3) and not checkpoints.missing_files(latest.path)
+            assert weights(latest.path) and torch.load(latest.path / "training_state.pt", weights_only=True)
+            assert {info.step for info in checkpoints.list_checkpoints(run)} >= {1, 2}
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
+    assert trials >= 20
+    resumed = train(config(base_model, pairs, run, max_steps=3, save_steps=1, resume="latest"))
+    assert resumed.global_step == 3
+
+
+FAILING_RANK_SCRIPT = """
+import os, sys, time
+import embedforge.train.checkpointer as checkpointer
+from embedforge.train.trainer import TrainConfig, train
+rank, mode = int(os.environ["RANK"]), sys.argv[4]
+train_path, failing = sys.argv[1], (mode == "validate" and rank == 0) or (mode == "data" and rank == 1)
+if mode == "validate" and rank == 0:
+    def broken_validate(*args):
+        raise RuntimeError("injected failure while validating")
+    checkpointer.validate = broken_validate
+if mode == "data" and rank == 1:
+    train_path = sys.argv[1] + ".missing"  # this rank alone cannot start
+cfg = TrainConfig(train_path=train_path, val_path=sys.argv[1], model_name=sys.argv[2], max_length=64, batch_size=2,
+                  learning_rate=1e-3, num_epochs=1, warmup_steps=1, save_steps=2, save_path=sys.argv[3],
+                  pooling="mean", show_progress=False, device="cpu")
+try:
+    train(cfg)
+except Exception:
+    if failing:  # the failing rank stays alive a while (a slow teardown): the others must not wait for it to die
+        open(sys.argv[5], "w").write(str(time.time()))
+        time.sleep(40)
+    raise
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["validate", "data"])
+def test_a_failure_on_one_rank_stops_every_rank_quickly(base_model, pairs, tmp_path, mode):
+    import time
+
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK_SCRIPT)
+    failed_at = tmp_path / "failed_at"
+    port = free_port()
+    processes = [subprocess.Popen([sys.executable, str(script), str(pairs), str(base_model), str(tmp_path / "run"),
+                                   mode, str(failed_at)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                       "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for rank in (0, 1)]
+    other = processes[1] if mode == "validate" else processes[0]
+    try:
+        other.wait(timeout=240)
+        other_ended = time.time()
+        for process in processes:
+            process.wait(timeout=120)
+    finally:
+        for process in processes:
+            process.kill()
+        outputs = [process.communicate(timeout=10)[0] for process in processes]
+    assert other_ended - float(failed_at.read_text()) < 30, outputs  # not waiting for the failed rank to die
+    assert [process.returncode for process in processes] == [1, 1], outputs
+    if mode == "validate":
+        assert "injected failure while validating" in outputs[0]
+        assert "rank 0 failed while validating or saving" in outputs[1]
+    else:
+        assert "another rank refused to start" in outputs[0] and "no such file" in outputs[1]
+    assert checkpoints.list_checkpoints(tmp_path / "run") == []

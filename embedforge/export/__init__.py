@@ -2,7 +2,7 @@
 
 from embedforge.export.pipeline import (
     MANIFEST_FILE,
-    MIN_FP32_COSINE,
+    MIN_COSINE,
     MODEL_FILES,
     PRECISIONS,
     TOKENIZER_FILES,
@@ -15,6 +15,6 @@ from embedforge.export.pipeline import (
     export_checkpoint,
 )
 
-__all__ = ["MANIFEST_FILE", "MIN_FP32_COSINE", "MODEL_FILES", "PRECISIONS", "TOKENIZER_FILES", "UNPADDED_FILES",
+__all__ = ["MANIFEST_FILE", "MIN_COSINE", "MODEL_FILES", "PRECISIONS", "TOKENIZER_FILES", "UNPADDED_FILES",
            "ExportError", "cuda_available", "default_output_dir", "default_parity_path", "default_precisions",
            "export_checkpoint"]

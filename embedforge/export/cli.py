@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from embedforge.cli_options import option
-from embedforge.export import PRECISIONS, ExportError, default_output_dir, default_precisions, export_checkpoint
+from embedforge.export import (
+    MIN_COSINE,
+    PRECISIONS,
+    ExportError,
+    default_output_dir,
+    default_precisions,
+    export_checkpoint,
+)
 from embedforge.export.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
 from embedforge.export.parity import format_parity_table
 
@@ -26,10 +33,14 @@ from embedforge.export.parity import format_parity_table
         help="Pair file for the parity check [default: the checkpoint's val file, else the sample set].")
 @option("max_parity_texts", type=click.IntRange(min=2), default=512,
         help="Most unique texts embedded for the parity check.")
+@option("min_cosine", "min_cosines", multiple=True, metavar="PRECISION=VALUE",
+        help="Parity floor for one precision, repeatable: the export fails when that precision's min cosine to "
+             f"PyTorch is lower [defaults: {', '.join(f'{p}={v}' for p, v in MIN_COSINE.items())}].")
 @option("opset", type=click.Choice([str(v) for v in SUPPORTED_OPSETS]), default=str(DEFAULT_OPSET),
         help="ONNX opset.")
 def export_command(save_path: Path | None, checkpoint_dir: Path | None, output: Path | None,
-                   precisions: tuple[str, ...], parity_path: Path | None, max_parity_texts: int, opset: str) -> None:
+                   precisions: tuple[str, ...], parity_path: Path | None, max_parity_texts: int,
+                   min_cosines: tuple[str, ...], opset: str) -> None:
     """Export a checkpoint to ONNX (pooling and L2 norm inside), optimize it, check parity with PyTorch.
 
     Example: embedforge export --save-path output/vector_model --precision fp32 --precision int8
@@ -40,13 +51,14 @@ def export_command(save_path: Path | None, checkpoint_dir: Path | None, output: 
 
     if (save_path is None) == (checkpoint_dir is None):
         raise click.UsageError("give exactly one of --save-path and --checkpoint-dir")
+    floors = _parse_floors(min_cosines)
     try:
         info = resolve_checkpoint(save_path=save_path, checkpoint_dir=checkpoint_dir)
         output = output or default_output_dir(info.path, save_path)
         click.echo(f"exporting {info.path} -> {output}", err=True)
         manifest = export_checkpoint(info.path, output, precisions or default_precisions(),
                                      parity_path=parity_path, max_parity_texts=max_parity_texts, opset=int(opset),
-                                     show_progress=True)
+                                     show_progress=True, min_cosine=floors)
     except (CheckpointError, ModelError, DataError, ExportError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
 
@@ -61,3 +73,16 @@ def export_command(save_path: Path | None, checkpoint_dir: Path | None, output: 
     click.echo(format_parity_table(manifest["models"]))
     files = ", ".join(entry["file"] for entry in manifest["models"].values())
     click.echo(f"wrote {output}: {files}, manifest.json, tokenizer files")
+
+
+def _parse_floors(values: tuple[str, ...]) -> dict[str, float]:
+    """`("int8=0.99",)` -> `{"int8": 0.99}`; a malformed value is a usage error naming it."""
+    floors = {}
+    for value in values:
+        precision, _, number = value.partition("=")
+        try:
+            floors[precision.strip()] = float(number)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected PRECISION=VALUE, e.g. int8=0.99",
+                                     param_hint="--min-cosine") from None
+    return floors

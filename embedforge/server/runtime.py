@@ -132,6 +132,11 @@ class OnnxEmbedder:
         if self._output_name not in {o.name for o in self.session.get_outputs()}:
             raise RuntimeConfigError(f"{model_path}: graph lacks the output {self._output_name!r} named in "
                                      "manifest.json")
+        parity = manifest["models"][precision].get("parity", {})
+        if parity.get("checked") is False or "skipped" in parity:
+            log.warning("event=unchecked_precision precision=%s reason=%r: its parity with PyTorch was not "
+                        "measured at export; check it on this machine before relying on it", precision,
+                        parity.get("skipped", "not recorded"))
         self.tokenizer = load_tokenizer(model_dir, self.max_length)
         self.info = ModelInfo(model_name=str(manifest.get("base_model") or model_dir.name), dim=self.dim,
                               max_length=self.max_length, pooling=str(manifest.get("pooling", "")),

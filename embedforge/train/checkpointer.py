@@ -2,7 +2,8 @@
 
 Files under the save path: `checkpoint-step-N/` (embedforge/checkpoints.py), `metrics.jsonl` (one record per
 checkpoint) and `loss.png` (train and validation loss so far). Rank 0 alone validates and writes; every
-rank learns whether to stop.
+rank learns whether to stop, and whether rank 0 failed (then every rank raises instead of waiting). A
+checkpoint is never written with non-finite weights or a non-finite validation loss.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from embedforge.train.config import TrainConfig
 from embedforge.train.loss import WeightedMSELoss
 
 METRICS_LOG = "metrics.jsonl"
+FAILED = 2  # broadcast by rank 0 in place of the stop flag when validating or saving failed
 LOSS_PLOT = "loss.png"
+
+
+class NonFiniteError(ValueError):
+    """Training produced non-finite weights or validation figures; nothing was written."""
+
+
+class CheckpointFailed(RuntimeError):
+    """Rank 0 failed while validating or saving; raised on the other ranks."""
 
 
 @dataclass
@@ -64,13 +74,16 @@ class Checkpointer:
     """
 
     def __init__(self, config: TrainConfig, learner: Learner, val_pairs: Sequence[Pair], history: list[dict],
-                 last_saved_step: int, device: torch.device, world_size: int, is_main: bool) -> None:
+                 last_saved_step: int, device: torch.device, world_size: int, is_main: bool,
+                 total_steps: int) -> None:
         self.config, self.learner, self.val_pairs, self.history = config, learner, val_pairs, history
         self.save_path = Path(config.save_path)
         self.last_saved_step = last_saved_step
         self.device, self.world_size, self.is_main = device, world_size, is_main
+        self.total_steps = total_steps  # the schedule's length, recorded with each checkpoint
         self.saved: list[Path] = []
         self.best_val_loss, self.bad_evals = math.inf, 0
+        self.skipped_steps = history[-1].get("skipped_steps", 0) if history else 0  # non-finite steps so far
         for record in history:
             if record.get("val_loss") is not None:
                 self._score(record["val_loss"])
@@ -79,16 +92,25 @@ class Checkpointer:
              train_seconds: float) -> bool:
         """Validate and checkpoint at `step`. Returns True, on every rank, when early stopping says stop.
 
-        `batches_done` counts the batches of `epoch` already trained on: a resumed run skips them.
+        `batches_done` counts the batches of `epoch` already trained on: a resumed run skips them. A failure on
+        rank 0 is broadcast before it is raised, so that the other ranks raise too instead of waiting.
         """
-        stop = False
+        stop, failure = False, None
         if self.is_main:
-            stop = self._save(step, epoch, batches_done, train_loss, samples, train_seconds)
+            try:
+                stop = self._save(step, epoch, batches_done, train_loss, samples, train_seconds)
+            except BaseException as error:
+                failure = error
         self.last_saved_step = step
         if self.world_size > 1:
-            flag = torch.tensor([int(stop)], device=self.device)
+            flag = torch.tensor([FAILED if failure is not None else int(stop)], device=self.device)
             dist.broadcast(flag, src=0)
+            if flag.item() == FAILED and failure is None:
+                raise CheckpointFailed(f"step {step}: rank 0 failed while validating or saving (its log says why); "
+                                       "this rank stops too")
             stop = bool(flag.item())
+        if failure is not None:
+            raise failure
         return stop
 
     def _save(self, step: int, epoch: int, batches_done: int, train_loss: float | None, samples: int,
@@ -96,9 +118,10 @@ class Checkpointer:
         model, config = self.learner.model, self.config
         val = validate(model, self.val_pairs, config.eval_batch_size)
         model.train()
+        _check_finite(model, val, step)
         record = {"step": step, "epoch": epoch, "train_loss": train_loss, **val,
                   "learning_rate": self.learner.learning_rate, "time": time.time(), "train_samples": samples,
-                  "train_seconds": round(train_seconds, 3)}
+                  "train_seconds": round(train_seconds, 3), "skipped_steps": self.skipped_steps}
         self.history.append(record)
         with open(self.save_path / METRICS_LOG, "a") as log:
             log.write(json.dumps(record) + "\n")
@@ -120,7 +143,8 @@ class Checkpointer:
                  "val_metrics": val, "train_path": config.train_path, "val_path": config.val_path,
                  "base_model": model.base_model}
         training_state = {**self.learner.state_dict(), "rng": rng_state(), "global_step": step, "epoch": epoch,
-                          "batches_done_in_epoch": batches_done, "history": self.history}
+                          "batches_done_in_epoch": batches_done, "total_steps": self.total_steps,
+                          "history": self.history}
         return checkpoints.save_checkpoint(self.save_path, step, model, state, training_state)
 
     def _score(self, val_loss: float) -> None:
@@ -129,6 +153,17 @@ class Checkpointer:
             self.best_val_loss, self.bad_evals = val_loss, 0
         else:
             self.bad_evals += 1
+
+
+def _check_finite(model: BertVectorModel, val: dict[str, float], step: int) -> None:
+    """Refuse to checkpoint a model with non-finite weights or validation figures."""
+    bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if bad:
+        raise NonFiniteError(f"step {step}: {len(bad)} weight tensor(s) are not finite (first: {bad[0]}); "
+                             "no checkpoint written. Lower --learning-rate or check the training data")
+    if not all(math.isfinite(value) for value in val.values()):
+        raise NonFiniteError(f"step {step}: the validation figures are not finite ({val}); no checkpoint written. "
+                             "Lower --learning-rate or check the validation data")
 
 
 def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int) -> dict[str, float]:

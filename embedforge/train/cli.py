@@ -31,6 +31,9 @@ DEFAULTS = TrainConfig()
 @option("seed", type=int, default=DEFAULTS.seed)
 @option("grad_accum_steps", type=int, default=DEFAULTS.grad_accum_steps)
 @option("max_steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@option("max_bad_steps", type=click.IntRange(1), default=DEFAULTS.max_bad_steps,
+        help="A step whose loss or gradient norm is not finite is skipped (the weights do not change); stop the "
+        "run after this many such steps in a row.")
 @option("amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=DEFAULTS.amp,
         help="Mixed precision. auto: bf16 (or fp16) on CUDA, off on CPU.")
 @option("save_total_limit", type=int, default=None, help="Keep only the newest N checkpoints (and the best).")
@@ -60,12 +63,14 @@ def train_command(**options) -> None:
     from embedforge.data import DataError
     from embedforge.devices import DeviceError
     from embedforge.model import ModelError
+    from embedforge.train.checkpointer import CheckpointFailed, NonFiniteError
     from embedforge.train.trainer import TrainError, train
 
     config = TrainConfig(**options)
     try:
         result = train(config)
-    except (TrainError, DataError, ModelError, CheckpointError, DeviceError) as error:
+    except (TrainError, DataError, ModelError, CheckpointError, DeviceError, NonFiniteError,
+            CheckpointFailed) as error:
         raise click.ClickException(str(error)) from error
     if result.best_checkpoint is not None:
         click.echo(f"trained {result.global_step} steps; {len(result.checkpoints)} checkpoint(s) in "

@@ -36,3 +36,4 @@ class TrainConfig:
     frozen_layers: int = 0
     eval_batch_size: int = 64
     show_progress: bool = True
+    max_bad_steps: int = 5

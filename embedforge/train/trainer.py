@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from embedforge import checkpoints
 from embedforge.data import DataError, Pair, read_pairs
 from embedforge.devices import resolve_amp, resolve_device, seed_everything, set_rng_state
+from embedforge.io import write_json_atomic
 from embedforge.model import BertVectorModel, pad_batch
 from embedforge.train.checkpointer import Checkpointer, Learner
 from embedforge.train.config import TrainConfig
@@ -75,7 +77,7 @@ def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> None:
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
     """Scale all gradients by max_norm / ||g|| when their global L2 norm ||g|| exceeds max_norm.
 
     The same as nn.utils.clip_grad_norm_, which also multiplies every gradient by 1.0 when the norm is
@@ -85,6 +87,7 @@ def clip_gradients(model: nn.Module, max_norm: float) -> None:
     norm = nn.utils.get_total_norm(gradients, foreach=True)
     if not norm <= max_norm:  # also true for a non-finite norm, which clipping turns into nan as torch does
         nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm, foreach=True)
+    return float(norm)
 
 
 def freeze_bottom_layers(model: BertVectorModel, count: int) -> None:
@@ -216,7 +219,8 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _check_config(config: TrainConfig) -> None:
     positive = {"batch_size": config.batch_size, "num_epochs": config.num_epochs, "save_steps": config.save_steps,
-                "grad_accum_steps": config.grad_accum_steps, "max_length": config.max_length}
+                "grad_accum_steps": config.grad_accum_steps, "max_length": config.max_length,
+                "max_bad_steps": config.max_bad_steps}
     for name, value in positive.items():
         if value < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -229,21 +233,29 @@ def _check_config(config: TrainConfig) -> None:
 
 
 def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int, is_main: bool) -> TrainResult:
-    _check_config(config)
     save_path = Path(config.save_path)
-    train_pairs, val_pairs = _read_data(config)
+    with _all_ranks_agree(device, world_size):  # every check that can stop the run, on every rank, before training
+        _check_config(config)
+        train_pairs, val_pairs = _read_data(config)
+        if is_main:  # a killed run's temporaries go, a checkpoint it moved aside comes back (before listing)
+            checkpoints.remove_stale_temporaries(save_path)
+    with _all_ranks_agree(device, world_size):
+        if config.resume is None:
+            _refuse_existing_run(save_path)
+        else:
+            _check_resumed_config(config, save_path if config.resume == "latest" else Path(config.resume).parent)
+        resume_from = _find_resume_checkpoint(config, save_path)
     seed_everything(config.seed)
-    resume_from = _find_resume_checkpoint(config, save_path)
     model = load_model(config, device, resume_from)
     data = TokenizedPairs(train_pairs, model)
     total_steps = _count_steps(config, len(data), world_size)
     learner = build_learner(config, model, device, total_steps)
-    start = Position() if resume_from is None else restore(learner, resume_from)
+    start = Position() if resume_from is None else restore(learner, resume_from, total_steps)
     if is_main:
-        _prepare_save_path(config, save_path, resuming=resume_from is not None)
+        _prepare_save_path(config, save_path)
     checkpointer = Checkpointer(config, learner, val_pairs, start.history,
                                 last_saved_step=-1 if resume_from is None else start.global_step,
-                                device=device, world_size=world_size, is_main=is_main)
+                                device=device, world_size=world_size, is_main=is_main, total_steps=total_steps)
     global_step, stopped_early = run_loop(config, learner, data, start, total_steps, checkpointer, device, rank,
                                           world_size)
     result = TrainResult(save_path, checkpointer.saved, global_step, stopped_early=stopped_early, model=model)
@@ -252,6 +264,24 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         checkpoints.copy_best_model(save_path, best)  # the save path itself loads as the best model
         result.best_checkpoint = best.path
     return result
+
+
+@contextmanager
+def _all_ranks_agree(device: torch.device, world_size: int) -> Iterator[None]:
+    """Run the checks inside on every rank, then agree: if any rank failed, every rank raises (the failed one
+    its own error), so no rank goes on to wait in a collective for one that has stopped."""
+    failure = None
+    try:
+        yield
+    except (TrainError, DataError, checkpoints.CheckpointError) as error:
+        failure = error
+    if world_size > 1:
+        flag = torch.tensor([int(failure is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and failure is None:
+            raise TrainError("another rank refused to start (its log says why); this rank stops too")
+    if failure is not None:
+        raise failure
 
 
 def _read_data(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
@@ -323,22 +353,66 @@ class Position:
     history: list[dict] = field(default_factory=list)  # the metrics record of every checkpoint so far
 
 
-def restore(learner: Learner, checkpoint: checkpoints.CheckpointInfo) -> Position:
-    """Load the optimizer, schedule, scaler and RNG states saved with `checkpoint`; returns where it stopped."""
-    state = torch.load(checkpoint.path / checkpoints.TRAINING_STATE_FILE, weights_only=False, map_location="cpu")
+def restore(learner: Learner, checkpoint: checkpoints.CheckpointInfo, total_steps: int) -> Position:
+    """Load the optimizer, schedule, scaler and RNG states saved with `checkpoint`; returns where it stopped.
+
+    The file is read with `weights_only=True`: tensors, numbers, strings and containers only, so a checkpoint
+    from elsewhere cannot run code. A run extended past its recorded length (a larger --max-steps or
+    --num-epochs) follows the schedule of the new length from the step it stopped at: no second warmup, the
+    learning rate continues on the linear decay that now ends at the new last step.
+    """
+    path = checkpoint.path / checkpoints.TRAINING_STATE_FILE
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        raise checkpoints.CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values "
+                                          f"(was it written by this version of embedforge?): {error}") from error
     learner.load_state_dict(state)
+    for group, base_lr, factor in zip(learner.optimizer.param_groups, learner.scheduler.base_lrs,
+                                      learner.scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * factor(learner.scheduler.last_epoch)  # this run's schedule (total_steps), not the saved
+    learner.scheduler._last_lr = [group["lr"] for group in learner.optimizer.param_groups]
     set_rng_state(state["rng"])
+    if state.get("total_steps", total_steps) != total_steps:
+        tqdm.write(f"resuming at step {state['global_step']} of a run now {total_steps} steps long "
+                   f"(was {state['total_steps']}): the learning rate decays to 0 at step {total_steps}")
     return Position(state["global_step"], state["epoch"], state["batches_done_in_epoch"], state.get("history", []))
 
 
-def _prepare_save_path(config: TrainConfig, save_path: Path, resuming: bool) -> None:
-    """Refuse to write over another run's checkpoints; clear a killed run's temporaries; record the config."""
-    if not resuming and save_path.is_dir() and checkpoints.list_checkpoints(save_path):
+CONFIG_RECORD = "train_config.json"
+RESUME_MUST_MATCH = ("train_path", "val_path", "batch_size", "seed", "group_by_length", "grad_accum_steps",
+                     "max_length", "model_name", "pooling", "projection_dim", "freeze_word_embeddings",
+                     "frozen_layers", "attention_dropout")
+"""Data and model options a resumed run must share with the run it continues (the data order and the model)."""
+
+
+def _refuse_existing_run(save_path: Path) -> None:
+    if save_path.is_dir() and checkpoints.list_checkpoints(save_path):
         raise TrainError(f"{save_path} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --save-path")
+
+
+def _check_resumed_config(config: TrainConfig, run_path: Path) -> None:
+    """Refuse to resume with other data or model options than the run recorded in its train_config.json."""
+    record = run_path / CONFIG_RECORD
+    if not record.is_file():
+        return
+    try:
+        recorded = json.loads(record.read_text())
+    except ValueError as error:
+        raise TrainError(f"{record}: not valid JSON ({error}); cannot check the resumed options") from error
+    current = asdict(config)
+    changed = [f"--{name.replace('_', '-')} {recorded[name]!r} -> {current[name]!r}"
+               for name in RESUME_MUST_MATCH if name in recorded and recorded[name] != current[name]]
+    if changed:
+        raise TrainError(f"--resume: {', '.join(changed)}: these data/model options differ from the run in "
+                         f"{run_path} ({record}); resume with the same ones, or start a new --save-path")
+
+
+def _prepare_save_path(config: TrainConfig, save_path: Path) -> None:
+    """Create the save path; record the config."""
     save_path.mkdir(parents=True, exist_ok=True)
-    checkpoints.remove_stale_temporaries(save_path)
-    (save_path / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    write_json_atomic(save_path / CONFIG_RECORD, asdict(config))
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -346,15 +420,23 @@ def _prepare_save_path(config: TrainConfig, save_path: Path, resuming: bool) -> 
 
 def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start: Position, total_steps: int,
              checkpointer: Checkpointer, device: torch.device, rank: int, world_size: int) -> tuple[int, bool]:
-    """Train from `start` to the last step or an early stop; returns the last step and whether it stopped early."""
+    """Train from `start` to the last step or an early stop; returns the last step and whether it stopped early.
+
+    A step whose loss or gradient norm is not finite is skipped: its batches count as trained and the schedule
+    moves on, but the optimizer does not step (fp16's gradient scaler also skips steps of non-finite gradients,
+    lowering its scale: only a non-finite loss counts as bad there). After `max_bad_steps` in a row the run stops.
+    """
     model, optimizer, scheduler, scaler, amp_dtype = (learner.model, learner.optimizer, learner.scheduler,
                                                       learner.scaler, learner.amp_dtype)
     pair_cosine, loss_fn = _pair_cosine(model, config.pack_tokens, device, world_size), WeightedMSELoss()
     global_step, epoch, skip_batches = start.global_step, start.epoch, start.batches_done
+    position = (epoch, skip_batches)  # (epoch, batches of it trained on) after the last step
     progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",
                     disable=not (rank == 0 and config.show_progress), dynamic_ncols=True)
     clock = Stopwatch()  # throughput counts training only, not validating and checkpointing
     running_loss, running_count, samples, window_loss = 0.0, 0, 0, None
+    step_loss, step_count = 0.0, 0
+    bad_in_a_row = 0
     model.train()
     stopped_early, done = False, global_step >= total_steps
     while not done and epoch < config.num_epochs:
@@ -368,30 +450,44 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
             loss = loss_fn(cosine, inputs["rel"], inputs["weight"])
             # backward: gradients add up over grad_accum_steps batches (or to the end of the epoch)
             scaler.scale(loss / config.grad_accum_steps).backward()
-            running_loss, running_count = running_loss + loss.item(), running_count + 1
+            step_loss, step_count = step_loss + loss.item(), step_count + 1
             samples += len(batch) * world_size
             if (batch_index + 1) % config.grad_accum_steps and batch_index < len(batches) - 1:
                 continue
             # clip
             scaler.unscale_(optimizer)
-            clip_gradients(model, max_norm=1.0)
-            # step
-            scaler.step(optimizer)
-            scaler.update()
+            norm = clip_gradients(model, max_norm=1.0)
+            # step, unless the loss or the gradients are not finite (on any rank)
+            if _finite_step(step_loss, norm if not scaler.is_enabled() else 0.0, device, world_size):
+                scaler.step(optimizer)
+                scaler.update()
+                running_loss, running_count, bad_in_a_row = running_loss + step_loss, running_count + step_count, 0
+            else:
+                checkpointer.skipped_steps += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= config.max_bad_steps:
+                    raise TrainError(
+                        f"step {global_step + 1}: the loss or the gradient norm was not finite in {bad_in_a_row} "
+                        f"steps in a row (--max-bad-steps {config.max_bad_steps}; last loss {step_loss:.4g}, "
+                        f"gradient norm {norm:.4g}); the usual causes: a learning rate too high (try a lower "
+                        "--learning-rate or more --warmup-steps), fp16 overflow (try --amp bf16 or off), or "
+                        "extreme rel/weight values in the training data")
             optimizer.zero_grad(set_to_none=True)
+            step_loss, step_count = 0.0, 0
             # schedule
             scheduler.step()
             global_step += 1
-            window_loss = running_loss / running_count
+            position = (epoch, batch_index + 1) if batch_index + 1 < len(batches) else (epoch + 1, 0)
+            window_loss = running_loss / running_count if running_count else None
             progress.update(1)
-            progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{learner.learning_rate:.2e}",
-                                 samples_s=f"{samples / clock.seconds():.1f}")
+            progress.set_postfix(loss="-" if window_loss is None else f"{window_loss:.4f}",
+                                 lr=f"{learner.learning_rate:.2e}", samples_s=f"{samples / clock.seconds():.1f}",
+                                 skipped=checkpointer.skipped_steps)
             # save: validate and checkpoint every save_steps steps
             if global_step % config.save_steps == 0:
                 running_loss, running_count = 0.0, 0
                 with clock.paused():
-                    stopped_early = checkpointer.save(global_step, epoch, batch_index + 1, window_loss, samples,
-                                                      clock.seconds())
+                    stopped_early = checkpointer.save(global_step, *position, window_loss, samples, clock.seconds())
             done = stopped_early or global_step >= total_steps
             if done:
                 break
@@ -400,8 +496,18 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
             epoch += 1
     progress.close()
     if checkpointer.last_saved_step != global_step:  # the last step, unless it was just saved
-        checkpointer.save(global_step, min(epoch, config.num_epochs - 1), 0, window_loss, samples, clock.seconds())
+        checkpointer.save(global_step, *position, window_loss, samples, clock.seconds())
     return global_step, stopped_early
+
+
+def _finite_step(loss: float, norm: float, device: torch.device, world_size: int) -> bool:
+    """Whether this step's loss and gradient norm are finite on every rank (ranks must agree to step)."""
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if world_size > 1:
+        flag = torch.tensor([float(finite)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite
 
 
 def _pair_cosine(model: BertVectorModel, pack_tokens: bool, device: torch.device, world_size: int) -> nn.Module:
