@@ -579,7 +579,7 @@ def prepare(carry: Path, stsb: Path) -> None:
         for split in ("train", "valid", "test"):
             shutil.copy2(stsb / f"stsb_{split}.jsonl", carry / "stsb" / f"stsb_{split}.jsonl")
     size = sum(path.stat().st_size for path in carry.rglob("*") if path.is_file())
-    print(f"{carry}: {size / 2**20:.1f} MiB (model fp16; min cosine to the fp32 original {cosine:.6f}; "
+    print(f"{carry}: {size / 2**20:.1f} MiB (model fp16; min cosine to the fp32 original {cosine:.7f}; "
           f"STS-B {'copied' if stsb.is_dir() else 'not found, the run will use the sample data'})")
 
 
