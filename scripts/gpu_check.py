@@ -299,6 +299,9 @@ def sentence_transformers_fit(check: Check) -> dict:
     """`SentenceTransformer.fit` + CosineSimilarityLoss, same pairs and steps (benchmarks/train_speed's recipe)."""
     if package_version("sentence-transformers") is None:
         return {"skipped": "sentence-transformers is not installed"}
+    if package_version("datasets") is None:  # fit builds a datasets.Dataset (the GPU image lacks the package)
+        return {"skipped": "sentence-transformers' fit needs the datasets package, which is not installed "
+                           "(datasets, dill and multiprocess are pure-Python wheels that could travel)"}
     import torch
     import transformers.trainer
     from sentence_transformers import InputExample, SentenceTransformer, losses
@@ -413,10 +416,15 @@ def ddp_probe(out: Path, device_type: str, model_dir: str, train_path: str) -> N
     wrapped = nn.parallel.DistributedDataParallel(PairCosine(model), device_ids=[local_rank] if cuda else None)
     loss_fn(wrapped(input_ids, attention_mask), rel, weight).backward()  # every rank has the same batch
     expected = dict(single.named_parameters())
-    differences = [(p.grad - expected[name].grad).abs().max().item() for name, p in model.named_parameters()
-                   if p.grad is not None]
+    # Relative to the gradient's size: CUDA's attention backward may sum in a different order from run to run.
+    differences = []
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            reference = expected[name].grad
+            scale = reference.abs().max().clamp(min=1e-12)
+            differences.append(((parameter.grad - reference).abs().max() / scale).item())
     largest = max(differences, default=math.inf)
-    grads_match = len(differences) == sum(p.grad is not None for p in single.parameters()) and largest < 1e-5
+    grads_match = len(differences) == sum(p.grad is not None for p in single.parameters()) and largest < 1e-4
 
     amp = torch.bfloat16 if cuda else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
@@ -435,7 +443,7 @@ def ddp_probe(out: Path, device_type: str, model_dir: str, train_path: str) -> N
         out.write_text(json.dumps({
             "world_size": world, "backend": dist.get_backend(),
             "all_reduce_ok": total.item() == world * (world + 1) / 2,
-            "gradients_match": grads_match, "max_gradient_difference": largest,
+            "gradients_match": grads_match, "max_relative_gradient_difference": largest,
             "amp": str(amp).removeprefix("torch.") if amp else "off", "losses": losses,
             "finite_losses": all(math.isfinite(v) for v in losses)}))
     dist.destroy_process_group()
@@ -524,8 +532,9 @@ def unverified(check: Check) -> list[str]:
         missing.append("DDP over NCCL across two or more ranks (one GPU; only the one-rank NCCL probe ran)")
     if "skipped" in report.get("serving", {}):
         missing.append("fp16 ONNX parity on CUDA and serving on CUDAExecutionProvider (no onnxruntime-gpu)")
-    if "skipped" in report.get("training", {}).get("sentence_transformers", {}):
-        missing.append("the comparison with sentence-transformers' fit (not installed)")
+    st_fit = report.get("training", {}).get("sentence_transformers", {})
+    if "skipped" in st_fit:
+        missing.append(f"the comparison with sentence-transformers' fit: {st_fit['skipped']}")
     return missing
 
 
