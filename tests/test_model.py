@@ -64,6 +64,17 @@ def test_mean_pooling_ignores_padding():
     assert pool(hidden, mask, "cls").tolist() == [[1.0, 2.0]]
 
 
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_the_tiny_tokenizer_knows_its_words_before_and_after_saving(tmp_path, model_type):
+    """transformers 5 ignores BertTokenizerFast(vocab_file=...): every token would be [UNK] and tests see noise."""
+    model = build_tiny_model(tmp_path / "m", model_type=model_type)
+    unknown = model.tokenizer.unk_token_id
+    for tokenizer in (model.tokenizer, BertVectorModel.from_pretrained(tmp_path / "m").tokenizer):
+        ids = tokenizer(["how to boil an egg", "b"])["input_ids"]
+        assert unknown not in ids[0] + ids[1] and len(set(ids[0])) == len(ids[0]) == 7  # [CLS] 5 words [SEP]
+        assert ids[0][3] != ids[1][1]  # "boil" and "b" are different tokens
+
+
 def test_pad_batch_pads_to_the_longest():
     ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
