@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,7 @@ REPORT_FILE, LOG_FILE = "gpu_check.json", "gpu_check.log"
 LIBRARIES = ("torch", "transformers", "tokenizers", "huggingface-hub", "safetensors", "onnx", "onnxruntime",
              "onnxruntime-gpu", "sentence-transformers", "numpy")
 CUDA_PROVIDER = "CUDAExecutionProvider"
+PROBE_TIMEOUT_S = 150
 
 
 class Check:
@@ -121,17 +124,27 @@ class Check:
                        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         if self.dry_run:  # tiny model: one thread each is faster than contending for a shared CPU
             environment.setdefault("OMP_NUM_THREADS", "1")
+        if self.device == "cpu":  # gloo ranks talk over loopback, whatever the host name resolves to
+            environment.setdefault("GLOO_SOCKET_IFNAME", "lo")
         started = time.perf_counter()
         with open(self.log_path, "a") as log:
             output_starts = log.tell()
-            completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                       timeout=timeout, cwd=ROOT, check=False)
-        if completed.returncode:
+            # A session of its own, so that a timeout ends torchrun's workers too, not only torchrun.
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT,
+                                       start_new_session=True)
+            try:
+                returncode = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise RuntimeError(f"{' '.join(command[1:4])} ... ran past {timeout:.0f} s and was stopped "
+                                   f"(see {LOG_FILE})") from None
+        if returncode:
             with open(self.log_path, errors="replace") as log:
                 log.seek(output_starts)
                 last = [line.strip() for line in log.read().splitlines() if line.strip()][-1:]
             program = " ".join(command[1:4])
-            raise RuntimeError(f"{program} ... exited with {completed.returncode}: {' '.join(last)} (see {LOG_FILE})")
+            raise RuntimeError(f"{program} ... exited with {returncode}: {' '.join(last)} (see {LOG_FILE})")
         return time.perf_counter() - started
 
 
@@ -394,6 +407,8 @@ def ddp_probe(out: Path, device_type: str, model_dir: str, train_path: str) -> N
     from embedforge.train.loss import WeightedMSELoss
     from embedforge.train.trainer import PairCosine
 
+    # A rank stuck in a collective prints every thread's stack into the log and exits, instead of hanging.
+    faulthandler.dump_traceback_later(PROBE_TIMEOUT_S, exit=True)
     cuda = device_type == "cuda"
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -446,6 +461,8 @@ def ddp_probe(out: Path, device_type: str, model_dir: str, train_path: str) -> N
             "gradients_match": grads_match, "max_relative_gradient_difference": largest,
             "amp": str(amp).removeprefix("torch.") if amp else "off", "losses": losses,
             "finite_losses": all(math.isfinite(v) for v in losses)}))
+    del wrapped  # the DDP reducer goes while its process group still exists (gloo could hang tearing it down later)
+    dist.barrier()
     dist.destroy_process_group()
 
 
