@@ -10,7 +10,10 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-bench test test-quick lint demo bench proto clean
+MIN_VENV := .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+
+.PHONY: setup setup-bench test test-quick test-min lint demo bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +42,17 @@ test: setup lint
 test-quick: setup lint
 	$(PY) -m pytest -q -m "not slow"
 
+# The suite on the lowest supported library versions (constraints-min.txt), in a venv of its own. Not in CI.
+$(MIN_VENV)/.installed: pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -c "import torch" 2>/dev/null || $(MIN_PY) -m pip install --quiet "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
+	$(MIN_PY) -m pip install --quiet -c constraints-min.txt -e ".[train,serve,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(MIN_PY) -c "import embedforge, onnxruntime, grpc, transformers, pytest"
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_PY) -m pytest -q
+
 demo: setup
 	bash scripts/demo.sh
 
@@ -49,4 +63,4 @@ proto: setup
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) output .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) output .pytest_cache .ruff_cache

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
@@ -30,8 +32,14 @@ from transformers.utils import logging as hf_logging
 
 from embedforge.onnxrt import pad_token_ids
 
-# Loading drops the unused pooler head, which transformers would otherwise report on every load.
+# Loading drops the unused pooler head, which transformers would otherwise report on every load;
+# transformers 5 also draws a progress bar for every load and save.
 hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+# Encoders load as float32 whatever dtype their weights were saved in: training keeps float32 weights (autocast
+# does the mixed precision) and export traces float32. transformers 5 would otherwise keep the saved dtype
+# (its default is dtype="auto"); 4.56 renamed the keyword from torch_dtype.
+FLOAT32 = {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": torch.float32}
 
 CONFIG_FILE = "embedforge.json"
 PROJECTION_FILE = "projection.safetensors"
@@ -170,7 +178,8 @@ class BertVectorModel(nn.Module):
             config = AutoConfig.from_pretrained(source)
             if attention_dropout is not None and hasattr(config, "attention_probs_dropout_prob"):
                 config.attention_probs_dropout_prob = attention_dropout
-            encoder = AutoModel.from_pretrained(source, config=config, attn_implementation=attn_implementation)
+            encoder = AutoModel.from_pretrained(source, config=config, attn_implementation=attn_implementation,
+                                                **FLOAT32)
             tokenizer = load_hf_tokenizer(source)
         except OSError as error:
             raise ModelError(f"cannot load model {source!r}: {error}") from error
@@ -188,7 +197,7 @@ class BertVectorModel(nn.Module):
             raise ModelError(f"{path}: not an embedforge model directory ({CONFIG_FILE} is missing)")
         settings = json.loads(config_file.read_text())
         try:
-            encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+            encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, **FLOAT32)
             tokenizer = load_hf_tokenizer(path)
         except OSError as error:
             raise ModelError(f"{path}: cannot load the encoder or tokenizer: {error}") from error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ def build_tiny_model(path: str | Path, pooling: str = "mean", projection_dim: in
     path.mkdir(parents=True, exist_ok=True)
     vocab_file = path / "vocab.txt"
     vocab_file.write_text("".join(f"{token}\n" for token in tokens))
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=max_length)
+    # transformers 5 renamed vocab_file to vocab, and takes the old name silently (every token becomes [UNK]).
+    vocab_argument = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    tokenizer = BertTokenizerFast(**{vocab_argument: str(vocab_file)}, do_lower_case=True, model_max_length=max_length)
     size = {"vocab_size": len(tokens), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
             "intermediate_size": 64, "pad_token_id": 0}
     if model_type == "bert":

@@ -11,6 +11,21 @@ from helpers import SAMPLE_PAIRS, make_checkpoint, write_jsonl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the library versions this run used (`make test` takes the newest, `make test-min` the lowest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("torch", "transformers", "huggingface-hub", "tokenizers", "safetensors", "onnx", "onnxruntime")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} absent")
+    terminalreporter.write_line("libraries: " + ", ".join(found))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny random BERT (mean pooling, no projection) that is also a complete checkpoint."""

@@ -62,8 +62,8 @@ def test_the_root_holds_the_best_checkpoints_model_and_names_it(finished_run):
     best = checkpoints.select_best(finished_run)
     record = json.loads((finished_run / checkpoints.BEST_MODEL_RECORD).read_text())
     assert (record["checkpoint"], record["step"], record["val_loss"]) == (best.name, best.step, best.val_loss)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "embedforge.json"} <= set(
-        record["files"])
+    # vocab.txt too on transformers 4.x; 5.x saves tokenizer.json alone, and its BertTokenizer reads that (below).
+    assert {"config.json", "model.safetensors", "tokenizer.json", "embedforge.json"} <= set(record["files"])
     assert checkpoints.STATE_FILE not in record["files"] and checkpoints.TRAINING_STATE_FILE not in record["files"]
     for name in record["files"]:
         assert (finished_run / name).read_bytes() == (best.path / name).read_bytes(), name

@@ -30,6 +30,21 @@ def test_save_load_round_trip_gives_the_same_normalised_vectors(tmp_path, model_
     assert settings["dim"] == loaded.dim and settings["base_model"] == f"tiny-random-{model_type}"
 
 
+@pytest.mark.parametrize("saved_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_load_as_float32(tmp_path, saved_dtype):
+    """transformers 5 keeps a checkpoint's saved dtype unless told; training and export need float32 weights."""
+    model = build_tiny_model(tmp_path / "m")
+    model.encoder.to(saved_dtype)
+    model.save_pretrained(tmp_path / "half")
+    expected = {name: tensor.float() for name, tensor in model.encoder.state_dict().items()}
+    half = tmp_path / "half"
+    for loaded in (BertVectorModel.from_pretrained(half), BertVectorModel.from_base(str(half))):
+        state = loaded.encoder.state_dict()
+        assert {tensor.dtype for tensor in state.values() if tensor.is_floating_point()} == {torch.float32}
+        for name, tensor in expected.items():
+            torch.testing.assert_close(state[name], tensor, atol=0, rtol=0)
+
+
 def test_encode_matches_unbatched_forward_whatever_the_batch(tmp_path):
     model = build_tiny_model(tmp_path / "m", pooling="mean")
     model.eval()
@@ -47,6 +62,17 @@ def test_mean_pooling_ignores_padding():
     mask = torch.tensor([[1, 1, 0]])
     assert pool(hidden, mask, "mean").tolist() == [[2.0, 3.0]]
     assert pool(hidden, mask, "cls").tolist() == [[1.0, 2.0]]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_the_tiny_tokenizer_knows_its_words_before_and_after_saving(tmp_path, model_type):
+    """transformers 5 ignores BertTokenizerFast(vocab_file=...): every token would be [UNK] and tests see noise."""
+    model = build_tiny_model(tmp_path / "m", model_type=model_type)
+    unknown = model.tokenizer.unk_token_id
+    for tokenizer in (model.tokenizer, BertVectorModel.from_pretrained(tmp_path / "m").tokenizer):
+        ids = tokenizer(["how to boil an egg", "b"])["input_ids"]
+        assert unknown not in ids[0] + ids[1] and len(set(ids[0])) == len(ids[0]) == 7  # [CLS] 5 words [SEP]
+        assert ids[0][3] != ids[1][1]  # "boil" and "b" are different tokens
 
 
 def test_pad_batch_pads_to_the_longest():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from transformers import AutoModel, BertConfig
 
 from embedforge.model import BertVectorModel, pad_batch
 from embedforge.testing import build_tiny_model
-from embedforge.train.packing import packed_hidden_states, supports_packing
+from embedforge.train.packing import packed_hidden_states, packing_unsupported, supports_packing
 from embedforge.train.trainer import PairCosine
 
 TEXTS = ["how to boil an egg", "coffee", "boil the eggs in hot water for seven minutes and then cool them",
@@ -80,6 +82,24 @@ def test_other_layouts_train_through_their_own_forward(tmp_path):
         cosine = PairCosine(fallback.eval())(ids, torch.ones_like(ids))
     queries, documents = fallback(ids, torch.ones_like(ids)).chunk(2)
     torch.testing.assert_close(cosine, (queries * documents).sum(dim=-1))
+
+
+def test_an_encoder_laid_out_otherwise_falls_back_with_one_log_line(tmp_path, caplog):
+    """A transformers release that moves a module the packed forward calls must not break training."""
+    model = build_tiny_model(tmp_path / "m").eval()
+    del model.encoder.encoder.layer[1].intermediate
+    model.encoder.encoder.layer[1].intermediate_block = nn.Identity()  # renamed: the layout check must see it
+    assert packing_unsupported(model.encoder) == "encoder layer 1 has no intermediate module"
+    with caplog.at_level(logging.WARNING, logger="embedforge.train.packing"):
+        pair_cosine = PairCosine(model)
+        assert not pair_cosine.pack_tokens
+        assert not PairCosine(model, pack_tokens=False).pack_tokens  # not asked for: nothing to say
+    assert [record.getMessage() for record in caplog.records] == [
+        "packed training forward off (encoder layer 1 has no intermediate module): "
+        "training through the transformers forward"]
+    narrow = build_tiny_model(tmp_path / "n").eval()
+    narrow.encoder.encoder.layer[0].attention.self.value = nn.Linear(32, 32, bias=False)
+    assert "attention.self.value is not a Linear layer with bias" in packing_unsupported(narrow.encoder)
 
 
 def test_packed_forward_under_autocast_keeps_the_dtypes_consistent(tmp_path):

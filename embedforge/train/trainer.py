@@ -40,7 +40,7 @@ from embedforge.train.checkpointer import Checkpointer, Learner
 from embedforge.train.config import TrainConfig
 from embedforge.train.dropout import replace_dropout
 from embedforge.train.loss import WeightedMSELoss
-from embedforge.train.packing import packed_hidden_states, supports_packing
+from embedforge.train.packing import choose_packing, packed_hidden_states
 
 
 @dataclass
@@ -175,7 +175,7 @@ class PairCosine(nn.Module):
     def __init__(self, model: BertVectorModel, pack_tokens: bool = True) -> None:
         super().__init__()
         self.model = model
-        self.pack_tokens = pack_tokens and supports_packing(model.encoder)
+        self.pack_tokens = choose_packing(model.encoder, pack_tokens)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pack_tokens:
