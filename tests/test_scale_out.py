@@ -1,0 +1,245 @@
+"""Replicas behind client-side load balancing, with real `embedforge serve` processes on 127.0.0.1.
+
+The client (and so `embedforge loadtest`) spreads calls with gRPC round_robin and retries UNAVAILABLE /
+RESOURCE_EXHAUSTED on another replica; each replica counts its own calls in its Prometheus metrics, which
+is where the spread is read from. Every run is bounded (a few seconds) and every process is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedforge._proto import embedding_pb2 as pb
+from embedforge._proto import embedding_pb2_grpc as pb_grpc
+from embedforge.client import RETRY_POLICY, EmbedClient, channel_target
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Replica:
+    """One `embedforge serve` process (1 thread) with its metrics port; `stop` kills it."""
+
+    def __init__(self, export_dir: Path, log_dir: Path, *extra: str, port: int | None = None) -> None:
+        self.port = port or _free_port()
+        self.metrics_port = _free_port()
+        self.log = log_dir / f"replica-{self.port}.log"
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "embedforge", "serve", "--model-dir", str(export_dir), "--port", str(self.port),
+                 "--metrics-port", str(self.metrics_port), "--threads", "1", "--workers", "1", *extra],
+                stdout=log, stderr=subprocess.STDOUT, env=ENV)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout_s: float = 60) -> None:
+        give_up = time.monotonic() + timeout_s
+        with EmbedClient(self.target, timeout=1) as client:
+            while time.monotonic() < give_up:
+                assert self.process.poll() is None, self.log.read_text()
+                try:
+                    if client.health() == "SERVING":
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise AssertionError(f"{self.target} not SERVING after {timeout_s} s:\n{self.log.read_text()}")
+
+    def embed_calls(self) -> int:
+        """Embed calls this replica answered OK, from its own request counter."""
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return int(sum(sample.value for family in text_string_to_metric_families(body)
+                       for sample in family.samples
+                       if sample.name == "embedforge_requests_total"
+                       and sample.labels == {"rpc": "Embed", "code": "OK"}))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def replicas(tiny_export_dir, tmp_path):
+    """Start replicas with `start(n, *serve_flags)`; all of them are killed at the end."""
+    started: list[Replica] = []
+
+    def start(count: int, *extra: str, ports: list[int] | None = None) -> list[Replica]:
+        new = [Replica(tiny_export_dir, tmp_path, *extra, port=ports[i] if ports else None) for i in range(count)]
+        started.extend(new)
+        for replica in new:
+            replica.wait_serving()
+        return new
+
+    yield start
+    for replica in started:
+        replica.stop()
+
+
+def _loadtest(targets: str, out: Path, duration_s: float, concurrency: int = 6) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "embedforge", "loadtest", "--target", targets, "--duration", str(duration_s),
+         "--warmup", "0.5", "--concurrency", str(concurrency), "--batch", "1-4", "--tokens", "16",
+         "--deadline-ms", "5000", "--output", str(out / "report.json"), "--plot", str(out / "report.png")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def _finish(process: subprocess.Popen, out: Path, timeout_s: float = 60) -> dict:
+    output = process.communicate(timeout=timeout_s)[0]
+    assert process.returncode == 0, output
+    return json.loads((out / "report.json").read_text())
+
+
+# ---- target forms (no server needed) ----
+
+def test_target_forms_become_grpc_targets():
+    assert channel_target("127.0.0.1:50051") == "127.0.0.1:50051"
+    assert channel_target("dns:///embedforge.default.svc:50051") == "dns:///embedforge.default.svc:50051"
+    assert channel_target("127.0.0.1:1, 127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert channel_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    assert channel_target("localhost:7,127.0.0.1:7") == "ipv4:127.0.0.1:7"  # resolved, duplicates dropped
+    for bad in ("127.0.0.1:1,", "127.0.0.1:1,nohost", "127.0.0.1:1,h:99999", ""):
+        with pytest.raises(ValueError, match="target"):
+            channel_target(bad)
+
+
+def test_loadtest_rejects_a_bad_target_list():
+    result = subprocess.run([sys.executable, "-m", "embedforge", "loadtest", "--target", "127.0.0.1:1,oops"],
+                            capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 2 and "'oops': expected HOST:PORT" in result.stderr
+
+
+# ---- retries against fake servers that fail on purpose ----
+
+class _Failing(pb_grpc.EmbeddingServiceServicer):
+    """Answers every Embed with `code` (after `delay_s`), or with an empty OK when `code` is None."""
+
+    def __init__(self, code: grpc.StatusCode | None, delay_s: float = 0.0) -> None:
+        self.code, self.delay_s, self.calls = code, delay_s, 0
+        self._lock = threading.Lock()
+
+    def Embed(self, request, context):
+        with self._lock:
+            self.calls += 1
+        time.sleep(self.delay_s)
+        if self.code is not None:
+            context.abort(self.code, "on purpose")
+        return pb.EmbedResponse(count=0, dim=0)
+
+
+@pytest.fixture
+def fake_servers():
+    servers = []
+
+    def start(servicer: _Failing) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def test_unavailable_is_retried_on_the_other_replica(fake_servers):
+    down, up = _Failing(grpc.StatusCode.UNAVAILABLE), _Failing(None)
+    targets = f"{fake_servers(down)},{fake_servers(up)}"
+    with EmbedClient(targets, timeout=5) as client:
+        for _ in range(10):
+            client.embed(["a"])  # never raises: each call that hit `down` was sent again to `up`
+    assert up.calls == 10 and down.calls >= 3  # round robin did send some calls to the failing replica
+
+
+def test_resource_exhausted_is_retried_a_bounded_number_of_times(fake_servers):
+    full = _Failing(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with EmbedClient(fake_servers(full), timeout=10) as client, pytest.raises(grpc.RpcError) as caught:
+        client.embed(["a"])
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert full.calls == RETRY_POLICY["maxAttempts"]
+
+
+def test_the_deadline_covers_all_retries(fake_servers):
+    slow = _Failing(grpc.StatusCode.UNAVAILABLE, delay_s=0.3)  # 4 attempts would take 1.2 s and more
+    with EmbedClient(fake_servers(slow), timeout=0.5) as client, pytest.raises(grpc.RpcError) as caught:
+        started = time.monotonic()
+        client.embed(["a"])
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 1.0 and slow.calls < RETRY_POLICY["maxAttempts"]
+
+
+# ---- real replicas ----
+
+@pytest.mark.slow
+def test_three_replicas_share_the_load_evenly(replicas, tmp_path):
+    group = replicas(3)
+    report = _finish(_loadtest(",".join(r.target for r in group), tmp_path, duration_s=3), tmp_path)
+    counts = [r.embed_calls() for r in group]
+    mean = sum(counts) / 3
+    assert report["errors"] == {} and sum(counts) >= report["ok"]  # the warmup's calls are counted too
+    assert all(abs(c - mean) <= 0.2 * mean for c in counts), counts
+    health = subprocess.run([sys.executable, "-m", "embedforge", "health", "--target",
+                             ",".join(r.target for r in group)], capture_output=True, text=True, env=ENV, timeout=30)
+    assert health.returncode == 0 and health.stdout.count(" SERVING") == 3
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_replica_mid_load_fails_no_call(replicas, tmp_path):
+    group = replicas(3)
+    load = _loadtest(",".join(r.target for r in group), tmp_path, duration_s=4)
+    time.sleep(2)
+    group[0].process.send_signal(signal.SIGKILL)
+    report = _finish(load, tmp_path)
+    assert report["errors"] == {} and report["ok"] > 0
+    survivors = [r.embed_calls() for r in group[1:]]
+    assert all(c > 0 for c in survivors)
+    line = report["timeline"]["ok_per_s"]
+    assert len(line) >= 7 and min(line[-3:]) > 0  # the survivors kept serving to the end
+    assert (tmp_path / "report.png").stat().st_size > 0
+    health = subprocess.run([sys.executable, "-m", "embedforge", "health", "--target", group[0].target],
+                            capture_output=True, text=True, env=ENV, timeout=30)
+    assert health.returncode == 1 and "UNAVAILABLE" in health.stdout
+
+
+@pytest.mark.slow
+def test_a_replica_started_during_the_load_gets_calls_soon(replicas, tmp_path):
+    age_s = 2.0
+    late_port = _free_port()
+    early = replicas(2, "--max-connection-age-s", str(age_s), "--max-connection-age-grace-s", "1")
+    targets = ",".join([*(r.target for r in early), f"127.0.0.1:{late_port}"])  # the third is not up yet
+    load = _loadtest(targets, tmp_path, duration_s=7)
+    try:
+        time.sleep(1.5)
+        (late,) = replicas(1, "--max-connection-age-s", str(age_s), ports=[late_port])
+        serving_at = time.monotonic()
+        while late.embed_calls() == 0 and time.monotonic() - serving_at < age_s + 4:
+            time.sleep(0.1)
+        waited = time.monotonic() - serving_at
+    finally:
+        report = _finish(load, tmp_path)
+    assert late.embed_calls() > 0, f"no call reached the new replica within {waited:.1f} s"
+    assert waited <= age_s + 3
+    assert report["errors"] == {}
