@@ -44,13 +44,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 # after a random wait of up to 0.1 s, 0.2 s, 0.4 s (capped at 1 s), and never past the call's deadline (the
 # deadline covers all attempts). round_robin sends each attempt to the next ready replica. Retry throttling
 # stops retrying while more than half of a channel's recent calls fail, so an overloaded fleet is not hit
-# with 4x the load.
+# with 4x the load. CANCELLED is retried too: a server that shuts down cancels the calls it has received
+# but not yet handed to a handler (grpc/grpc#41785), and a caller's own cancellation is never retried.
 RETRY_POLICY = {
     "maxAttempts": 4,
     "initialBackoff": "0.1s",
     "maxBackoff": "1s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
 }
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],

@@ -243,3 +243,18 @@ def test_a_replica_started_during_the_load_gets_calls_soon(replicas, tmp_path):
     assert late.embed_calls() > 0, f"no call reached the new replica within {waited:.1f} s"
     assert waited <= age_s + 3
     assert report["errors"] == {}
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_replica_mid_load_fails_no_call(replicas, tmp_path):
+    """SIGTERM: the replica reports NOT_SERVING and answers new calls UNAVAILABLE (retried on the other one),
+    finishes what it holds, and exits 0."""
+    group = replicas(2)
+    load = _loadtest(",".join(r.target for r in group), tmp_path, duration_s=3)
+    time.sleep(1.5)
+    group[0].process.send_signal(signal.SIGTERM)
+    report = _finish(load, tmp_path)
+    assert group[0].process.wait(20) == 0
+    assert report["errors"] == {} and report["ok"] > 0, (report["error_examples"], group[0].log.read_text())
+    log = group[0].log.read_text()
+    assert "event=draining" in log and "event=stopped" in log
