@@ -7,6 +7,7 @@ is where the spread is read from. Every run is bounded (a few seconds) and every
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -128,6 +129,27 @@ def test_loadtest_rejects_a_bad_target_list():
     result = subprocess.run([sys.executable, "-m", "embedforge", "loadtest", "--target", "127.0.0.1:1,oops"],
                             capture_output=True, text=True, env=ENV, timeout=60)
     assert result.returncode == 2 and "'oops': expected HOST:PORT" in result.stderr
+
+
+def test_report_timeline_counts_every_measured_call_in_its_step(tmp_path):
+    from embedforge.loadtest import CallResult, LoadSpec, build_report, run_load
+    from embedforge.loadtest_report import write_plot
+
+    started = time.perf_counter()
+
+    async def call(texts: list[str]) -> CallResult:
+        await asyncio.sleep(0.01)
+        late = time.perf_counter() - started > 0.6  # fails from 0.6 s on: the line must show it
+        return CallResult(ok=not late, code="UNAVAILABLE" if late else "OK", n_texts=len(texts))
+
+    run = asyncio.run(run_load(call, lambda: ["a"], LoadSpec(concurrency=2, duration_s=1.2, warmup_s=0.1)))
+    report = build_report({"target": "fake"}, [run], sweep=False)
+    line = report["timeline"]
+    assert sum(line["ok_per_s"]) * line["step_s"] == report["ok"] > 0
+    assert sum(line["errors_per_s"]) * line["step_s"] == sum(report["errors"].values()) > 0
+    assert line["ok_per_s"][0] > 0 and line["errors_per_s"][0] == 0 and line["ok_per_s"][-1] == 0
+    write_plot(report, tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").stat().st_size > 0
 
 
 # ---- retries against fake servers that fail on purpose ----

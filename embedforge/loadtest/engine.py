@@ -407,7 +407,8 @@ def run_report(run: RunResult) -> dict:
 def timeline(run: RunResult) -> dict:
     """Throughput over time: OK calls and failed calls per second in each TIMELINE_STEP_S of the run.
 
-    A replica lost in the middle of a run shows as a dip (and failures, if any reached the caller).
+    A replica lost in the middle of a run shows as a dip (and failures, if any reached the caller). The last
+    step is usually shorter than the others, so it reads low.
     """
     last = max([*run.ok_per_step, *run.errors_per_step], default=-1)
     steps = max(math.ceil(run.elapsed_s / TIMELINE_STEP_S), last + 1)
