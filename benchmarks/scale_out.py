@@ -135,7 +135,7 @@ def failover(export_dir: Path, args: argparse.Namespace, out: Path) -> dict:
     line, step = report["timeline"]["ok_per_s"], report["timeline"]["step_s"]
     kill_step = int(args.kill_at / step)
     return {
-        "failed_calls": sum(report["errors"].values()), "ok_calls": report["ok"],
+        "failed_calls": sum(report["errors"].values()), "ok_calls": report["ok"], "errors": report["errors"],
         "before_calls_per_s": statistics.mean(line[1:kill_step]),
         "lowest_step_after_kill": min(line[kill_step: kill_step + int(4 / step)]),
         "last_2s_calls_per_s": statistics.mean(line[-int(2 / step) - 1: -1]),
@@ -177,7 +177,8 @@ def main() -> None:
         print(f"  ratio 2x1 / 1x2: {two / one:.2f}")
         fail = failover(export_dir, args, work / "failover.json")
         print(f"\nfailover (2 replicas x 1 thread, SIGKILL of one at {args.kill_at:g} s, restarted at once):")
-        print(f"  failed calls at the client: {fail['failed_calls']} of {fail['ok_calls'] + fail['failed_calls']}")
+        print(f"  failed calls at the client: {fail['failed_calls']} of {fail['ok_calls'] + fail['failed_calls']} "
+              f"{fail['errors'] or ''}")
         print(f"  calls/s before: {fail['before_calls_per_s']:.0f}; lowest 0.5 s step after the kill: "
               f"{fail['lowest_step_after_kill']:.0f}; last 2 s: {fail['last_2s_calls_per_s']:.0f}")
         print(f"  restarted replica SERVING after {fail['restart_to_serving_s']:.1f} s, first call "

@@ -53,8 +53,12 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
 }
+# Client-side health checking: the channel watches each replica's grpc.health.v1 status and round robin
+# picks only those SERVING, so a replica still loading its model or draining after SIGTERM gets no calls
+# (a server without the health service counts as healthy).
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": SERVICE_NAME},
     "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}],
     "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
 }
@@ -66,9 +70,9 @@ CHANNEL_OPTIONS = [
     # A replica that is down (or not started yet) is tried again at most every 2 s instead of gRPC's
     # default 120 s, so a replica that (re)starts at a listed address gets calls within about 2 s.
     ("grpc.max_reconnect_backoff_ms", 2000),
-    # dns:/// targets: re-resolve at most every 10 s (gRPC's default is 30 s) when a connection closes,
+    # dns:/// targets: re-resolve at most every 5 s (gRPC's default is 30 s) when a connection closes,
     # e.g. when a server's --max-connection-age-s ends it, so new pods are found sooner.
-    ("grpc.dns_min_time_between_resolutions_ms", 10000),
+    ("grpc.dns_min_time_between_resolutions_ms", 5000),
     # Ping an idle connection every 60 s and drop it after 20 s without an answer, so that a replica that
     # vanished without closing its connections (node lost) leaves the rotation. The server accepts pings
     # this often (embedforge.server.app: grpc.http2.min_ping_interval_without_data_ms).

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
-from embedforge.client import RETRY_POLICY, EmbedClient, channel_target
+from embedforge.client import RETRY_POLICY, SERVICE_NAME, EmbedClient, channel_target
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -40,19 +41,21 @@ def _free_port() -> int:
 class Replica:
     """One `embedforge serve` process (1 thread) with its metrics port; `stop` kills it."""
 
-    def __init__(self, export_dir: Path, log_dir: Path, *extra: str, port: int | None = None) -> None:
-        self.port = port or _free_port()
+    def __init__(self, export_dir: Path, log_dir: Path, *extra: str, port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.host, self.port = host, port or _free_port()
         self.metrics_port = _free_port()
-        self.log = log_dir / f"replica-{self.port}.log"
+        self.log = log_dir / f"replica-{host}-{self.port}.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "embedforge", "serve", "--model-dir", str(export_dir), "--port", str(self.port),
+                [sys.executable, "-m", "embedforge", "serve", "--model-dir", str(export_dir), "--host", host,
+                 "--port", str(self.port),
                  "--metrics-port", str(self.metrics_port), "--threads", "1", "--workers", "1", *extra],
                 stdout=log, stderr=subprocess.STDOUT, env=ENV)
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def wait_serving(self, timeout_s: float = 60) -> None:
         give_up = time.monotonic() + timeout_s
@@ -69,7 +72,7 @@ class Replica:
 
     def embed_calls(self) -> int:
         """Embed calls this replica answered OK, from its own request counter."""
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        body = urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5).read().decode()
         return int(sum(sample.value for family in text_string_to_metric_families(body)
                        for sample in family.samples
                        if sample.name == "embedforge_requests_total"
@@ -86,8 +89,9 @@ def replicas(tiny_export_dir, tmp_path):
     """Start replicas with `start(n, *serve_flags)`; all of them are killed at the end."""
     started: list[Replica] = []
 
-    def start(count: int, *extra: str, ports: list[int] | None = None) -> list[Replica]:
-        new = [Replica(tiny_export_dir, tmp_path, *extra, port=ports[i] if ports else None) for i in range(count)]
+    def start(count: int, *extra: str, ports: list[int] | None = None, host: str = "127.0.0.1") -> list[Replica]:
+        new = [Replica(tiny_export_dir, tmp_path, *extra, port=ports[i] if ports else None, host=host)
+               for i in range(count)]
         started.extend(new)
         for replica in new:
             replica.wait_serving()
@@ -174,9 +178,14 @@ class _Failing(pb_grpc.EmbeddingServiceServicer):
 def fake_servers():
     servers = []
 
-    def start(servicer: _Failing) -> str:
+    def start(servicer: _Failing, health_status: str | None = None) -> str:
+        """A fake replica; with `health_status`, it also serves grpc.health.v1 saying so."""
         server = grpc.server(futures.ThreadPoolExecutor(4))
         pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, server)
+        if health_status is not None:
+            health_servicer = health.HealthServicer()
+            health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.ServingStatus.Value(health_status))
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
@@ -194,6 +203,16 @@ def test_unavailable_is_retried_on_the_other_replica(fake_servers):
         for _ in range(10):
             client.embed(["a"])  # never raises: each call that hit `down` was sent again to `up`
     assert up.calls == 10 and down.calls >= 3  # round robin did send some calls to the failing replica
+
+
+def test_replicas_not_serving_get_no_calls(fake_servers):
+    """Client-side health checking: a replica whose health says NOT_SERVING (loading, draining) is skipped."""
+    loading, ready = _Failing(None), _Failing(None)
+    targets = f"{fake_servers(loading, 'NOT_SERVING')},{fake_servers(ready, 'SERVING')}"
+    with EmbedClient(targets, timeout=5) as client:
+        for _ in range(10):
+            client.embed(["a"])
+    assert (loading.calls, ready.calls) == (0, 10)
 
 
 def test_resource_exhausted_is_retried_a_bounded_number_of_times(fake_servers):
@@ -280,3 +299,67 @@ def test_sigterm_of_a_replica_mid_load_fails_no_call(replicas, tmp_path):
     assert report["errors"] == {} and report["ok"] > 0, (report["error_examples"], group[0].log.read_text())
     log = group[0].log.read_text()
     assert "event=draining" in log and "event=stopped" in log
+
+
+class _FakeDns:
+    """A DNS server on 127.0.0.1 (UDP) answering A queries for any name with `addresses` (changeable)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            end = 12
+            while query[end]:
+                end += query[end] + 1
+            question = query[12: end + 5]  # name, type, class
+            qtype = int.from_bytes(query[end + 1: end + 3], "big")
+            answers = [socket.inet_aton(a) for a in list(self.addresses)] if qtype == 1 else []
+            header = query[:2] + b"\x81\x80" + b"\x00\x01" + len(answers).to_bytes(2, "big") + b"\x00\x00\x00\x00"
+            records = b"".join(b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x01\x00\x04" + a for a in answers)  # TTL 1 s
+            self.sock.sendto(header + question + records, peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_dns_target_finds_a_new_replica_after_max_connection_age(replicas, tmp_path):
+    """dns:/// as on Kubernetes with a headless Service: a replica added to DNS is found when a connection
+    reaches --max-connection-age-s and the client re-resolves (at most every 5 s, embedforge.client)."""
+    age_s, port = 2.0, _free_port()
+    dns = _FakeDns(["127.0.0.1", "127.0.0.2"])
+    try:
+        flags = ("--max-connection-age-s", str(age_s), "--max-connection-age-grace-s", "1")
+        early = []
+        for host in ("127.0.0.1", "127.0.0.2"):
+            early += replicas(1, *flags, ports=[port], host=host)
+        load = _loadtest(f"dns://127.0.0.1:{dns.port}/replicas.test:{port}", tmp_path, duration_s=9)
+        try:
+            (late,) = replicas(1, *flags, ports=[port], host="127.0.0.3")
+            dns.addresses.append("127.0.0.3")
+            listed_at = time.monotonic()
+            while late.embed_calls() == 0 and time.monotonic() - listed_at < age_s + 8:
+                time.sleep(0.1)
+            waited = time.monotonic() - listed_at
+        finally:
+            report = _finish(load, tmp_path)
+    finally:
+        dns.close()
+    assert all(r.embed_calls() > 0 for r in early)
+    assert late.embed_calls() > 0, f"no call reached the replica added to DNS within {waited:.1f} s"
+    assert waited <= age_s + 5 + 2
+    assert report["errors"] == {}
