@@ -53,20 +53,20 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
 }
-# Client-side health checking: the channel watches each replica's grpc.health.v1 status and round robin
-# picks only those SERVING, so a replica still loading its model or draining after SIGTERM gets no calls
-# (a server without the health service counts as healthy).
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": SERVICE_NAME},
     "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}],
     "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
 }
+# Client-side health checking, for replica sets (a list or a URI target): the channel watches each
+# replica's grpc.health.v1 status and round robin picks only those SERVING, so a replica still loading its
+# model or draining after SIGTERM gets no calls (a server without the health service counts as healthy).
+# One HOST:PORT goes without it, so that a server that is not SERVING answers for itself ("model is loading").
+HEALTH_CHECK_CONFIG = {"serviceName": SERVICE_NAME}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.enable_retries", 1),
-    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
     # A replica that is down (or not started yet) is tried again at most every 2 s instead of gRPC's
     # default 120 s, so a replica that (re)starts at a listed address gets calls within about 2 s.
     ("grpc.max_reconnect_backoff_ms", 2000),
@@ -79,6 +79,17 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 60000),
     ("grpc.keepalive_timeout_ms", 20000),
 ]
+
+
+def is_replica_set(target: str) -> bool:
+    """True for a list of targets or a URI (dns:///, ipv4:...), False for one HOST:PORT."""
+    return "," in target or "://" in target or target.strip().startswith(("dns:", "ipv4:", "ipv6:"))
+
+
+def channel_options(health_checked: bool) -> list[tuple[str, int | str]]:
+    """CHANNEL_OPTIONS plus the service config, with client-side health checking or without."""
+    config = {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG} if health_checked else SERVICE_CONFIG
+    return [*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(config))]
 
 
 def channel_target(target: str) -> str:
@@ -222,23 +233,27 @@ def _credentials(tls_root_cert: str | Path | bytes | None) -> grpc.ChannelCreden
     return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
-def create_channel(target: str, tls_root_cert: str | Path | bytes | None = None) -> grpc.Channel:
+def create_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
+                   health_checked: bool | None = None) -> grpc.Channel:
     """A blocking channel (round robin + retries, see `channel_target` for `target`); TLS when a root
-    certificate (path or PEM bytes) is given."""
+    certificate (path or PEM bytes) is given. health_checked None: for replica sets only."""
+    options = channel_options(is_replica_set(target) if health_checked is None else health_checked)
     target = channel_target(target)
     creds = _credentials(tls_root_cert)
     if creds is None:
-        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, creds, options=options)
 
 
-def create_aio_channel(target: str, tls_root_cert: str | Path | bytes | None = None) -> grpc.aio.Channel:
+def create_aio_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
+                       health_checked: bool | None = None) -> grpc.aio.Channel:
     """An asyncio channel like `create_channel`'s (create it inside the running event loop)."""
+    options = channel_options(is_replica_set(target) if health_checked is None else health_checked)
     target = channel_target(target)
     creds = _credentials(tls_root_cert)
     if creds is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options)
 
 
 def create_stub(channel: grpc.Channel | grpc.aio.Channel) -> pb_grpc.EmbeddingServiceStub:
@@ -260,7 +275,11 @@ class EmbedClient:
         self._metadata = call_metadata(api_key)
         self._channel = create_channel(target, tls_root_cert)
         self._stub = create_stub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        # Health questions go on a channel without health checking, which would not ask a replica that
+        # is not SERVING (one HOST:PORT: the same channel).
+        self._health_channel = (create_channel(target, tls_root_cert, health_checked=False)
+                                if is_replica_set(target) else self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._health_channel)
 
     def _deadline(self, deadline_s: float | None) -> float | None:
         return self.timeout if deadline_s is None else deadline_s
@@ -303,6 +322,8 @@ class EmbedClient:
 
     def close(self) -> None:
         self._channel.close()
+        if self._health_channel is not self._channel:
+            self._health_channel.close()
 
     def __enter__(self) -> EmbedClient:
         return self
@@ -321,7 +342,9 @@ class AsyncEmbedClient:
         self._metadata = call_metadata(api_key)
         self._channel = create_aio_channel(target, tls_root_cert)
         self._stub = create_stub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health_channel = (create_aio_channel(target, tls_root_cert, health_checked=False)
+                                if is_replica_set(target) else self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._health_channel)
 
     def _deadline(self, deadline_s: float | None) -> float | None:
         return self.timeout if deadline_s is None else deadline_s
@@ -348,6 +371,8 @@ class AsyncEmbedClient:
 
     async def close(self) -> None:
         await self._channel.close()
+        if self._health_channel is not self._channel:
+            await self._health_channel.close()
 
     async def __aenter__(self) -> AsyncEmbedClient:
         return self
