@@ -30,7 +30,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import STSB_TEST, export_bundled, free_port, read_texts  # noqa: E402
+from common import export_bundled, stsb_file  # noqa: E402
+from serve_throughput import free_port, read_texts  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -147,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export-dir", type=Path, help="export with an fp32 model (default: export the bundled "
                         "model into a temp dir)")
-    parser.add_argument("--data", type=Path, default=STSB_TEST)
+    parser.add_argument("--data", type=Path, default=stsb_file("test"))
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="texts per call")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per throughput run")
@@ -161,7 +162,7 @@ def main() -> None:
     print(f"host: {os.cpu_count()} cores, {cpu}, {platform.python_version()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        export_dir = args.export_dir or export_bundled(work, read_texts(args.data))
+        export_dir = args.export_dir or export_bundled(work, ("fp32",), parity_texts=read_texts(args.data)[:256])
         layouts = {"1 replica x 2 threads": (1, 2, 2), "2 replicas x 1 thread": (2, 1, 1)}
         results: dict[str, list[float]] = {name: [] for name in layouts}
         rss: dict[str, float] = {}

@@ -105,12 +105,14 @@ def _hadolint() -> str:
     return found
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_passes_hadolint(dockerfile):
     result = subprocess.run([_hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_hadolint_fails_a_bad_dockerfile(tmp_path):
     bad = tmp_path / "bad.Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install numpy\n")
@@ -152,6 +154,7 @@ def test_schema_validation_catches_a_misspelt_field():
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_python_rendering_matches_kubectl_kustomize(overlay):
     kubectl = shutil.which("kubectl")

@@ -129,6 +129,7 @@ def test_target_forms_become_grpc_targets():
             channel_target(bad)
 
 
+@pytest.mark.slow
 def test_loadtest_rejects_a_bad_target_list():
     result = subprocess.run([sys.executable, "-m", "embedforge", "loadtest", "--target", "127.0.0.1:1,oops"],
                             capture_output=True, text=True, env=ENV, timeout=60)
