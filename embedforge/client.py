@@ -73,9 +73,10 @@ CHANNEL_OPTIONS = [
     # dns:/// targets: re-resolve at most every 5 s (gRPC's default is 30 s) when a connection closes,
     # e.g. when a server's --max-connection-age-s ends it, so new pods are found sooner.
     ("grpc.dns_min_time_between_resolutions_ms", 5000),
-    # Ping an idle connection every 60 s and drop it after 20 s without an answer, so that a replica that
-    # vanished without closing its connections (node lost) leaves the rotation. The server accepts pings
-    # this often (embedforge.server.app: grpc.http2.min_ping_interval_without_data_ms).
+    # While calls are open on a connection (a replica set's health watch is one), ping it after 60 s without
+    # traffic and drop it after 20 s without an answer, so that a replica that vanished without closing its
+    # connections (node lost) leaves the rotation. The server accepts pings this often
+    # (embedforge.server.app: grpc.http2.min_ping_interval_without_data_ms).
     ("grpc.keepalive_time_ms", 60000),
     ("grpc.keepalive_timeout_ms", 20000),
 ]

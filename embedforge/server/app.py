@@ -64,7 +64,7 @@ class InsecureKeyError(ValueError):
     """An API key would travel in clear text beyond this machine."""
 
 
-# Clients may ping as often as every 10 s (embedforge.client pings idle connections every 60 s); more
+# Clients may ping as often as every 10 s (embedforge.client pings after 60 s without traffic); more
 # often than that is answered with GOAWAY "too_many_pings".
 MIN_CLIENT_PING_INTERVAL_MS = 10000
 
