@@ -76,7 +76,7 @@ class Replica:
         return int(sum(sample.value for family in text_string_to_metric_families(body)
                        for sample in family.samples
                        if sample.name == "embedforge_requests_total"
-                       and sample.labels == {"rpc": "Embed", "code": "OK"}))
+                       and sample.labels == {"protocol": "grpc", "rpc": "Embed", "code": "OK"}))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -138,7 +138,7 @@ def test_loadtest_rejects_a_bad_target_list():
 
 def test_report_timeline_counts_every_measured_call_in_its_step(tmp_path):
     from embedforge.loadtest import CallResult, LoadSpec, build_report, run_load
-    from embedforge.loadtest_report import write_plot
+    from embedforge.loadtest.report import write_plot
 
     first_call: list[float] = []
 
