@@ -87,9 +87,12 @@ def is_replica_set(target: str) -> bool:
     return "," in target or "://" in target or target.strip().startswith(("dns:", "ipv4:", "ipv6:"))
 
 
-def channel_options(health_checked: bool) -> list[tuple[str, int | str]]:
-    """CHANNEL_OPTIONS plus the service config, with client-side health checking or without."""
-    config = {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG} if health_checked else SERVICE_CONFIG
+def channel_options(health_checked: bool, retries: bool = True) -> list[tuple[str, int | str]]:
+    """CHANNEL_OPTIONS plus the service config, with client-side health checking or without; retries=False
+    sends each call once (to see a server's own answer, e.g. RESOURCE_EXHAUSTED, as it is)."""
+    config = {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG} if health_checked else dict(SERVICE_CONFIG)
+    if not retries:
+        config["methodConfig"] = [{"name": [{"service": SERVICE_NAME}]}]
     return [*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(config))]
 
 
@@ -235,10 +238,10 @@ def _credentials(tls_root_cert: str | Path | bytes | None) -> grpc.ChannelCreden
 
 
 def create_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
-                   health_checked: bool | None = None) -> grpc.Channel:
+                   health_checked: bool | None = None, retries: bool = True) -> grpc.Channel:
     """A blocking channel (round robin + retries, see `channel_target` for `target`); TLS when a root
     certificate (path or PEM bytes) is given. health_checked None: for replica sets only."""
-    options = channel_options(is_replica_set(target) if health_checked is None else health_checked)
+    options = channel_options(is_replica_set(target) if health_checked is None else health_checked, retries)
     target = channel_target(target)
     creds = _credentials(tls_root_cert)
     if creds is None:
@@ -247,9 +250,9 @@ def create_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
 
 
 def create_aio_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
-                       health_checked: bool | None = None) -> grpc.aio.Channel:
+                       health_checked: bool | None = None, retries: bool = True) -> grpc.aio.Channel:
     """An asyncio channel like `create_channel`'s (create it inside the running event loop)."""
-    options = channel_options(is_replica_set(target) if health_checked is None else health_checked)
+    options = channel_options(is_replica_set(target) if health_checked is None else health_checked, retries)
     target = channel_target(target)
     creds = _credentials(tls_root_cert)
     if creds is None:
@@ -267,14 +270,15 @@ class EmbedClient:
     """Blocking client of one server or of replicas (`target`: see the module docstring).
 
     `timeout` (seconds) is the default deadline of each call (all its attempts); `api_key` is sent as
-    "authorization: Bearer KEY"; `tls_root_cert` (path or PEM bytes) switches the channel to TLS."""
+    "authorization: Bearer KEY"; `tls_root_cert` (path or PEM bytes) switches the channel to TLS;
+    `retries=False` sends each call once (RETRY_POLICY is off)."""
 
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
-                 tls_root_cert: str | Path | bytes | None = None) -> None:
+                 tls_root_cert: str | Path | bytes | None = None, retries: bool = True) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = call_metadata(api_key)
-        self._channel = create_channel(target, tls_root_cert)
+        self._channel = create_channel(target, tls_root_cert, retries=retries)
         self._stub = create_stub(self._channel)
         # Health questions go on a channel without health checking, which would not ask a replica that
         # is not SERVING (one HOST:PORT: the same channel).
@@ -337,11 +341,11 @@ class AsyncEmbedClient:
     """asyncio client with the same methods as EmbedClient (all `async`); create it inside the event loop."""
 
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
-                 tls_root_cert: str | Path | bytes | None = None) -> None:
+                 tls_root_cert: str | Path | bytes | None = None, retries: bool = True) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = call_metadata(api_key)
-        self._channel = create_aio_channel(target, tls_root_cert)
+        self._channel = create_aio_channel(target, tls_root_cert, retries=retries)
         self._stub = create_stub(self._channel)
         self._health_channel = (create_aio_channel(target, tls_root_cert, health_checked=False)
                                 if is_replica_set(target) else self._channel)

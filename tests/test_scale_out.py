@@ -237,6 +237,13 @@ def test_resource_exhausted_is_retried_a_bounded_number_of_times(fake_servers):
     assert full.calls == RETRY_POLICY["maxAttempts"]
 
 
+def test_retries_can_be_switched_off(fake_servers):
+    full = _Failing(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with EmbedClient(fake_servers(full), timeout=10, retries=False) as client, pytest.raises(grpc.RpcError):
+        client.embed(["a"])
+    assert full.calls == 1
+
+
 def test_the_deadline_covers_all_retries(fake_servers):
     slow = _Failing(grpc.StatusCode.UNAVAILABLE, delay_s=0.3)  # 4 attempts would take 1.2 s and more
     with EmbedClient(fake_servers(slow), timeout=0.5) as client, pytest.raises(grpc.RpcError) as caught:
