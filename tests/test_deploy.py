@@ -200,6 +200,7 @@ def test_ports_probes_and_metrics_match_the_server(overlay):
     assert float(args["grace-s"]) < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+    assert args["metrics-host"] == "0.0.0.0"  # Prometheus scrapes from outside the pod (serve's default: loopback)
     service = _one(docs, "Service")
     assert service["spec"]["clusterIP"] == "None"  # headless: one DNS record per pod, for round robin
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"grpc": "grpc", "metrics": "metrics"}

@@ -72,7 +72,8 @@ class Replica:
 
     def embed_calls(self) -> int:
         """Embed calls this replica answered OK, from its own request counter."""
-        body = urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5).read().decode()
+        # metrics listen on loopback (serve --metrics-host default) whatever --host is
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
         return int(sum(sample.value for family in text_string_to_metric_families(body)
                        for sample in family.samples
                        if sample.name == "embedforge_requests_total"

@@ -31,4 +31,4 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["embedforge", "health", "--target", "127.0.0.1:50051", "--timeout", "3"]
 ENTRYPOINT ["embedforge"]
 CMD ["serve", "--model-dir", "/models", "--provider", "cuda", "--host", "0.0.0.0", "--port", "50051", \
-     "--metrics-port", "9100"]
+     "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]
