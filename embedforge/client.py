@@ -12,11 +12,20 @@ Asynchronous use (many concurrent calls from one asyncio loop, e.g. a load gener
     async with AsyncEmbedClient("127.0.0.1:50051") as client:
         results = await asyncio.gather(*(client.embed([t]) for t in texts))
 
+Targets: one server `HOST:PORT`, a list of replicas `HOST:PORT,HOST:PORT,...`, or any gRPC target URI such
+as `dns:///name:port` (every address the name resolves to; a Kubernetes headless Service gives one per pod).
+Calls are spread over the replicas with gRPC's `round_robin` policy, and the service config (RETRY_POLICY)
+retries a call that failed with UNAVAILABLE (replica down or draining) or RESOURCE_EXHAUSTED (its queue is
+full) on the next replica, within the call's deadline.
+
 Failed calls raise `grpc.RpcError` (use `.code()` and `.details()`).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +39,99 @@ from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+# Embed, Score and Info are pure functions of the request, so any failed attempt may be sent again.
+# UNAVAILABLE and RESOURCE_EXHAUSTED share one bound: a call is sent at most 4 times (3 retries), each retry
+# after a random wait of up to 0.1 s, 0.2 s, 0.4 s (capped at 1 s), and never past the call's deadline (the
+# deadline covers all attempts). round_robin sends each attempt to the next ready replica. Retry throttling
+# stops retrying while more than half of a channel's recent calls fail, so an overloaded fleet is not hit
+# with 4x the load. CANCELLED is retried too: a server that shuts down cancels the calls it has received
+# but not yet handed to a handler (grpc/grpc#41785), and a caller's own cancellation is never retried.
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
+}
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}],
+    "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
+}
+# Client-side health checking, for replica sets (a list or a URI target): the channel watches each
+# replica's grpc.health.v1 status and round robin picks only those SERVING, so a replica still loading its
+# model or draining after SIGTERM gets no calls (a server without the health service counts as healthy).
+# One HOST:PORT goes without it, so that a server that is not SERVING answers for itself ("model is loading").
+HEALTH_CHECK_CONFIG = {"serviceName": SERVICE_NAME}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 1),
+    # A replica that is down (or not started yet) is tried again at most every 2 s instead of gRPC's
+    # default 120 s, so a replica that (re)starts at a listed address gets calls within about 2 s.
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    # dns:/// targets: re-resolve at most every 5 s (gRPC's default is 30 s) when a connection closes,
+    # e.g. when a server's --max-connection-age-s ends it, so new pods are found sooner.
+    ("grpc.dns_min_time_between_resolutions_ms", 5000),
+    # While calls are open on a connection (a replica set's health watch is one), ping it after 60 s without
+    # traffic and drop it after 20 s without an answer, so that a replica that vanished without closing its
+    # connections (node lost) leaves the rotation. The server accepts pings this often
+    # (embedforge.server.app: grpc.http2.min_ping_interval_without_data_ms).
+    ("grpc.keepalive_time_ms", 60000),
+    ("grpc.keepalive_timeout_ms", 20000),
 ]
+
+
+def is_replica_set(target: str) -> bool:
+    """True for a list of targets or a URI (dns:///, ipv4:...), False for one HOST:PORT."""
+    return "," in target or "://" in target or target.strip().startswith(("dns:", "ipv4:", "ipv6:"))
+
+
+def channel_options(health_checked: bool, retries: bool = True) -> list[tuple[str, int | str]]:
+    """CHANNEL_OPTIONS plus the service config, with client-side health checking or without; retries=False
+    sends each call once (to see a server's own answer, e.g. RESOURCE_EXHAUSTED, as it is)."""
+    config = {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG} if health_checked else dict(SERVICE_CONFIG)
+    if not retries:
+        config["methodConfig"] = [{"name": [{"service": SERVICE_NAME}]}]
+    return [*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(config))]
+
+
+def channel_target(target: str) -> str:
+    """The gRPC target for `target`: "HOST:PORT", "HOST:PORT,HOST:PORT,..." or a URI ("dns:///name:port").
+
+    A comma list becomes gRPC's static `ipv4:`/`ipv6:` address list (host names are resolved once, here;
+    use `dns:///name:port` for a name whose addresses change). One HOST:PORT and URIs are passed as they are.
+    """
+    target = target.strip()
+    if "," not in target:
+        if not target:
+            raise ValueError("empty target; expected HOST:PORT, HOST:PORT,HOST:PORT,... or dns:///NAME:PORT")
+        return target
+    if "://" in target or target.startswith(("ipv4:", "ipv6:", "unix:")):
+        return target  # already a gRPC address list
+    by_family: dict[int, list[str]] = {socket.AF_INET: [], socket.AF_INET6: []}
+    for item in target.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"target list item {item.strip()!r}: expected HOST:PORT (in {target!r})")
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise ValueError(f"target list item {item.strip()!r}: cannot resolve {host!r}: {exc}") from None
+            addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+        for address in addresses:
+            family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+            entry = f"{address}:{port}" if address.version == 4 else f"[{address}]:{port}"
+            if entry not in by_family[family]:
+                by_family[family].append(entry)
+    # gRPC's static lists hold one address family: IPv4 when there is any (what servers bind by default).
+    if by_family[socket.AF_INET]:
+        return "ipv4:" + ",".join(by_family[socket.AF_INET])
+    return "ipv6:" + ",".join(by_family[socket.AF_INET6])
 
 
 @dataclass(frozen=True)
@@ -139,20 +237,27 @@ def _credentials(tls_root_cert: str | Path | bytes | None) -> grpc.ChannelCreden
     return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
-def create_channel(target: str, tls_root_cert: str | Path | bytes | None = None) -> grpc.Channel:
-    """A blocking channel; TLS when a root certificate (path or PEM bytes) is given."""
+def create_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
+                   health_checked: bool | None = None, retries: bool = True) -> grpc.Channel:
+    """A blocking channel (round robin + retries, see `channel_target` for `target`); TLS when a root
+    certificate (path or PEM bytes) is given. health_checked None: for replica sets only."""
+    options = channel_options(is_replica_set(target) if health_checked is None else health_checked, retries)
+    target = channel_target(target)
     creds = _credentials(tls_root_cert)
     if creds is None:
-        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, creds, options=options)
 
 
-def create_aio_channel(target: str, tls_root_cert: str | Path | bytes | None = None) -> grpc.aio.Channel:
-    """An asyncio channel (create it inside the running event loop)."""
+def create_aio_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
+                       health_checked: bool | None = None, retries: bool = True) -> grpc.aio.Channel:
+    """An asyncio channel like `create_channel`'s (create it inside the running event loop)."""
+    options = channel_options(is_replica_set(target) if health_checked is None else health_checked, retries)
+    target = channel_target(target)
     creds = _credentials(tls_root_cert)
     if creds is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options)
 
 
 def create_stub(channel: grpc.Channel | grpc.aio.Channel) -> pb_grpc.EmbeddingServiceStub:
@@ -162,17 +267,24 @@ def create_stub(channel: grpc.Channel | grpc.aio.Channel) -> pb_grpc.EmbeddingSe
 # ---- clients ----
 
 class EmbedClient:
-    """Blocking client. `timeout` (seconds) is the default deadline of each call; `api_key` is sent as
-    "authorization: Bearer KEY"; `tls_root_cert` (path or PEM bytes) switches the channel to TLS."""
+    """Blocking client of one server or of replicas (`target`: see the module docstring).
+
+    `timeout` (seconds) is the default deadline of each call (all its attempts); `api_key` is sent as
+    "authorization: Bearer KEY"; `tls_root_cert` (path or PEM bytes) switches the channel to TLS;
+    `retries=False` sends each call once (RETRY_POLICY is off)."""
 
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
-                 tls_root_cert: str | Path | bytes | None = None) -> None:
+                 tls_root_cert: str | Path | bytes | None = None, retries: bool = True) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = call_metadata(api_key)
-        self._channel = create_channel(target, tls_root_cert)
+        self._channel = create_channel(target, tls_root_cert, retries=retries)
         self._stub = create_stub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        # Health questions go on a channel without health checking, which would not ask a replica that
+        # is not SERVING (one HOST:PORT: the same channel).
+        self._health_channel = (create_channel(target, tls_root_cert, health_checked=False)
+                                if is_replica_set(target) else self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._health_channel)
 
     def _deadline(self, deadline_s: float | None) -> float | None:
         return self.timeout if deadline_s is None else deadline_s
@@ -215,6 +327,8 @@ class EmbedClient:
 
     def close(self) -> None:
         self._channel.close()
+        if self._health_channel is not self._channel:
+            self._health_channel.close()
 
     def __enter__(self) -> EmbedClient:
         return self
@@ -227,13 +341,15 @@ class AsyncEmbedClient:
     """asyncio client with the same methods as EmbedClient (all `async`); create it inside the event loop."""
 
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
-                 tls_root_cert: str | Path | bytes | None = None) -> None:
+                 tls_root_cert: str | Path | bytes | None = None, retries: bool = True) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = call_metadata(api_key)
-        self._channel = create_aio_channel(target, tls_root_cert)
+        self._channel = create_aio_channel(target, tls_root_cert, retries=retries)
         self._stub = create_stub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health_channel = (create_aio_channel(target, tls_root_cert, health_checked=False)
+                                if is_replica_set(target) else self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._health_channel)
 
     def _deadline(self, deadline_s: float | None) -> float | None:
         return self.timeout if deadline_s is None else deadline_s
@@ -260,6 +376,8 @@ class AsyncEmbedClient:
 
     async def close(self) -> None:
         await self._channel.close()
+        if self._health_channel is not self._channel:
+            await self._health_channel.close()
 
     async def __aenter__(self) -> AsyncEmbedClient:
         return self

@@ -182,7 +182,8 @@ def test_a_call_over_the_byte_budget_is_refused_at_once(embedder):
     slow = HookedEmbedder(embedder, tokenize_delay_s=1.0)
     with ServerThread(slow, max_pending_bytes=4000, **LIMITS) as running:
         async def scenario():
-            async with AsyncEmbedClient(running.target, timeout=30) as aclient:
+            # retries=False: the client's retry policy would send the refused call again until it fits
+            async with AsyncEmbedClient(running.target, timeout=30, retries=False) as aclient:
                 holder = asyncio.ensure_future(aclient.embed(["egg " * 75] * 8))  # ~2,450 bytes, slow to tokenize
                 await asyncio.sleep(0.3)
                 started = time.monotonic()

@@ -191,8 +191,9 @@ async def _run_http(url: str, rpc: str, deadline_s: float | None, api_key: str |
 
 
 @click.command(name="loadtest")
-@option("target", metavar="HOST:PORT", help="Address of a running `embedforge serve`: HOST:PORT (gRPC) or "
-        "http(s)://HOST:PORT (its HTTP API, `serve --http-port`).")
+@option("target", metavar="HOST:PORT", help="Address of a running `embedforge serve`: HOST:PORT (gRPC), "
+        "replicas HOST:PORT,HOST:PORT,... or dns:///NAME:PORT (gRPC round robin, failed calls retried on another), "
+        "or http(s)://HOST:PORT (its HTTP API, `serve --http-port`).")
 @option("rpc", type=click.Choice(["embed", "score"]), default="embed",
         help="Call Embed (texts) or Score (one query + --batch documents).")
 @option("concurrency", type=click.IntRange(min=1), default=None,
@@ -236,6 +237,7 @@ def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate
 
     Example: embedforge loadtest --target 127.0.0.1:50051 --rate 50 --batch 1-16 --duration 10 --plot lt.png
     """
+    from embedforge.client import channel_target
     from embedforge.loadtest import report as report_io
 
     try:
@@ -245,6 +247,10 @@ def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate
             return
         if not target:
             raise click.UsageError("--target HOST:PORT is required (or --compare A.json B.json)")
+        try:
+            channel_target(target)
+        except ValueError as exc:
+            raise click.UsageError(f"--target: {exc}") from None
         if sweep is not None and (rate is not None or concurrency is not None):
             raise click.UsageError("--sweep sets the concurrency of each step; drop --rate/--concurrency")
         if data is not None and tokens is not None:

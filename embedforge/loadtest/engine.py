@@ -30,6 +30,7 @@ PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 _HIST_LOWEST_US = 1
 _HIST_HIGHEST_US = 3_600_000_000
 _HIST_DIGITS = 3
+TIMELINE_STEP_S = 0.5  # width of one point of the report's throughput-over-time line
 
 # Words that are each exactly one WordPiece token in the BERT uncased vocabulary (checked in the tests),
 # so a synthetic text of n words is n + 2 tokens with [CLS] and [SEP].
@@ -197,14 +198,20 @@ class RunResult:
     unsent: int = 0  # open loop: calls scheduled in the measured phase but never sent (client fell behind)
     elapsed_s: float = 0.0
     cpu_s: float = 0.0
+    t_measure: float = 0.0  # perf_counter() at the end of the warmup
+    ok_per_step: Counter = field(default_factory=Counter)  # OK calls finished in each TIMELINE_STEP_S
+    errors_per_step: Counter = field(default_factory=Counter)
 
     def record(self, result: CallResult, scheduled: float, sent: float, done: float) -> None:
         self.sent += 1
+        step = int(max(done - self.t_measure, 0.0) / TIMELINE_STEP_S)
         if not result.ok:
+            self.errors_per_step[step] += 1
             self.errors[result.code] += 1
             self.error_examples.setdefault(result.code, result.message)
             return
         self.ok += 1
+        self.ok_per_step[step] += 1
         self.texts += result.n_texts
         self.tokens += result.tokens
         _record_seconds(self.latency, done - scheduled)
@@ -231,9 +238,9 @@ async def run_load(call: Call, next_texts: Callable[[], list[str]], spec: LoadSp
     ``elapsed_s`` runs from the end of the warmup until the last measured call returned;
     ``cpu_s`` is this process's CPU time (all threads) over the same span.
     """
-    result = RunResult(spec=spec)
     t0 = time.perf_counter()
     t_measure = t0 + spec.warmup_s
+    result = RunResult(spec=spec, t_measure=t_measure)
     t_end = t_measure + spec.duration_s if spec.duration_s is not None else math.inf
     cpu_at_measure: list[float] = []
     loop = asyncio.get_running_loop()
@@ -391,8 +398,24 @@ def run_report(run: RunResult) -> dict:
             "wall_s": round(run.elapsed_s, 4),
             "cores": round(run.cpu_s / run.elapsed_s, 4),
         },
+        "timeline": timeline(run),
         "latency_hdr": run.latency.encode().decode("ascii"),
         "service_hdr": run.service.encode().decode("ascii"),
+    }
+
+
+def timeline(run: RunResult) -> dict:
+    """Throughput over time: OK calls and failed calls per second in each TIMELINE_STEP_S of the run.
+
+    A replica lost in the middle of a run shows as a dip (and failures, if any reached the caller). The last
+    step is usually shorter than the others, so it reads low.
+    """
+    last = max([*run.ok_per_step, *run.errors_per_step], default=-1)
+    steps = max(math.ceil(run.elapsed_s / TIMELINE_STEP_S), last + 1)
+    return {
+        "step_s": TIMELINE_STEP_S,
+        "ok_per_s": [round(run.ok_per_step[i] / TIMELINE_STEP_S, 3) for i in range(steps)],
+        "errors_per_s": [round(run.errors_per_step[i] / TIMELINE_STEP_S, 3) for i in range(steps)],
     }
 
 

@@ -220,14 +220,31 @@ def _plot_histogram(ax, encoded: str, label: str) -> None:
     ax.set_title(f"latency histogram ({label})", fontsize="medium")
 
 
+def _plot_timeline(ax, line: dict) -> None:
+    step = line["step_s"]
+    times = [step * (i + 0.5) for i in range(len(line["ok_per_s"]))]
+    ax.plot(times, line["ok_per_s"], marker=".", label="OK calls/s")
+    if any(line["errors_per_s"]):
+        ax.plot(times, line["errors_per_s"], marker="x", color="tab:red", label="failed calls/s")
+    ax.set_xlabel(f"seconds since the end of warmup ({step:g} s steps)")
+    ax.set_ylabel("calls/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("throughput over time", fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def write_plot(report: dict, path: str | Path) -> None:
     """Draw the report as a PNG (written atomically).
 
-    A run: latency histogram and percentile plot. A sweep: throughput vs p50/p99 latency and one
-    percentile line per concurrency level.
+    A run: latency histogram, percentile plot and throughput over time (dips show lost replicas).
+    A sweep: throughput vs p50/p99 latency and one percentile line per concurrency level.
     """
-    fig, (left, right) = new_figure(1, 2, figsize=(12, 4.5))
+    over_time = report["kind"] == "run" and "timeline" in report  # reports written before it have none
+    fig, (left, right, *rest) = new_figure(1, 3 if over_time else 2, figsize=(18 if over_time else 12, 4.5))
     fig.set_layout_engine("constrained")
+    if over_time:
+        _plot_timeline(rest[0], report["timeline"])
     if report["kind"] == "run":
         open_loop = report["mode"] == "open"
         label = "from schedule" if open_loop else "call"

@@ -64,6 +64,25 @@ class InsecureKeyError(ValueError):
     """An API key would travel in clear text beyond this machine."""
 
 
+# Clients may ping as often as every 10 s (embedforge.client pings after 60 s without traffic); more
+# often than that is answered with GOAWAY "too_many_pings".
+MIN_CLIENT_PING_INTERVAL_MS = 10000
+
+
+def connection_options(cfg: ServeConfig) -> list[tuple[str, int]]:
+    """gRPC server options for connection age and keepalive (see ServeConfig)."""
+    options = [
+        ("grpc.keepalive_time_ms", round(cfg.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(cfg.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+    ]
+    if cfg.max_connection_age_s is not None:
+        options += [("grpc.max_connection_age_ms", round(cfg.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", round(cfg.max_connection_age_grace_s * 1000))]
+    return options
+
+
 class Metrics:
     """Prometheus metrics in a registry of their own (several servers may live in one test process)."""
 
@@ -213,7 +232,7 @@ class EmbeddingServer:
         interceptors = [ApiKeyInterceptor(api_key, self.metrics.on_call)] if api_key else []
         # gRPC refuses calls beyond the limit before it reads their bodies (RESOURCE_EXHAUSTED), so at most
         # max_concurrent_requests bodies of at most max_receive_bytes each are in memory at once.
-        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg),
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg) + connection_options(cfg),
                                       maximum_concurrent_rpcs=cfg.max_concurrent_requests)
         self.server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

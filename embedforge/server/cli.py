@@ -1,4 +1,4 @@
-"""`embedforge serve` (gRPC server over an ONNX export) and `embedforge embed` (command-line client)."""
+"""`embedforge serve` (gRPC server over an ONNX export), `embedforge embed` and `embedforge health` (clients)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,15 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @option("grace_s", type=click.FloatRange(0), default=DEFAULTS.grace_s,
         help="On SIGTERM/SIGINT, time given to in-flight calls; the stop takes about this long at most, even if "
         "a batch hangs (then the exit status is 1).")
+@option("max_connection_age_s", type=click.FloatRange(0, min_open=True), default=DEFAULTS.max_connection_age_s,
+        help="Close each client connection after this long (clients reconnect and spread over replicas added "
+        "since) [default: never].")
+@option("max_connection_age_grace_s", type=click.FloatRange(0), default=DEFAULTS.max_connection_age_grace_s,
+        help="Time calls on a connection closed for age get to finish.")
+@option("keepalive_time_s", type=click.FloatRange(0, min_open=True), default=DEFAULTS.keepalive_time_s,
+        help="Ping a client connection after this long without traffic.")
+@option("keepalive_timeout_s", type=click.FloatRange(0, min_open=True), default=DEFAULTS.keepalive_timeout_s,
+        help="Close a connection whose ping is not answered within this.")
 @option("tls_cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=DEFAULTS.tls_cert)
 @option("tls_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=DEFAULTS.tls_key)
 @option("tls_client_ca", type=click.Path(path_type=Path, dir_okay=False, exists=True),
@@ -151,8 +160,11 @@ def _api_key(api_key_env: str | None, no_auth: bool) -> str | None:
     return key or None
 
 
+TARGET_HELP = "Server HOST:PORT, replicas HOST:PORT,HOST:PORT,... (round robin, failover) or dns:///NAME:PORT."
+
+
 @click.command(name="embed")
-@option("target", default=f"{DEFAULTS.host}:{DEFAULTS.port}", help="Server HOST:PORT.")
+@option("target", default=f"{DEFAULTS.host}:{DEFAULTS.port}", help=TARGET_HELP)
 @click.argument("texts", nargs=-1, required=True)
 @option("json", "as_json", is_flag=True, help="Print one JSON object instead of one vector per line.")
 @option("no_truncate", is_flag=True, help="Fail on texts longer than the model's max_length.")
@@ -183,10 +195,43 @@ def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncat
                                   dimensions=dimensions)
     except grpc.RpcError as exc:
         raise click.ClickException(f"{target}: {exc.code().name}: {exc.details()}") from exc
-    except TimeoutError as exc:
+    except (TimeoutError, ValueError) as exc:
         raise click.ClickException(f"{target}: {exc}") from exc
     if as_json:
         click.echo(json.dumps({"dim": result.dim, "tokens": result.tokens, "vectors": result.vectors.tolist()}))
     else:
         for vector in result.vectors:
             click.echo(" ".join(f"{x:.6g}" for x in vector))
+
+
+@click.command(name="health", epilog="Example: embedforge health --target 127.0.0.1:50051 && echo ready")
+@option("target", default=f"{DEFAULTS.host}:{DEFAULTS.port}",
+        help="Server HOST:PORT; with a list HOST:PORT,HOST:PORT,... every one of them is asked.")
+@option("service", default="", show_default=False, help="Service to ask about [default: the whole server].")
+@option("timeout", type=click.FloatRange(0, min_open=True), default=3.0, help="Deadline of each check in seconds.")
+@option("tls_root_cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+        help="PEM root certificate: connect with TLS.")
+def health_command(target: str, service: str, timeout: float, tls_root_cert: Path | None) -> None:
+    """Ask the gRPC health service; exit 0 only when every server asked reports SERVING, else 1.
+
+    Meant for container health checks and scripts: prints "TARGET STATUS" per server.
+    """
+    import grpc
+
+    from embedforge.client import EmbedClient
+
+    # Replicas are asked one by one: a round-robin channel would answer for whichever replica it picked.
+    targets = [t.strip() for t in target.split(",")] if "://" not in target else [target]
+    healthy = True
+    for one in targets:
+        try:
+            with EmbedClient(one, timeout=timeout, tls_root_cert=tls_root_cert) as client:
+                status = client.health(service)
+        except grpc.RpcError as exc:
+            status = f"{exc.code().name}: {exc.details()}"
+        except ValueError as exc:
+            raise click.UsageError(f"--target: {exc}") from exc
+        click.echo(f"{one} {status}")
+        healthy = healthy and status == "SERVING"
+    if not healthy:
+        sys.exit(1)

@@ -52,6 +52,13 @@ class ServeConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     reflection: bool = True
     grace_s: float = 10.0  # on drain, time given to in-flight calls; the whole stop is bounded by it
+    # Connections (client-side load balancing relies on them): after max_connection_age_s a connection is
+    # closed (GOAWAY; its calls get max_connection_age_grace_s to finish) and the client reconnects, possibly
+    # to a replica added since. None: connections live as long as the client keeps them.
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 10.0
+    keepalive_time_s: float = 60.0  # ping a client after this long without traffic ...
+    keepalive_timeout_s: float = 20.0  # ... and close the connection when no answer comes within this
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: require client certificates signed by this CA

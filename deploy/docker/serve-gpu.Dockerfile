@@ -1,0 +1,34 @@
+# Serving image for NVIDIA GPUs: onnxruntime-gpu (CUDA 12 + cuDNN 9) on a CUDA runtime base, no torch.
+#   docker build -f deploy/docker/serve-gpu.Dockerfile -t embedforge:serve-gpu .
+#   docker run --gpus 1 -p 50051:50051 -p 9100:9100 -v "$PWD/export:/models:ro" embedforge:serve-gpu
+# `--provider auto` picks CUDA when the runtime finds a GPU and serves fp16 if the export has it.
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ARG ONNXRUNTIME_GPU_VERSION=1.31.1
+# DL3008: the distribution's python3 is the one that matches the base image; no pin.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY embedforge ./embedforge
+# The serve extra brings the CPU onnxruntime; onnxruntime-gpu replaces it (both install the same module).
+RUN python3 -m venv /opt/embedforge \
+    && /opt/embedforge/bin/pip install --no-cache-dir ".[serve]" \
+    && /opt/embedforge/bin/pip uninstall --yes onnxruntime \
+    && /opt/embedforge/bin/pip install --no-cache-dir "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+    && rm -rf /src
+WORKDIR /
+# HF_HUB_OFFLINE and TOKENIZERS_PARALLELISM are set by the `embedforge` entry point itself.
+ENV PATH=/opt/embedforge/bin:$PATH \
+    PYTHONUNBUFFERED=1
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin embedforge
+USER 10001
+VOLUME ["/models"]
+EXPOSE 50051 9100
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["embedforge", "health", "--target", "127.0.0.1:50051", "--timeout", "3"]
+ENTRYPOINT ["embedforge"]
+CMD ["serve", "--model-dir", "/models", "--provider", "cuda", "--host", "0.0.0.0", "--port", "50051", \
+     "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]
