@@ -98,7 +98,9 @@ def run(name: str, work_dir: Path, data: dict[str, Path], args: argparse.Namespa
         metrics, seconds = score_sentence_transformers(name, run_dir, args)
         result = {"name": name, "checkpoint": "end of epoch", "train_seconds": seconds, "metrics": metrics}
     else:
-        limit = ["--max-steps", str(args.max_steps)] if args.max_steps else []
+        # a shortened run keeps the shape of the recipe: 10% warmup, checkpoints at half-way and the end
+        limit = (["--max-steps", str(args.max_steps), "--warmup-steps", str(max(1, args.max_steps // 10)),
+                  "--save-steps", str(max(1, args.max_steps // 2))] if args.max_steps else [])
         seconds = run_embedforge("train", "--train-path", str(data["train"]), "--val-path", str(data["valid"]),
                                  *RECIPE_OPTIONS, *RUNS[name], *limit, "--save-path", str(run_dir / "model"),
                                  "--device", args.device)
@@ -145,7 +147,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="runs to train and score")
     parser.add_argument("--report-only", action="store_true", help="print the table of the runs finished in WORK")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop training early (smoke runs)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop training after N steps (10%% warmup, checkpoints at N/2 and N): a shortened run")
     args = parser.parse_args()
 
     data = {split: stsb_file(split, args.data_dir) for split in ("train", "valid", "test")}
