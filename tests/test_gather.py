@@ -28,7 +28,7 @@ dist.destroy_process_group()
 """
 
 
-def make_rank(generator: torch.Generator, pairs: int, negatives: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_rank(generator: torch.Generator, pairs: int, negatives: int) -> tuple[torch.Tensor, ...]:
     rows = torch.randn(2 * pairs + negatives, 8, generator=generator)
     rel = torch.tensor([1.0, 0.3, 0.9][:pairs])
     return rows, rel, torch.rand(pairs, generator=generator) + 0.5

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedforge.train.losses import (InBatchLoss, MatryoshkaLoss, SumLoss, WeightedMSELoss, build_loss,
-                                     weighted_mse)
+from embedforge.train.losses import InBatchLoss, MatryoshkaLoss, SumLoss, WeightedMSELoss, build_loss, weighted_mse
 
 
 @pytest.mark.parametrize(

@@ -223,14 +223,15 @@ def test_atomic_directories_get_ordinary_permissions(tmp_path):
 def test_one_pass_pair_cosine_equals_separate_passes(base_model, pairs):
     from embedforge.data import read_pairs
     from embedforge.model import BertVectorModel
-    from embedforge.train.trainer import PairCosine, TokenizedPairs
+    from embedforge.train.trainer import PairVectors, TokenizedPairs
 
     model = BertVectorModel.from_pretrained(base_model).eval()
     data = TokenizedPairs(read_pairs(pairs), model)
     batch = np.arange(6)
     inputs = data.collate(batch, torch.device("cpu"))
     with torch.no_grad():
-        joint = PairCosine(model)(inputs["input_ids"], inputs["attention_mask"])
+        queries, documents = PairVectors(model)(inputs["input_ids"], inputs["attention_mask"]).chunk(2)
+        joint = (queries * documents).sum(dim=-1)
     queries = model.encode([read_pairs(pairs)[i].query for i in batch])
     documents = model.encode([read_pairs(pairs)[i].document for i in batch])
     np.testing.assert_allclose(joint.numpy(), (queries * documents).sum(axis=1), atol=1e-5)
