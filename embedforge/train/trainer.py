@@ -1,9 +1,9 @@
 """The training loop: plain PyTorch, readable top to bottom.
 
-One step = one batch of (query, document, rel, weight) pairs -> embed both sides -> cosine ->
-weighted MSE against rel -> backward. Every `grad_accum_steps` batches: clip gradients at 1.0,
-AdamW step, linear warmup/decay schedule step. Every `save_steps` optimizer steps (and at the end):
-validation loss, validation NDCG@10 and an atomic checkpoint.
+One step = one batch of (query, document, rel, weight) pairs (and any hard negatives) -> embed them in one
+pass -> the --loss (train/losses/: weighted MSE of cosine against rel, in-batch InfoNCE, or both) -> backward.
+Every `grad_accum_steps` batches: clip gradients at 1.0, AdamW step, linear warmup/decay schedule step.
+Every `save_steps` optimizer steps (and at the end): validation loss, validation NDCG@10 and an atomic checkpoint.
 
 `_train` reads as the run: read the data, `load_model`, `build_learner` (AdamW, schedule, scaler), `restore`
 a resumed state, then `run_loop`; its `Checkpointer` (train/checkpointer.py) validates and writes.
