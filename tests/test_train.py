@@ -301,18 +301,18 @@ def test_clip_gradients_matches_torch_clip_grad_norm(scale):
 
 
 def nan_on_calls(monkeypatch, calls: set[int] | None) -> None:
-    """PairCosine returns NaN on the given forward calls (1-based; None: from the 2nd call on)."""
-    from embedforge.train.trainer import PairCosine
+    """PairVectors returns NaN on the given forward calls (1-based; None: from the 2nd call on)."""
+    from embedforge.train.trainer import PairVectors
 
-    real_forward, count = PairCosine.forward, [0]
+    real_forward, count = PairVectors.forward, [0]
 
     def forward(self, input_ids, attention_mask):
         count[0] += 1
-        cosine = real_forward(self, input_ids, attention_mask)
+        vectors = real_forward(self, input_ids, attention_mask)
         poisoned = count[0] in calls if calls is not None else count[0] >= 2
-        return cosine * float("nan") if poisoned else cosine
+        return vectors * float("nan") if poisoned else vectors
 
-    monkeypatch.setattr(PairCosine, "forward", forward)
+    monkeypatch.setattr(PairVectors, "forward", forward)
 
 
 def test_a_non_finite_step_is_skipped_and_counted(base_model, pairs, tmp_path, monkeypatch):
