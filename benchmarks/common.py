@@ -58,8 +58,11 @@ def _default_trainer_callback(callback):
 
 
 def train_sentence_transformers(pairs: Sequence, work_dir: Path, max_steps: int | None = None, device: str = "cpu",
-                                callback=None):
+                                callback=None, loss: str = "cosine"):
     """The bundled model trained by sentence-transformers on `pairs` with the recipe above; returns the model.
+
+    loss: "cosine" (CosineSimilarityLoss on every pair, label = rel) or "mnrl" (MultipleNegativesRankingLoss on
+    the pairs with rel >= 0.5, its positives; the other documents of the batch are the negatives).
 
     Uses ``fit`` (the v3+ path through SentenceTransformerTrainer, needs the packages datasets and accelerate)
     when those are installed, else ``old_fit`` (the pre-v3 loop that produced the published figure).
@@ -76,14 +79,19 @@ def train_sentence_transformers(pairs: Sequence, work_dir: Path, max_steps: int 
     if callback is not None and not has_trainer:
         raise SystemExit("timing sentence-transformers needs datasets and accelerate (pip install -e '.[bench]')")
     model = SentenceTransformer(str(default_model_path()), device=device)
-    examples = [InputExample(texts=[p.query, p.document], label=p.rel) for p in pairs]
+    if loss == "cosine":
+        examples = [InputExample(texts=[p.query, p.document], label=p.rel) for p in pairs]
+        objective = losses.CosineSimilarityLoss(model)
+    else:
+        examples = [InputExample(texts=[p.query, p.document]) for p in pairs if p.rel >= 0.5]
+        objective = losses.MultipleNegativesRankingLoss(model)
     loader = DataLoader(examples, shuffle=True, batch_size=BATCH_SIZE)
     fit = model.fit if has_trainer else model.old_fit
     work_dir.mkdir(parents=True, exist_ok=True)
     hooked = _default_trainer_callback(callback) if callback is not None else contextlib.nullcontext()
     start = time.perf_counter()
     with hooked, contextlib.chdir(work_dir):  # fit names a checkpoint dir relative to the working directory
-        fit(train_objectives=[(loader, losses.CosineSimilarityLoss(model))], epochs=EPOCHS, warmup_steps=WARMUP_STEPS,
+        fit(train_objectives=[(loader, objective)], epochs=EPOCHS, warmup_steps=WARMUP_STEPS,
             optimizer_params={"lr": LEARNING_RATE}, steps_per_epoch=max_steps, show_progress_bar=True)
     print(f"sentence-transformers ({fit.__name__}) trained in {time.perf_counter() - start:.0f} s", flush=True)
     return model

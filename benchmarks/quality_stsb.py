@@ -1,21 +1,25 @@
-"""Quality on STS Benchmark: the bundled all-MiniLM-L6-v2 before and after `embedforge train`.
+"""Quality on STS Benchmark: each `--loss` beside the base model and sentence-transformers' losses.
 
-The recipe is the one sentence-transformers publishes for this model (CosineSimilarityLoss, 1 epoch,
-batch 16, lr 2e-5, warmup 100): its fine-tuned test Spearman is 85.12. This script runs, each step a
-real `embedforge` command in a subprocess:
+Every run uses the recipe sentence-transformers publishes for all-MiniLM-L6-v2 (1 epoch, batch 16, lr 2e-5,
+warmup 100); embedforge runs keep the checkpoint with the lowest validation loss. Each step is a real
+`embedforge` command in a subprocess:
 
-    1. embedforge evaluate --model-name all-MiniLM-L6-v2 --test-path stsb_test.jsonl      (base model)
-    2. embedforge train --train-path stsb_train.jsonl --val-path stsb_valid.jsonl --num-epochs 1 \\
-           --batch-size 16 --learning-rate 2e-5 --warmup-steps 100 --save-path WORK/model
-    3. embedforge evaluate --save-path WORK/model --test-path stsb_test.jsonl --select-best
+    embedforge evaluate --model-name all-MiniLM-L6-v2 --test-path stsb_test.jsonl                 (base)
+    embedforge train --train-path stsb_train.jsonl --val-path stsb_valid.jsonl --num-epochs 1 \\
+        --batch-size 16 --learning-rate 2e-5 --warmup-steps 100 --loss LOSS [...] --save-path WORK/NAME
+    embedforge evaluate --save-path WORK/NAME --test-path stsb_test.jsonl --select-best
 
-and prints base vs fine-tuned (best checkpoint by val_loss) beside the sentence-transformers reference.
-With --with-st it also trains sentence-transformers itself with the same recipe (if installed) and
-scores it with the same metrics code.
+The sentence-transformers columns train its own loop on the same files: CosineSimilarityLoss on every pair
+(label = rel), MultipleNegativesRankingLoss on the pairs with rel >= 0.5 (its positives), scored with
+embedforge's metrics code. The table gives test Spearman and retrieval NDCG@10, MRR@10 and Recall@10 (each
+query against every test document), and Spearman/NDCG@10 at each Matryoshka size.
 
-    python benchmarks/quality_stsb.py                      # ~25+ min on 2 CPU cores, ~2 min on a GPU
-    python benchmarks/quality_stsb.py --max-steps 20       # a quick smoke run of the whole pipeline
-    python benchmarks/quality_stsb.py --work-dir out/stsb --skip-train   # re-evaluate a finished run
+    python benchmarks/quality_stsb.py --work-dir out/stsb                       # everything (hours on 2 CPUs)
+    python benchmarks/quality_stsb.py --work-dir out/stsb --runs mse+in-batch in-batch    # some runs
+    python benchmarks/quality_stsb.py --work-dir out/stsb --report-only          # the table of finished runs
+    python benchmarks/quality_stsb.py --max-steps 20                             # a smoke run of the pipeline
+
+Runs already finished in WORK are not trained again; runs can go in parallel processes on one WORK.
 """
 
 from __future__ import annotations
@@ -31,9 +35,16 @@ from pathlib import Path
 
 from common import RECIPE_OPTIONS, STSB_DIR, sentence_transformers_embed, stsb_file, train_sentence_transformers
 
-ST_PUBLISHED = {"spearman": 85.12}  # all-MiniLM-L6-v2 after the recipe, sentence-transformers' published figure
-ROWS = ["spearman", "pearson", "retrieval ndcg@10", "retrieval recall@10", "retrieval mrr@10", "retrieval map@10",
-        "retrieval ndcg@1"]
+MATRYOSHKA = ["--matryoshka-dims", "384,256,128,64"]
+RUNS = {  # name -> extra `embedforge train` options; "st-*" runs train sentence-transformers instead
+    "weighted-mse": ["--loss", "weighted-mse"],
+    "in-batch": ["--loss", "in-batch"],
+    "mse+in-batch": ["--loss", "weighted-mse+in-batch"],
+    "mse+in-batch matryoshka": ["--loss", "weighted-mse+in-batch", *MATRYOSHKA],
+    "st-cosine": [],
+    "st-mnrl": [],
+}
+ROWS = ["spearman", "retrieval ndcg@10", "retrieval mrr@10", "retrieval recall@10"]
 
 
 def run_embedforge(*args: str) -> float:
@@ -46,23 +57,85 @@ def run_embedforge(*args: str) -> float:
 
 
 def figures(metrics: dict) -> dict[str, float]:
-    """The table's rows from one entry of an evaluate report's "metrics"."""
-    row = {"spearman": metrics["spearman"], "pearson": metrics["pearson"]}
-    for name in ROWS[2:]:
+    """The table's rows from one evaluate result's metrics."""
+    row = {"spearman": metrics["spearman"]}
+    for name in ROWS[1:]:
         mode, metric = name.split()
         row[name] = metrics[mode][metric]
     return row
 
 
-def score_sentence_transformers(data_dir: Path, work_dir: Path, device: str, max_steps: int | None) -> dict:
-    """The same recipe with sentence-transformers' own training loop, scored with embedforge's metrics."""
+def matryoshka_figures(metrics: dict) -> dict[str, dict[str, float]]:
+    return {dim: {"spearman": m["spearman"], "ndcg@10": m["retrieval"]["ndcg@10"]}
+            for dim, m in metrics.get("matryoshka", {}).items()}
+
+
+def score_sentence_transformers(name: str, work_dir: Path, args: argparse.Namespace) -> tuple[dict, float]:
+    """st-cosine (CosineSimilarityLoss) or st-mnrl (MultipleNegativesRankingLoss) with the same recipe, in
+    sentence-transformers' own loop, scored with embedforge's metrics. No checkpoint selection: the model
+    after the epoch."""
     from embedforge.data import read_pairs
     from embedforge.devices import resolve_device
     from embedforge.evaluate.runner import evaluate_pairs
 
-    model = train_sentence_transformers(read_pairs(stsb_file("train", data_dir)), work_dir,
-                                        max_steps, str(resolve_device(device)))
-    return evaluate_pairs(read_pairs(stsb_file("test", data_dir)), sentence_transformers_embed(model))
+    start = time.perf_counter()
+    model = train_sentence_transformers(read_pairs(stsb_file("train", args.data_dir)), work_dir, args.max_steps,
+                                        str(resolve_device(args.device)),
+                                        loss="cosine" if name == "st-cosine" else "mnrl")
+    seconds = time.perf_counter() - start
+    test = read_pairs(stsb_file("test", args.data_dir))
+    return evaluate_pairs(test, sentence_transformers_embed(model), show_progress=False), seconds
+
+
+def run(name: str, work_dir: Path, data: dict[str, Path], args: argparse.Namespace) -> dict:
+    """Train and score one run (unless WORK/NAME/result.json exists); returns its result."""
+    run_dir = work_dir / name.replace(" ", "-")
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if name.startswith("st-"):
+        metrics, seconds = score_sentence_transformers(name, run_dir, args)
+        result = {"name": name, "checkpoint": "end of epoch", "train_seconds": seconds, "metrics": metrics}
+    else:
+        # a shortened run keeps the shape of the recipe: 10% warmup, checkpoints at half-way and the end
+        limit = (["--max-steps", str(args.max_steps), "--warmup-steps", str(max(1, args.max_steps // 10)),
+                  "--save-steps", str(max(1, args.max_steps // 2))] if args.max_steps else [])
+        seconds = run_embedforge("train", "--train-path", str(data["train"]), "--val-path", str(data["valid"]),
+                                 *RECIPE_OPTIONS, *RUNS[name], *limit, "--save-path", str(run_dir / "model"),
+                                 "--device", args.device)
+        report_file = run_dir / "report.json"
+        run_embedforge("evaluate", "--save-path", str(run_dir / "model"), "--test-path", str(data["test"]),
+                       "--device", args.device, "--select-best", "--output", str(report_file))
+        report = json.loads(report_file.read_text())
+        best = next(r for r in report["results"] if r["name"] == report["best"]["checkpoint"])
+        result = {"name": name, "checkpoint": best["name"], "train_seconds": seconds, "metrics": best["metrics"]}
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def base(work_dir: Path, data: dict[str, Path], device: str) -> dict:
+    report_file = work_dir / "base_report.json"
+    if not report_file.is_file():
+        run_embedforge("evaluate", "--model-name", "all-MiniLM-L6-v2", "--test-path", str(data["test"]),
+                       "--device", device, "--output", str(report_file))
+    metrics = json.loads(report_file.read_text())["results"][0]["metrics"]
+    return {"name": "base", "checkpoint": "-", "train_seconds": None, "metrics": metrics}
+
+
+def print_table(results: list[dict]) -> None:
+    print("\nSTS-B test, all figures x100 (retrieval: each test query against every test document)")
+    print(f"{'run':<26}{'checkpoint':>22}{'train s':>9}" + "".join(f"{row:>21}" for row in ROWS))
+    for result in results:
+        cells = "".join(f"{value:>21.2f}" for value in figures(result["metrics"]).values())
+        seconds = "-" if result["train_seconds"] is None else f"{result['train_seconds']:.0f}"
+        print(f"{result['name']:<26}{result['checkpoint']:>22}{seconds:>9}{cells}")
+    for result in results:
+        sizes = matryoshka_figures(result["metrics"])
+        if sizes:
+            print(f"\n{result['name']}: by Matryoshka size (dims: Spearman / NDCG@10)")
+            for dim, row in sizes.items():
+                print(f"  {dim:>5}: {row['spearman']:6.2f} / {row['ndcg@10']:6.2f}")
 
 
 def main() -> None:
@@ -70,11 +143,12 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=STSB_DIR,
                         help="holds stsb_{train,valid,test}.jsonl (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, default=None,
-                        help="checkpoints and reports go here (default: a new temporary dir, kept)")
+                        help="runs and reports go here (default: a new temporary dir, kept)")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="runs to train and score")
+    parser.add_argument("--report-only", action="store_true", help="print the table of the runs finished in WORK")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--skip-train", action="store_true", help="reuse the checkpoints already in WORK/model")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop training early (smoke runs)")
-    parser.add_argument("--with-st", action="store_true", help="also train and score sentence-transformers")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop training after N steps (10%% warmup, checkpoints at N/2 and N): a shortened run")
     args = parser.parse_args()
 
     data = {split: stsb_file(split, args.data_dir) for split in ("train", "valid", "test")}
@@ -83,47 +157,17 @@ def main() -> None:
             raise SystemExit(f"{path}: missing (give --data-dir)")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="embedforge-stsb-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    save_path = work_dir / "model"
     print(f"work dir: {work_dir}", flush=True)
-
-    test = ["--test-path", str(data["test"]), "--device", args.device]
-    base_seconds = run_embedforge("evaluate", "--model-name", "all-MiniLM-L6-v2", *test,
-                              "--output", str(work_dir / "base_report.json"))
-    train_seconds = None
-    if not args.skip_train:
-        limit = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-        train_seconds = run_embedforge("train", "--train-path", str(data["train"]), "--val-path", str(data["valid"]),
-                                   *RECIPE_OPTIONS, *limit, "--save-path", str(save_path), "--device", args.device)
-    run_embedforge("evaluate", "--save-path", str(save_path), *test, "--select-best",
-               "--output", str(work_dir / "finetuned_report.json"))
-
-    base = json.loads((work_dir / "base_report.json").read_text())["results"][0]
-    finetuned_report = json.loads((work_dir / "finetuned_report.json").read_text())
-    best_name = finetuned_report["best"]["checkpoint"]
-    best = next(r for r in finetuned_report["results"] if r["name"] == best_name)
-    columns = {"base": figures(base["metrics"]), f"fine-tuned ({best_name})": figures(best["metrics"])}
-    if args.with_st:
-        measured = score_sentence_transformers(args.data_dir, work_dir / "sentence_transformers", args.device,
-                                               args.max_steps)
-        columns["sentence-transformers (measured)"] = figures(measured)
-
-    names = list(columns)
-    print(f"\nSTS-B test ({base['metrics']['pairs']} pairs), all figures x100; "
-          f"base evaluated in {base_seconds:.0f} s"
-          + (f", trained in {train_seconds:.0f} s" if train_seconds is not None else ""))
-    header = f"{'metric':<22}" + "".join(f"{name:>{max(len(name), 10) + 2}}" for name in names)
-    print(header + f"{'delta':>9}{'ST published':>15}")
-    for row in ROWS:
-        cells = "".join(f"{columns[name][row]:>{max(len(name), 10) + 2}.2f}" for name in names)
-        delta = columns[names[1]][row] - columns["base"][row]
-        published = f"{ST_PUBLISHED[row]:.2f}" if row in ST_PUBLISHED else "-"
-        print(f"{row:<22}{cells}{delta:>+9.2f}{published:>15}")
-    gap = columns[names[1]]["spearman"] - ST_PUBLISHED["spearman"]
-    print(f"\nfine-tuned test Spearman vs sentence-transformers' published 85.12: {gap:+.2f}")
-    summary = {"work_dir": str(work_dir), "best_checkpoint": best_name, "train_seconds": train_seconds,
-               "columns": columns, "sentence_transformers_published": ST_PUBLISHED}
-    (work_dir / "quality_stsb.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"summary: {work_dir / 'quality_stsb.json'}")
+    results = [base(work_dir, data, args.device)]
+    for name in RUNS:
+        result_file = work_dir / name.replace(" ", "-") / "result.json"
+        if args.report_only:
+            if result_file.is_file():
+                results.append(json.loads(result_file.read_text()))
+        elif name in args.runs:
+            results.append(run(name, work_dir, data, args))
+    print_table(results)
+    (work_dir / "quality_stsb.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ class BertVectorModel(nn.Module):
         self.tokenizer = tokenizer
         hidden = encoder.config.hidden_size
         self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+        self.matryoshka_dims: list[int] | None = None  # vector prefixes trained as embeddings (--matryoshka-dims)
 
     @property
     def dim(self) -> int:
@@ -203,6 +204,7 @@ class BertVectorModel(nn.Module):
             raise ModelError(f"{path}: cannot load the encoder or tokenizer: {error}") from error
         model = cls(encoder, settings["pooling"], settings.get("projection_dim"), settings["max_length"],
                     settings.get("base_model", ""), tokenizer)
+        model.matryoshka_dims = settings.get("matryoshka_dims")
         if model.projection is not None:
             from safetensors.torch import load_file
 
@@ -215,7 +217,8 @@ class BertVectorModel(nn.Module):
     def settings(self) -> dict:
         return {"format_version": 1, "pooling": self.pooling,
                 "projection_dim": self.projection.out_features if self.projection is not None else None,
-                "max_length": self.max_length, "base_model": self.base_model, "dim": self.dim}
+                "max_length": self.max_length, "base_model": self.base_model, "dim": self.dim,
+                "matryoshka_dims": self.matryoshka_dims}
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write encoder, projection, tokenizer and embedforge.json into `path` (created if needed)."""

@@ -13,12 +13,12 @@ from embedforge.model import BertVectorModel, ModelError
 
 def build_tiny_model(path: str | Path, pooling: str = "mean", projection_dim: int | None = None,
                      model_type: str = "bert", max_length: int = 512, seed: int = 0) -> BertVectorModel:
-    """A small random encoder with a real WordPiece tokenizer, saved to `path`: for tests and benchmarks.
+    """A small random encoder (bert, roberta or deberta-v2) with a real WordPiece tokenizer, saved to `path`.
 
     No download: the vocabulary is built from a fixed word list. The tokenizer is a BertTokenizerFast with
     its vocab.txt, so transformers' slow `BertTokenizer` loads the saved directory too.
     """
-    from transformers import BertConfig, BertTokenizerFast, RobertaConfig
+    from transformers import BertConfig, BertTokenizerFast, DebertaV2Config, RobertaConfig
 
     torch.manual_seed(seed)
     words = ("the a an is are of to and in on for with how what why do does egg eggs boil boiling water "
@@ -39,6 +39,10 @@ def build_tiny_model(path: str | Path, pooling: str = "mean", projection_dim: in
         config = BertConfig(max_position_embeddings=max_length, **size)
     elif model_type == "roberta":
         config = RobertaConfig(max_position_embeddings=max_length + 2, **size)
+    elif model_type == "deberta-v2":  # the DeBERTa-v3 layout: relative positions only, no token types
+        config = DebertaV2Config(max_position_embeddings=max_length, relative_attention=True,
+                                 pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+                                 position_buckets=32, norm_rel_ebd="layer_norm", share_att_key=True, **size)
     else:
         raise ModelError(f"unknown tiny model type {model_type!r}")
     encoder = AutoModel.from_config(config)

@@ -404,8 +404,8 @@ def ddp_probe(out: Path, device_type: str, model_dir: str, train_path: str) -> N
 
     from embedforge.data import read_pairs
     from embedforge.model import BertVectorModel, pad_batch
-    from embedforge.train.loss import WeightedMSELoss
-    from embedforge.train.trainer import PairCosine
+    from embedforge.train.losses import WeightedMSELoss
+    from embedforge.train.trainer import PairVectors
 
     # A rank stuck in a collective prints every thread's stack into the log and exits, instead of hanging.
     faulthandler.dump_traceback_later(PROBE_TIMEOUT_S, exit=True)
@@ -427,8 +427,8 @@ def ddp_probe(out: Path, device_type: str, model_dir: str, train_path: str) -> N
     loss_fn = WeightedMSELoss()
 
     single = copy.deepcopy(model)
-    loss_fn(PairCosine(single)(input_ids, attention_mask), rel, weight).backward()
-    wrapped = nn.parallel.DistributedDataParallel(PairCosine(model), device_ids=[local_rank] if cuda else None)
+    loss_fn(PairVectors(single)(input_ids, attention_mask), rel, weight).backward()
+    wrapped = nn.parallel.DistributedDataParallel(PairVectors(model), device_ids=[local_rank] if cuda else None)
     loss_fn(wrapped(input_ids, attention_mask), rel, weight).backward()  # every rank has the same batch
     expected = dict(single.named_parameters())
     # Relative to the gradient's size: CUDA's attention backward may sum in a different order from run to run.

@@ -12,7 +12,7 @@ from transformers import AutoModel, BertConfig
 from embedforge.model import BertVectorModel, pad_batch
 from embedforge.testing import build_tiny_model
 from embedforge.train.packing import packed_hidden_states, packing_unsupported, supports_packing
-from embedforge.train.trainer import PairCosine
+from embedforge.train.trainer import PairVectors
 
 TEXTS = ["how to boil an egg", "coffee", "boil the eggs in hot water for seven minutes and then cool them",
          "bread", "what is the best rice for soup", "tea"]
@@ -20,6 +20,12 @@ TEXTS = ["how to boil an egg", "coffee", "boil the eggs in hot water for seven m
 
 def batch(model: BertVectorModel) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_batch(model.tokenize(TEXTS), model.tokenizer.pad_token_id, torch.device("cpu"))
+
+
+def pair_cosine(module: PairVectors, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """cosine(query_i, document_i) for a batch holding queries, then documents."""
+    queries, documents = module(input_ids, attention_mask).chunk(2)
+    return (queries * documents).sum(dim=-1)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
@@ -42,9 +48,9 @@ def test_packed_pair_cosine_gives_the_same_loss_gradients(tmp_path, pooling, pro
     gradients = {}
     for pack in (True, False):
         model.zero_grad()
-        pair_cosine = PairCosine(model, pack_tokens=pack)
-        assert pair_cosine.pack_tokens == pack
-        cosine = pair_cosine(input_ids, attention_mask)
+        pair_vectors = PairVectors(model, pack_tokens=pack)
+        assert pair_vectors.pack_tokens == pack
+        cosine = pair_cosine(pair_vectors, input_ids, attention_mask)
         ((cosine - 0.5) ** 2).sum().backward()
         gradients[pack] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     assert gradients[True].keys() == gradients[False].keys()
@@ -76,10 +82,10 @@ def test_other_layouts_train_through_their_own_forward(tmp_path):
                                                 position_embedding_type="relative_key"))
     assert not supports_packing(relative)
     fallback = BertVectorModel(relative, "mean", max_length=64)
-    assert not PairCosine(fallback).pack_tokens
+    assert not PairVectors(fallback).pack_tokens
     ids = torch.randint(5, 100, (4, 7))
     with torch.no_grad():
-        cosine = PairCosine(fallback.eval())(ids, torch.ones_like(ids))
+        cosine = pair_cosine(PairVectors(fallback.eval()), ids, torch.ones_like(ids))
     queries, documents = fallback(ids, torch.ones_like(ids)).chunk(2)
     torch.testing.assert_close(cosine, (queries * documents).sum(dim=-1))
 
@@ -91,9 +97,8 @@ def test_an_encoder_laid_out_otherwise_falls_back_with_one_log_line(tmp_path, ca
     model.encoder.encoder.layer[1].intermediate_block = nn.Identity()  # renamed: the layout check must see it
     assert packing_unsupported(model.encoder) == "encoder layer 1 has no intermediate module"
     with caplog.at_level(logging.WARNING, logger="embedforge.train.packing"):
-        pair_cosine = PairCosine(model)
-        assert not pair_cosine.pack_tokens
-        assert not PairCosine(model, pack_tokens=False).pack_tokens  # not asked for: nothing to say
+        assert not PairVectors(model).pack_tokens
+        assert not PairVectors(model, pack_tokens=False).pack_tokens  # not asked for: nothing to say
     assert [record.getMessage() for record in caplog.records] == [
         "packed training forward off (encoder layer 1 has no intermediate module): "
         "training through the transformers forward"]
@@ -107,7 +112,7 @@ def test_packed_forward_under_autocast_keeps_the_dtypes_consistent(tmp_path):
     model = build_tiny_model(tmp_path / "m").eval()
     input_ids, attention_mask = batch(model)
     with torch.no_grad():
-        exact = PairCosine(model)(input_ids, attention_mask)
+        exact = pair_cosine(PairVectors(model), input_ids, attention_mask)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = PairCosine(model)(input_ids, attention_mask)
+            mixed = pair_cosine(PairVectors(model), input_ids, attention_mask)
     torch.testing.assert_close(mixed.float(), exact, atol=0.03, rtol=0.0)

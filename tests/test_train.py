@@ -223,14 +223,15 @@ def test_atomic_directories_get_ordinary_permissions(tmp_path):
 def test_one_pass_pair_cosine_equals_separate_passes(base_model, pairs):
     from embedforge.data import read_pairs
     from embedforge.model import BertVectorModel
-    from embedforge.train.trainer import PairCosine, TokenizedPairs
+    from embedforge.train.trainer import PairVectors, TokenizedPairs
 
     model = BertVectorModel.from_pretrained(base_model).eval()
     data = TokenizedPairs(read_pairs(pairs), model)
     batch = np.arange(6)
     inputs = data.collate(batch, torch.device("cpu"))
     with torch.no_grad():
-        joint = PairCosine(model)(inputs["input_ids"], inputs["attention_mask"])
+        queries, documents = PairVectors(model)(inputs["input_ids"], inputs["attention_mask"]).chunk(2)
+        joint = (queries * documents).sum(dim=-1)
     queries = model.encode([read_pairs(pairs)[i].query for i in batch])
     documents = model.encode([read_pairs(pairs)[i].document for i in batch])
     np.testing.assert_allclose(joint.numpy(), (queries * documents).sum(axis=1), atol=1e-5)
@@ -300,18 +301,18 @@ def test_clip_gradients_matches_torch_clip_grad_norm(scale):
 
 
 def nan_on_calls(monkeypatch, calls: set[int] | None) -> None:
-    """PairCosine returns NaN on the given forward calls (1-based; None: from the 2nd call on)."""
-    from embedforge.train.trainer import PairCosine
+    """PairVectors returns NaN on the given forward calls (1-based; None: from the 2nd call on)."""
+    from embedforge.train.trainer import PairVectors
 
-    real_forward, count = PairCosine.forward, [0]
+    real_forward, count = PairVectors.forward, [0]
 
     def forward(self, input_ids, attention_mask):
         count[0] += 1
-        cosine = real_forward(self, input_ids, attention_mask)
+        vectors = real_forward(self, input_ids, attention_mask)
         poisoned = count[0] in calls if calls is not None else count[0] >= 2
-        return cosine * float("nan") if poisoned else cosine
+        return vectors * float("nan") if poisoned else vectors
 
-    monkeypatch.setattr(PairCosine, "forward", forward)
+    monkeypatch.setattr(PairVectors, "forward", forward)
 
 
 def test_a_non_finite_step_is_skipped_and_counted(base_model, pairs, tmp_path, monkeypatch):

@@ -97,12 +97,14 @@ def _percent(metrics: dict[str, float]) -> dict[str, float]:
 
 def evaluate_pairs(pairs: Sequence[Pair], embed_fn: EmbedFn, ks: Sequence[int] = DEFAULT_KS,
                    rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
-                   show_progress: bool = True) -> dict:
+                   show_progress: bool = True, dims: Sequence[int] | None = None) -> dict:
     """Score a model, given as ``embed_fn(texts) -> [N, dim] vectors``, on ``pairs``.
 
     Returns ``{"pairs", "queries", "documents", "texts", "spearman", "pearson"}`` plus a ``"rerank"`` and/or
     ``"retrieval"`` dict of ``ndcg@k``, ``mrr@k``, ``map@k``, ``recall@k`` and the query counts
-    (see :func:`embedforge.evaluate.metrics.ranking_metrics`). Metrics are x100.
+    (see :func:`embedforge.evaluate.metrics.ranking_metrics`). Metrics are x100. With ``dims`` (Matryoshka
+    sizes), ``"matryoshka"`` maps each size to the same metrics on the vectors cut to that many components
+    and renormalised.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -116,12 +118,32 @@ def evaluate_pairs(pairs: Sequence[Pair], embed_fn: EmbedFn, ks: Sequence[int] =
 
     query_vectors = vectors[[text_ids[text] for text in query_ids]]
     document_vectors = vectors[[text_ids[text] for text in document_ids]]
+    report: dict = {"pairs": len(pairs), "queries": len(query_ids), "documents": len(document_ids),
+                    "texts": len(texts)}
+    report.update(_score(pairs, query_ids, document_ids, query_vectors, document_vectors, ks, rel_threshold, mode))
+    for dim in dims or ():
+        if not 1 <= dim <= vectors.shape[1]:
+            raise ValueError(f"Matryoshka size {dim} is outside 1..{vectors.shape[1]} (the vectors' size)")
+        cut = [_truncate(matrix, dim) for matrix in (query_vectors, document_vectors)]
+        report.setdefault("matryoshka", {})[str(dim)] = _score(pairs, query_ids, document_ids, *cut, ks,
+                                                               rel_threshold, mode)
+    return report
+
+
+def _truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """The first `dim` components of each row, L2-normalised again."""
+    cut = vectors[:, :dim]
+    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+
+
+def _score(pairs: Sequence[Pair], query_ids: dict[str, int], document_ids: dict[str, int],
+           query_vectors: np.ndarray, document_vectors: np.ndarray, ks: Sequence[int], rel_threshold: float,
+           mode: str) -> dict:
+    """Spearman and Pearson over the pairs, and the ranking metrics of `mode`."""
     cosines = np.einsum("ij,ij->i", query_vectors[[query_ids[p.query] for p in pairs]],
                         document_vectors[[document_ids[p.document] for p in pairs]])
     rels = np.array([p.rel for p in pairs])
-    report: dict = {"pairs": len(pairs), "queries": len(query_ids), "documents": len(document_ids),
-                    "texts": len(texts), "spearman": 100.0 * spearman(cosines, rels),
-                    "pearson": 100.0 * pearson(cosines, rels)}
+    report = {"spearman": 100.0 * spearman(cosines, rels), "pearson": 100.0 * pearson(cosines, rels)}
     labels = _labels(pairs, query_ids, document_ids)
     if mode in ("rerank", "both"):
         rerank = _rerank_queries(query_vectors, document_vectors, labels)
@@ -150,9 +172,10 @@ def model_embed_fn(model, batch_size: int = 64, device: str = "auto") -> EmbedFn
 def evaluate_model(model, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS,
                    rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
                    device: str = "auto", show_progress: bool = True) -> dict:
-    """:func:`evaluate_pairs` for a BertVectorModel (a loaded checkpoint or base model)."""
+    """:func:`evaluate_pairs` for a BertVectorModel (a loaded checkpoint or base model), at each of its
+    Matryoshka sizes too if it was trained with them."""
     return evaluate_pairs(pairs, model_embed_fn(model, batch_size, device), ks, rel_threshold, mode,
-                          batch_size, show_progress)
+                          batch_size, show_progress, dims=getattr(model, "matryoshka_dims", None))
 
 
 # -- reports -----------------------------------------------------------------------------------

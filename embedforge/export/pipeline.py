@@ -287,6 +287,7 @@ def _manifest(model, models: dict[str, dict], baseline: dict[str, int], opset: i
         "max_length": model.max_length,
         "pooling": model.pooling,
         "projection_dim": model.projection.out_features if model.projection is not None else None,
+        "matryoshka_dims": model.matryoshka_dims,  # prefixes trained as embeddings (the server's `dimensions`)
         "opset": opset,
         "source_checkpoint": str(checkpoint_dir.resolve()),
         "base_model": model.base_model,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from embedforge import checkpoints
@@ -25,8 +26,9 @@ from embedforge.data import Pair
 from embedforge.devices import rng_state
 from embedforge.io import new_figure, save_figure
 from embedforge.model import BertVectorModel
+from embedforge.train.batching import duplicate_free_batches
 from embedforge.train.config import TrainConfig
-from embedforge.train.loss import WeightedMSELoss
+from embedforge.train.losses import build_loss, uses_in_batch
 
 METRICS_LOG = "metrics.jsonl"
 FAILED = 2  # broadcast by rank 0 in place of the stop flag when validating or saving failed
@@ -116,7 +118,11 @@ class Checkpointer:
     def _save(self, step: int, epoch: int, batches_done: int, train_loss: float | None, samples: int,
               train_seconds: float) -> bool:
         model, config = self.learner.model, self.config
-        val = validate(model, self.val_pairs, config.eval_batch_size)
+        # rank 0 alone validates: the loss gathers nothing from the other ranks
+        loss_fn = build_loss(config.loss, config.scale, config.positive_threshold, config.symmetric,
+                             config.in_batch_weight, config.matryoshka_dims)
+        val = validate(model, self.val_pairs, config.eval_batch_size, loss_fn, uses_in_batch(config.loss),
+                       config.batch_size)
         model.train()
         _check_finite(model, val, step)
         record = {"step": step, "epoch": epoch, "train_loss": train_loss, **val,
@@ -166,17 +172,31 @@ def _check_finite(model: BertVectorModel, val: dict[str, float], step: int) -> N
                              "Lower --learning-rate or check the validation data")
 
 
-def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int) -> dict[str, float]:
-    """Validation loss (weighted MSE, as in training) and ranking metrics, texts embedded once each."""
+def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int, loss_fn: nn.Module,
+             in_batch: bool = False, loss_batch_size: int = 16) -> dict[str, float]:
+    """Validation loss (the training loss) and ranking metrics, texts embedded once each.
+
+    The loss of weighted MSE is taken over all pairs at once; an in-batch loss depends on the batch, so it
+    is the mean over duplicate-free batches of `loss_batch_size` pairs in file order (without hard negatives).
+    """
     from embedforge.evaluate.runner import evaluate_pairs
 
-    loss_fn = WeightedMSELoss()
     texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
     vectors = dict(zip(texts, model.encode(texts, batch_size=batch_size, convert_to_numpy=True), strict=True))
-    cosine = torch.tensor(np.array([vectors[p.query] @ vectors[p.document] for p in pairs]))
-    rel = torch.tensor([p.rel for p in pairs])
-    weight = torch.tensor([p.weight for p in pairs])
-    result = {"val_loss": float(loss_fn(cosine, rel, weight))}
+    if in_batch:
+        ids = {text: i for i, text in enumerate(texts)}
+        batches = duplicate_free_batches(range(len(pairs)), [(ids[p.query], ids[p.document]) for p in pairs],
+                                         loss_batch_size)
+    else:
+        batches = [np.arange(len(pairs))]
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            chosen = [pairs[i] for i in batch]
+            rows = np.stack([vectors[p.query] for p in chosen] + [vectors[p.document] for p in chosen])
+            losses.append(float(loss_fn(torch.from_numpy(rows), torch.tensor([p.rel for p in chosen]),
+                                        torch.tensor([p.weight for p in chosen]))))
+    result = {"val_loss": float(np.mean(losses))}
     report = evaluate_pairs(pairs, lambda batch: np.stack([vectors[t] for t in batch]), ks=(10,), mode="retrieval",
                             show_progress=False)
     result["val_ndcg@10"] = report["retrieval"]["ndcg@10"]
@@ -193,7 +213,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
         values = [math.nan if r.get(key) is None else r[key] for r in history]
         axis.plot(steps, values, marker=marker, label=label)
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("weighted MSE")
+    axis.set_ylabel("loss")
     axis.set_title("embedforge training")
     axis.grid(alpha=0.3)
     axis.legend()

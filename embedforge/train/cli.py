@@ -5,9 +5,22 @@ from __future__ import annotations
 import click
 
 from embedforge.cli_options import option
+from embedforge.train.losses import LOSSES
 from embedforge.train.trainer import TrainConfig
 
 DEFAULTS = TrainConfig()
+
+
+def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        dims = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated sizes such as 384,256,128, got {value!r}") from None
+    if min(dims) < 1:
+        raise click.BadParameter(f"sizes must be >= 1, got {value!r}")
+    return dims
 
 
 @click.command(name="train")
@@ -57,6 +70,22 @@ DEFAULTS = TrainConfig()
 @option("attention_dropout", type=float, default=DEFAULTS.attention_dropout,
         help="Dropout on attention probabilities while training (the base models use 0.1; 0 is faster on CPU "
         "at equal quality on STS-B).")
+@option("loss", type=click.Choice(LOSSES), default=DEFAULTS.loss,
+        help="weighted-mse: cosine fitted to rel (calibrated scores); in-batch: contrastive with the batch's other "
+        "documents as negatives (ranking); weighted-mse+in-batch: both (recommended for retrieval).")
+@option("in_batch_weight", type=click.FloatRange(min=0), default=DEFAULTS.in_batch_weight,
+        help="weighted-mse+in-batch: the in-batch term's factor.")
+@option("scale", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.scale,
+        help="In-batch: cosines are multiplied by this before the softmax (inverse temperature).")
+@option("positive_threshold", type=click.FloatRange(0, 1), default=DEFAULTS.positive_threshold,
+        help="In-batch: pairs with rel at least this are positives.")
+@option("negative_threshold", type=click.FloatRange(0, 1), default=DEFAULTS.negative_threshold,
+        help="In-batch: a document of the same query with rel below this joins the batch as a hard negative.")
+@option("symmetric", is_flag=True, help="In-batch: also rank the queries for each document.")
+@option("gather_across_ranks", is_flag=True,
+        help="In-batch under torchrun: every rank's embeddings are negatives for every query (global batch).")
+@option("matryoshka_dims", default=None, callback=_parse_dims, metavar="D1,D2,...",
+        help="Train these vector prefixes (each renormalised) as embeddings too, e.g. 384,256,128,64.")
 def train_command(**options) -> None:
     """Fine-tune an encoder so that cosine(query, document) matches rel."""
     from embedforge.checkpoints import CheckpointError

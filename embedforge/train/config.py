@@ -35,5 +35,13 @@ class TrainConfig:
     pack_tokens: bool = True
     frozen_layers: int = 0
     eval_batch_size: int = 64
+    loss: str = "weighted-mse"
+    in_batch_weight: float = 0.1
+    scale: float = 20.0
+    positive_threshold: float = 0.5
+    negative_threshold: float | None = 0.2
+    symmetric: bool = False
+    gather_across_ranks: bool = False
+    matryoshka_dims: tuple[int, ...] | None = None
     show_progress: bool = True
     max_bad_steps: int = 5

@@ -1,9 +1,9 @@
 """The training loop: plain PyTorch, readable top to bottom.
 
-One step = one batch of (query, document, rel, weight) pairs -> embed both sides -> cosine ->
-weighted MSE against rel -> backward. Every `grad_accum_steps` batches: clip gradients at 1.0,
-AdamW step, linear warmup/decay schedule step. Every `save_steps` optimizer steps (and at the end):
-validation loss, validation NDCG@10 and an atomic checkpoint.
+One step = one batch of (query, document, rel, weight) pairs (and any hard negatives) -> embed them in one
+pass -> the --loss (train/losses/: weighted MSE of cosine against rel, in-batch InfoNCE, or both) -> backward.
+Every `grad_accum_steps` batches: clip gradients at 1.0, AdamW step, linear warmup/decay schedule step.
+Every `save_steps` optimizer steps (and at the end): validation loss, validation NDCG@10 and an atomic checkpoint.
 
 `_train` reads as the run: read the data, `load_model`, `build_learner` (AdamW, schedule, scaler), `restore`
 a resumed state, then `run_loop`; its `Checkpointer` (train/checkpointer.py) validates and writes.
@@ -36,10 +36,11 @@ from embedforge.data import DataError, Pair, read_pairs
 from embedforge.devices import resolve_amp, resolve_device, seed_everything, set_rng_state
 from embedforge.io import write_json_atomic
 from embedforge.model import BertVectorModel, pad_batch
+from embedforge.train.batching import duplicate_free_batches, hard_negatives, pick_hard_negatives
 from embedforge.train.checkpointer import Checkpointer, Learner
 from embedforge.train.config import TrainConfig
 from embedforge.train.dropout import replace_dropout
-from embedforge.train.loss import WeightedMSELoss
+from embedforge.train.losses import LOSSES, build_loss, uses_in_batch
 from embedforge.train.packing import choose_packing, packed_hidden_states
 
 
@@ -115,13 +116,22 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training_loss(config: TrainConfig) -> nn.Module:
+    """The objective chosen by --loss and its options (train/losses/)."""
+    return build_loss(config.loss, config.scale, config.positive_threshold, config.symmetric, config.in_batch_weight,
+                      config.matryoshka_dims, config.gather_across_ranks)
+
+
 # -- data ----------------------------------------------------------------------------------
 
 
 class TokenizedPairs:
     """Pairs with both texts tokenized once up front (unique texts only); batches pad dynamically."""
 
-    def __init__(self, pairs: Sequence[Pair], model: BertVectorModel) -> None:
+    def __init__(self, pairs: Sequence[Pair], model: BertVectorModel, unique_texts: bool = False,
+                 positive_threshold: float = 0.5, negative_threshold: float | None = None) -> None:
+        """unique_texts: no text twice in a batch (for in-batch losses). negative_threshold: each positive
+        pair brings one document of its query with a lower rel as a hard negative (train/batching.py)."""
         texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
         index = {text: i for i, text in enumerate(texts)}
         self.token_ids = model.tokenize(texts)
@@ -132,6 +142,9 @@ class TokenizedPairs:
         self.length = np.array([max(len(self.token_ids[q]), len(self.token_ids[d]))
                                 for q, d in zip(self.query, self.document, strict=True)])
         self.pad_id = model.tokenizer.pad_token_id or 0
+        self.unique_texts = unique_texts
+        self.negatives = None if negative_threshold is None else hard_negatives(
+            self.query, self.document, self.rel.tolist(), positive_threshold, negative_threshold)
 
     def __len__(self) -> int:
         return len(self.rel)
@@ -145,6 +158,8 @@ class TokenizedPairs:
         """
         generator = np.random.default_rng(seed + epoch)
         order = generator.permutation(len(self))
+        if self.unique_texts:
+            return self._unique_batches(order, generator, batch_size, group_by_length, rank, world_size)
         per_rank = math.ceil(len(order) / world_size)
         order = np.resize(order, per_rank * world_size)[rank::world_size]  # pad by wrapping, like DistributedSampler
         if group_by_length:
@@ -156,20 +171,38 @@ class TokenizedPairs:
             batches = [batches[i] for i in generator.permutation(len(batches))]
         return batches
 
+    def _unique_batches(self, order: np.ndarray, generator: np.random.Generator, batch_size: int,
+                        group_by_length: bool, rank: int, world_size: int) -> list[np.ndarray]:
+        """`batches` without a text twice in the global batch (all ranks' batches together)."""
+        global_size = batch_size * world_size
+        if group_by_length:
+            window = global_size * 50
+            order = np.concatenate([chunk[np.argsort(-self.length[chunk], kind="stable")]
+                                    for chunk in np.array_split(order, max(1, math.ceil(len(order) / window)))])
+        texts = list(zip(self.query.tolist(), self.document.tolist(), strict=True))
+        batches = duplicate_free_batches(order, texts, global_size)
+        if group_by_length:
+            batches = [batches[i] for i in generator.permutation(len(batches))]
+        return [batch[rank::world_size] for batch in batches if len(batch) >= world_size]
+
     def collate(self, batch: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-        """Queries then documents as one padded [2B, T] batch, with rel and weight [B]."""
-        texts = [self.token_ids[i] for i in self.query[batch]] + [self.token_ids[i] for i in self.document[batch]]
+        """Queries, documents, then any hard negatives as one padded [2B + H, T] batch, with rel and weight [B]."""
+        text_ids = [*self.query[batch].tolist(), *self.document[batch].tolist()]
+        if self.negatives is not None:
+            text_ids += pick_hard_negatives(batch, self.negatives, set(text_ids))
+        texts = [self.token_ids[i] for i in text_ids]
         input_ids, attention_mask = pad_batch(texts, self.pad_id, device)
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "rel": self.rel[batch].to(device), "weight": self.weight[batch].to(device)}
 
 
-class PairCosine(nn.Module):
-    """cosine(query_i, document_i) for a batch whose first half holds the queries, second half the documents.
+class PairVectors(nn.Module):
+    """The L2-normalised vectors of a collated batch: queries, documents, then any hard negatives.
 
-    One encoder pass for both sides: larger matrix products, one embedding-gradient accumulation per step
+    One encoder pass for all of them: larger matrix products, one embedding-gradient accumulation per step
     instead of two, and one forward per backward (what DistributedDataParallel needs). With `pack_tokens`
-    (and a BERT-layout encoder) the pass skips the padding tokens (train/packing.py).
+    (and a BERT-layout encoder) the pass skips the padding tokens (train/packing.py); other encoders
+    (DeBERTa, ...) run their own transformers forward, and a log line says so once.
     """
 
     def __init__(self, model: BertVectorModel, pack_tokens: bool = True) -> None:
@@ -180,11 +213,8 @@ class PairCosine(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pack_tokens:
             hidden = packed_hidden_states(self.model.encoder, input_ids, attention_mask)
-            vectors = F.normalize(self.model.pooled(hidden, attention_mask), p=2, dim=-1)
-        else:
-            vectors = self.model(input_ids, attention_mask)
-        queries, documents = vectors.chunk(2)
-        return (queries * documents).sum(dim=-1)
+            return F.normalize(self.model.pooled(hidden, attention_mask), p=2, dim=-1)
+        return self.model(input_ids, attention_mask)
 
 
 def load_pairs(path: str | None, what: str) -> list[Pair]:
@@ -230,6 +260,20 @@ def _check_config(config: TrainConfig) -> None:
         raise TrainError(f"--warmup-steps must be >= 0, got {config.warmup_steps}")
     if config.max_steps is not None and config.max_steps < 1:
         raise TrainError(f"--max-steps must be >= 1, got {config.max_steps}")
+    if config.loss not in LOSSES:
+        raise TrainError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    if config.scale <= 0:
+        raise TrainError(f"--scale must be > 0, got {config.scale}")
+    if config.in_batch_weight < 0:
+        raise TrainError(f"--in-batch-weight must be >= 0, got {config.in_batch_weight}")
+    if not 0 <= config.positive_threshold <= 1:
+        raise TrainError(f"--positive-threshold must be in [0, 1], got {config.positive_threshold}")
+    if config.negative_threshold is not None and not 0 <= config.negative_threshold < config.positive_threshold:
+        raise TrainError(f"--negative-threshold must be in [0, --positive-threshold), got {config.negative_threshold}")
+    if config.gather_across_ranks and not uses_in_batch(config.loss):
+        raise TrainError("--gather-across-ranks needs an in-batch --loss (weighted-mse compares each pair alone)")
+    if config.matryoshka_dims is not None and (not config.matryoshka_dims or min(config.matryoshka_dims) < 1):
+        raise TrainError(f"--matryoshka-dims must list sizes >= 1, got {config.matryoshka_dims}")
 
 
 def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int, is_main: bool) -> TrainResult:
@@ -247,8 +291,11 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         resume_from = _find_resume_checkpoint(config, save_path)
     seed_everything(config.seed)
     model = load_model(config, device, resume_from)
-    data = TokenizedPairs(train_pairs, model)
-    total_steps = _count_steps(config, len(data), world_size)
+    in_batch = uses_in_batch(config.loss)
+    data = TokenizedPairs(train_pairs, model, unique_texts=in_batch, positive_threshold=config.positive_threshold,
+                          negative_threshold=config.negative_threshold if in_batch else None)
+    batches_per_epoch = len(data.batches(config.batch_size, config.seed, 0, config.group_by_length, rank, world_size))
+    total_steps = _count_steps(config, batches_per_epoch)
     learner = build_learner(config, model, device, total_steps)
     start = Position() if resume_from is None else restore(learner, resume_from, total_steps)
     if is_main:
@@ -321,14 +368,18 @@ def load_model(config: TrainConfig, device: torch.device,
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
     if config.frozen_layers:
         freeze_bottom_layers(model, config.frozen_layers)
+    if config.matryoshka_dims is not None:
+        if max(config.matryoshka_dims) > model.dim:
+            raise TrainError(f"--matryoshka-dims {max(config.matryoshka_dims)} exceeds the model's {model.dim} "
+                             "dimensions")
+        model.matryoshka_dims = sorted(set(config.matryoshka_dims), reverse=True)
     if config.fast_cpu_dropout and device.type == "cpu":
         replace_dropout(model)  # same dropout, cheaper random masks (train/dropout.py); CUDA keeps its fused kernel
     return model.to(device)
 
 
-def _count_steps(config: TrainConfig, pairs: int, world_size: int) -> int:
-    """Optimizer steps in the whole run: each rank sees its share of the pairs every epoch."""
-    batches_per_epoch = math.ceil(math.ceil(pairs / world_size) / config.batch_size)
+def _count_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps in the whole run, given the batches of this rank's first epoch."""
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
     total_steps = steps_per_epoch * config.num_epochs
     return total_steps if config.max_steps is None else min(total_steps, config.max_steps)
@@ -428,7 +479,7 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
     """
     model, optimizer, scheduler, scaler, amp_dtype = (learner.model, learner.optimizer, learner.scheduler,
                                                       learner.scaler, learner.amp_dtype)
-    pair_cosine, loss_fn = _pair_cosine(model, config.pack_tokens, device, world_size), WeightedMSELoss()
+    pair_vectors, loss_fn = _pair_vectors(model, config.pack_tokens, device, world_size), training_loss(config)
     global_step, epoch, skip_batches = start.global_step, start.epoch, start.batches_done
     position = (epoch, skip_batches)  # (epoch, batches of it trained on) after the last step
     progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",
@@ -445,9 +496,9 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
             inputs = data.collate(batch, device)
             # forward: queries and documents in one encoder pass
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                cosine = pair_cosine(inputs["input_ids"], inputs["attention_mask"])
+                vectors = pair_vectors(inputs["input_ids"], inputs["attention_mask"])
             # loss
-            loss = loss_fn(cosine, inputs["rel"], inputs["weight"])
+            loss = loss_fn(vectors, inputs["rel"], inputs["weight"])
             # backward: gradients add up over grad_accum_steps batches (or to the end of the epoch)
             scaler.scale(loss / config.grad_accum_steps).backward()
             step_loss, step_count = step_loss + loss.item(), step_count + 1
@@ -510,13 +561,13 @@ def _finite_step(loss: float, norm: float, device: torch.device, world_size: int
     return finite
 
 
-def _pair_cosine(model: BertVectorModel, pack_tokens: bool, device: torch.device, world_size: int) -> nn.Module:
+def _pair_vectors(model: BertVectorModel, pack_tokens: bool, device: torch.device, world_size: int) -> nn.Module:
     """The training forward; wrapped in DistributedDataParallel, which averages gradients, across ranks."""
-    pair_cosine = PairCosine(model, pack_tokens)
+    pair_vectors = PairVectors(model, pack_tokens)
     if world_size == 1:
-        return pair_cosine
+        return pair_vectors
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(pair_cosine, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(pair_vectors, device_ids=device_ids)
 
 
 class Stopwatch:

@@ -1,0 +1,76 @@
+"""What an in-batch loss adds to a training step: all-MiniLM-L6-v2 on STS-B batches of 16 pairs.
+
+Times whole training steps (collate -> forward -> loss -> backward -> AdamW step) with `--loss weighted-mse`
+and with `weighted-mse+in-batch` (its duplicate-free batches and hard negatives included), interleaved on the
+same model so that load on a shared machine hits both alike, and prints the median step of each, their
+ratio, and the loss call alone.
+
+    python benchmarks/loss_overhead.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from embedforge.data import read_pairs
+from embedforge.model import BertVectorModel
+from embedforge.train.losses import build_loss
+from embedforge.train.trainer import PairVectors, TokenizedPairs, adamw
+
+DATA = Path("/work/shared/data/stsb/stsb_train.jsonl")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-path", type=Path, default=DATA)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loss (after 2 warm-up steps)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = BertVectorModel.from_base(None, attention_dropout=0.0)
+    model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    pairs = read_pairs(args.train_path)
+    device = torch.device("cpu")
+    setups = {"weighted-mse": (TokenizedPairs(pairs, model), build_loss("weighted-mse")),
+              "weighted-mse+in-batch": (TokenizedPairs(pairs, model, unique_texts=True, negative_threshold=0.2),
+                                        build_loss("weighted-mse+in-batch", in_batch_weight=0.1))}
+    # the same (duplicate-free) batches for both: the difference is the loss and the hard negatives it brings
+    batches = setups["weighted-mse+in-batch"][0].batches(16, seed=0, epoch=0, group_by_length=True)
+    forward, optimizer = PairVectors(model), adamw(model, 2e-5, 0.01)
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    loss_times: dict[str, list[float]] = {name: [] for name in setups}
+    model.train()
+    for step in range(args.steps + 2):
+        for name, (data, loss_fn) in setups.items():
+            start = time.perf_counter()
+            inputs = data.collate(batches[step], device)
+            vectors = forward(inputs["input_ids"], inputs["attention_mask"])
+            loss_start = time.perf_counter()
+            loss = loss_fn(vectors, inputs["rel"], inputs["weight"])
+            loss_seconds = time.perf_counter() - loss_start
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= 2:
+                times[name].append(time.perf_counter() - start)
+                loss_times[name].append(loss_seconds)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"{cpu}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}; "
+          f"{args.steps} interleaved steps each, batch 16")
+    for name in setups:
+        print(f"{name:<24} median step {statistics.median(times[name]) * 1000:8.1f} ms   "
+              f"loss forward {statistics.median(loss_times[name]) * 1e6:7.0f} us")
+    ratio = statistics.median(times["weighted-mse+in-batch"]) / statistics.median(times["weighted-mse"])
+    print(f"step time ratio (weighted-mse+in-batch / weighted-mse): {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The training objectives (`--loss`); each takes (vectors, rel, weight) and returns a scalar.
+
+`vectors` are L2-normalised: the batch's B queries, then their B documents, then any hard negatives
+(extra documents: none unless an in-batch loss is on). rel and weight are the pairs' [B] labels.
+
+- weighted-mse (weighted_mse.py): cosine fitted to rel. Calibrated scores, best Spearman; on its own it
+  can cost ranking, since it never compares one query's documents with another's.
+- in-batch (in_batch.py): InfoNCE over the other documents of the batch. Ranking; scores not calibrated.
+- weighted-mse+in-batch (combined.py): the sum, in-batch scaled by --in-batch-weight.
+Any of them with --matryoshka-dims (matryoshka.py): summed over the listed vector prefixes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from embedforge.train.losses.combined import SumLoss
+from embedforge.train.losses.in_batch import InBatchLoss
+from embedforge.train.losses.matryoshka import MatryoshkaLoss, truncate
+from embedforge.train.losses.weighted_mse import WeightedMSELoss, weighted_mse
+
+LOSSES = ("weighted-mse", "in-batch", "weighted-mse+in-batch")
+
+__all__ = ["LOSSES", "InBatchLoss", "MatryoshkaLoss", "SumLoss", "WeightedMSELoss", "build_loss", "truncate",
+           "uses_in_batch", "weighted_mse"]
+
+
+def uses_in_batch(loss: str) -> bool:
+    """True when `loss` compares a query with the other documents of its batch (duplicates must go)."""
+    return "in-batch" in loss
+
+
+def build_loss(loss: str, scale: float = 20.0, positive_threshold: float = 0.5, symmetric: bool = False,
+               in_batch_weight: float = 1.0, matryoshka_dims: tuple[int, ...] | None = None,
+               gather_across_ranks: bool = False) -> nn.Module:
+    """The loss module named by `loss` (one of LOSSES), wrapped for Matryoshka training if dims are given."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    in_batch = InBatchLoss(scale, positive_threshold, symmetric, gather_across_ranks)
+    module = {"weighted-mse": WeightedMSELoss(), "in-batch": in_batch,
+              "weighted-mse+in-batch": SumLoss(WeightedMSELoss(), in_batch, in_batch_weight)}[loss]
+    return MatryoshkaLoss(module, matryoshka_dims) if matryoshka_dims else module
