@@ -199,7 +199,7 @@ def main() -> None:
         export_dir = args.export_dir or export_fp32(Path(tmp))
         max_length = int(json.loads((export_dir / "manifest.json").read_text())["max_length"])
         batch_s = full_batch_seconds(export_dir, max_length, limits.max_batch_tokens)
-        process, target = start_server(export_dir, "fp32", args.threads, args.serve_arg)
+        process, target, _ = start_server(export_dir, "fp32", args.threads, args.serve_arg)
         sampler = RssSampler(process.pid)
         try:
             rows = asyncio.run(run_phases(target, sampler, args, limits))

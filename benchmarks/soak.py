@@ -138,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = args.export_dir or export_fp32(Path(tmp))
-        process, target = start_server(export_dir, "fp32", args.threads, [])
+        process, target, _ = start_server(export_dir, "fp32", args.threads, [])
         sampler = RssSampler(process.pid)
         try:
             asyncio.run(run(target, args, sampler))
