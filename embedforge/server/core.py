@@ -145,6 +145,16 @@ class EmbeddingCore:
         _HELD.set(held)
         return held
 
+    def check_room(self) -> None:
+        """Refuse (Overloaded, QueueFull) a call whose body has not been read yet when no body could be admitted:
+        the byte budget is spent or the queue is full. Such a call costs no memory and is answered at once."""
+        if self._pending_bytes >= self.limits.max_pending_bytes:
+            raise Overloaded(f"{self._pending_bytes} request bytes wait for tokenization; the limit is "
+                             f"{self.limits.max_pending_bytes}")
+        batcher = self.batcher
+        if batcher is not None and batcher.queued_tokens >= batcher.max_queue_tokens:
+            raise QueueFull(f"queue full: {batcher.queued_tokens} tokens queued")
+
     def run_in_pool(self, fn: Callable, *args: Any) -> Awaitable:
         """Run fn(*args) on a tokenizer thread (e.g. parsing a large request body)."""
         return asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
@@ -174,15 +184,19 @@ class EmbeddingCore:
 
     async def embed(self, texts: list[str], *, truncate: bool = True, normalize: bool = True,
                     dimensions: int | None = None, deadline: float | None = None, request_id: str = "",
-                    field: str = "texts") -> Embedded:
-        """One vector per text, in order; `field` names the texts in error messages (texts[3] is empty)."""
+                    field: str = "texts", release_texts: bool = False) -> Embedded:
+        """One vector per text, in order; `field` names the texts in error messages (texts[3] is empty).
+        release_texts: empty the list once it is tokenized (the caller no longer needs it), so that the texts'
+        memory is freed while the call waits for its batches."""
         info = self.check_ready()
         self.check_texts(texts, field)
         if not normalize and not info.unnormalized:
             raise InvalidRequest("normalize=false: this export has no unnormalized output; re-export with "
                                  "`embedforge export`")
         self.check_dimensions(dimensions, info)
-        done = await self._run(texts, [field] * len(texts), list(range(len(texts))), truncate, deadline, request_id)
+        count = len(texts)
+        done = await self._run(texts if release_texts else list(texts), [field] * count, list(range(count)),
+                               truncate, deadline, request_id)
         vectors = done.vectors
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = np.ascontiguousarray(vectors[:, :dimensions])
@@ -191,13 +205,18 @@ class EmbeddingCore:
         return Embedded(vectors, done.tokens, done.timing)
 
     async def score(self, query: str, documents: list[str], *, top_k: int = 0, truncate: bool = True,
-                    deadline: float | None = None, request_id: str = "") -> Scored:
-        """Cosine of the query with each document and the documents ranked best first."""
+                    deadline: float | None = None, request_id: str = "", release_texts: bool = False) -> Scored:
+        """Cosine of the query with each document and the documents ranked best first; release_texts: as for
+        `embed` (documents is emptied)."""
         self.check_ready()
         self.check_texts([query], "query", indexed=False)
         self.check_texts(documents, "documents")
-        done = await self._run([query, *documents], ["query"] + ["documents"] * len(documents),
-                               [0, *range(len(documents))], truncate, deadline, request_id)
+        count = len(documents)
+        texts = [query, *documents]
+        if release_texts:
+            documents.clear()
+        done = await self._run(texts, ["query"] + ["documents"] * count, [0, *range(count)], truncate, deadline,
+                               request_id)
         vectors = l2_normalize(done.vectors)
         scores = vectors[1:] @ vectors[0]
         ranking = np.argsort(-scores, kind="stable")
@@ -231,12 +250,14 @@ class EmbeddingCore:
 
     async def _run(self, texts: list[str], fields: list[str], indices: list[int], truncate: bool,
                    deadline: float | None, request_id: str) -> Embedded:
-        """Tokenize and run texts through the batcher; fields/indices name each text in error messages."""
+        """Tokenize and run texts through the batcher; fields/indices name each text in error messages. texts is
+        emptied once tokenized (the caller passes a list of its own), so that only token ids wait for batches."""
         arrived = time.monotonic()
         batcher, embedder = self.batcher, self.embedder
         if batcher.queued_tokens >= batcher.max_queue_tokens:  # refuse before paying for tokenization
             raise QueueFull(f"queue full: {batcher.queued_tokens} tokens queued")
         tokenized = await self._tokenize(embedder, texts, deadline)
+        texts.clear()
         held = _HELD.get()
         if held is not None:
             held.release()  # the texts are tokens now: the queue's token budget counts them from here

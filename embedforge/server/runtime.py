@@ -148,7 +148,7 @@ class OnnxEmbedder:
         """Tokenize with the Rust tokenizer; texts over max_length are truncated (their tail never tokenized)
         and listed."""
         encodings = encode_truncated(self.tokenizer, texts, self.max_length)
-        ids = [np.array(e.ids, dtype=np.int64) for e in encodings]
+        ids = [np.array(e.ids, dtype=np.int32) for e in encodings]  # int32: half the memory while queued
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Tokenized(ids=ids, lengths=[len(x) for x in ids], truncated=truncated)
 

@@ -131,21 +131,25 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self.bad_input_log = RateLimitedLog(log)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        """Handlers that take the raw request body (registered instead of the generated typed handlers), so
-        that admission comes before parsing and a body that does not parse is answered, not a traceback."""
+        """Handlers that read the request body themselves (registered instead of the generated typed handlers).
+
+        Registered as stream-unary, which is the same on the wire as unary: gRPC then hands over the call before
+        its body is read, so that a call is refused before its body is read when the byte budget is spent, the
+        body is dropped as soon as it is parsed (a unary handler's caller would hold it until the call ends), and
+        a body that does not parse is answered, not a traceback."""
         rpcs = {"Embed": (self._embed_rpc, pb.EmbedRequest, pb.EmbedResponse),
                 "Score": (self._score_rpc, pb.ScoreRequest, pb.ScoreResponse),
                 "Info": (self._info_rpc, pb.InfoRequest, pb.InfoResponse)}
 
-        def raw_handler(rpc: str, handler: Callable[..., Awaitable[Message]], request_type: type[Message]):
-            async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-                return await self._call(rpc, handler, raw, context, request_type)
+        def body_handler(rpc: str, handler: Callable[..., Awaitable[Message]], request_type: type[Message]):
+            async def handle(requests: object, context: grpc.aio.ServicerContext) -> Message:
+                return await self._call(rpc, handler, None, context, request_type)
             return handle
 
         service = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
         return grpc.method_handlers_generic_handler(service, {
-            rpc: grpc.unary_unary_rpc_method_handler(raw_handler(rpc, handler, request_type),
-                                                     response_serializer=response_type.SerializeToString)
+            rpc: grpc.stream_unary_rpc_method_handler(body_handler(rpc, handler, request_type),
+                                                      response_serializer=response_type.SerializeToString)
             for rpc, (handler, request_type, response_type) in rpcs.items()})
 
     # ---- RPCs ----
@@ -161,34 +165,36 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     # ---- implementations ----
 
-    async def _embed_rpc(self, request: pb.EmbedRequest, deadline: float | None,
-                         request_id: str) -> pb.EmbedResponse:
-        done = await self.core.embed(
-            list(request.texts), truncate=request.truncate if request.HasField("truncate") else True,
-            normalize=request.normalize if request.HasField("normalize") else True,
-            dimensions=request.dimensions if request.HasField("dimensions") else None,
-            deadline=deadline, request_id=request_id)
+    async def _embed_rpc(self, box: _Once, deadline: float | None, request_id: str) -> pb.EmbedResponse:
+        request: pb.EmbedRequest = box.take()
+        texts = list(request.texts)
+        options = {"truncate": request.truncate if request.HasField("truncate") else True,
+                   "normalize": request.normalize if request.HasField("normalize") else True,
+                   "dimensions": request.dimensions if request.HasField("dimensions") else None}
+        del request  # the message's memory goes now; the core empties texts once they are tokens
+        done = await self.core.embed(texts, **options, release_texts=True, deadline=deadline, request_id=request_id)
         vectors = done.vectors
         return pb.EmbedResponse(vectors=vectors.astype("<f4", copy=False).tobytes(), dim=vectors.shape[1],
                                 count=vectors.shape[0], usage=pb.Usage(tokens=done.tokens),
                                 timing=timing_message(done.timing))
 
-    async def _score_rpc(self, request: pb.ScoreRequest, deadline: float | None,
-                         request_id: str) -> pb.ScoreResponse:
-        done = await self.core.score(request.query, list(request.documents), top_k=request.top_k,
-                                     truncate=request.truncate if request.HasField("truncate") else True,
+    async def _score_rpc(self, box: _Once, deadline: float | None, request_id: str) -> pb.ScoreResponse:
+        request: pb.ScoreRequest = box.take()
+        query, documents, top_k = request.query, list(request.documents), request.top_k
+        truncate = request.truncate if request.HasField("truncate") else True
+        del request
+        done = await self.core.score(query, documents, top_k=top_k, truncate=truncate, release_texts=True,
                                      deadline=deadline, request_id=request_id)
-        return pb.ScoreResponse(scores=done.scores.tolist(), top_indices=done.ranking if request.top_k else [],
+        return pb.ScoreResponse(scores=done.scores.tolist(), top_indices=done.ranking if top_k else [],
                                 usage=pb.Usage(tokens=done.tokens), timing=timing_message(done.timing))
 
-    async def _info_rpc(self, request: pb.InfoRequest, deadline: float | None,
-                        request_id: str) -> pb.InfoResponse:
+    async def _info_rpc(self, box: _Once, deadline: float | None, request_id: str) -> pb.InfoResponse:
         return info_message(self.core)
 
-    async def _call(self, rpc: str, handler: Callable[..., Awaitable[Message]], request: Message | bytes,
+    async def _call(self, rpc: str, handler: Callable[..., Awaitable[Message]], request: Message | None,
                     context: grpc.aio.ServicerContext, request_type: type[Message] | None = None) -> Message:
-        """Run one RPC: admit and parse a raw body (bytes, with request_type), map errors to status codes,
-        report (protocol, rpc, code, seconds) to the observer."""
+        """Run one RPC: for request None, admit, read and parse the body (request_type), then map errors to
+        status codes and report (protocol, rpc, code, seconds) to the observer."""
         started = time.monotonic()
         code = "OK"
         metadata = dict(context.invocation_metadata() or ())
@@ -197,14 +203,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         deadline = None if remaining is None else started + remaining
         held: Held | None = None
         try:
-            if isinstance(request, bytes):
-                self.core.check_ready()
-                held = self.core.admit(len(request))
-                if len(request) > INLINE_PARSE_BYTES:  # keep the event loop responsive
-                    request = await self.core.run_in_pool(parse_request, request, request_type)
-                else:
-                    request = parse_request(request, request_type)
-            return await handler(request, deadline, request_id)
+            if request is None:
+                held, request = await self._read(context, request_type)
+            box, request = _Once(request), None  # the handler takes it: nothing here keeps it alive
+            return await handler(box, deadline, request_id)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -219,6 +221,31 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             if self._on_call is not None:
                 self._on_call("grpc", rpc, code, time.monotonic() - started)
         await context.abort(grpc.StatusCode[code], message)
+
+    async def _read(self, context: grpc.aio.ServicerContext, request_type: type[Message]) -> tuple[Held, Message]:
+        """Admit, read and parse one request body. Refused before reading while the byte budget or the queue is
+        full; after reading, its size is counted against the budget before it is parsed (refused if over)."""
+        self.core.check_ready()
+        self.core.check_room()
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            raise InvalidRequest("the call carries no request message")
+        held = self.core.admit(len(raw))
+        if len(raw) > INLINE_PARSE_BYTES:  # keep the event loop responsive
+            return held, await self.core.run_in_pool(parse_request, raw, request_type)
+        return held, parse_request(raw, request_type)
+
+
+class _Once:
+    """A parsed request handed to an RPC implementation, which takes it out (`take`) so that nothing else keeps
+    the message, and the request bytes it holds, alive while the call waits for its batch."""
+
+    def __init__(self, message: Message) -> None:
+        self._message: Message | None = message
+
+    def take(self) -> Message:
+        message, self._message = self._message, None
+        return message
 
 
 def info_message(core: EmbeddingCore) -> pb.InfoResponse:
