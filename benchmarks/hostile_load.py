@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--documenters", type=int, default=6)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `embedforge serve` argument")
+    parser.add_argument("--batch-s", type=float, help="one full-budget batch's seconds, measured before (default: "
+                        "measure it now, about a minute on a busy 2-core host)")
     args = parser.parse_args()
 
     from embedforge.server.config import ServeConfig
@@ -198,7 +200,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = args.export_dir or export_fp32(Path(tmp))
         max_length = int(json.loads((export_dir / "manifest.json").read_text())["max_length"])
-        batch_s = full_batch_seconds(export_dir, max_length, limits.max_batch_tokens)
+        batch_s = args.batch_s or full_batch_seconds(export_dir, max_length, limits.max_batch_tokens)
         process, target, _ = start_server(export_dir, "fp32", args.threads, args.serve_arg)
         sampler = RssSampler(process.pid)
         try:

@@ -199,6 +199,45 @@ def test_a_call_over_the_byte_budget_is_refused_at_once(embedder):
     assert held.vectors.shape == (8, 32) and smaller.vectors.shape == (2, 32)
 
 
+def test_a_call_is_refused_unread_while_the_byte_budget_is_spent(embedder):
+    slow = HookedEmbedder(embedder, tokenize_delay_s=1.0)
+    texts = ["egg " * 75] * 8
+    budget = len(build_embed_request(texts).SerializeToString())  # the holder takes all of it
+    with ServerThread(slow, max_pending_bytes=budget, **LIMITS) as running:
+        async def scenario():
+            async with AsyncEmbedClient(running.target, timeout=30) as aclient:
+                holder = asyncio.ensure_future(aclient.embed(texts))
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as refused:
+                    await aclient.embed(["tea"])
+                return refused.value, time.monotonic() - started, await holder
+
+        refused, took, held = asyncio.run(scenario())
+    # Refused before its body was read: the message does not know its size (a read one says "this one has").
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"wait for tokenization; the limit is {budget}" in refused.details()
+    assert took < 0.5 and held.vectors.shape == (8, 32)
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_texts_are_released_once_tokenized(embedder, release):
+    hooked = HookedEmbedder(embedder)
+    hooked.hang.set()
+    with ServerThread(hooked) as running:
+        texts, documents = ["egg water"] * 3, ["tea"] * 2
+        calls = [asyncio.run_coroutine_threadsafe(running.server.core.embed(texts, release_texts=release),
+                                                  running.loop),
+                 asyncio.run_coroutine_threadsafe(running.server.core.score("q", documents, release_texts=release),
+                                                  running.loop)]
+        time.sleep(0.5)  # both tokenized, their batches hang
+        waiting = list(texts), list(documents)
+        hooked.release.set()
+        results = [call.result(30) for call in calls]
+    assert waiting == (([], []) if release else (["egg water"] * 3, ["tea"] * 2))
+    assert results[0].vectors.shape == (3, 32) and len(results[1].scores) == 2
+
+
 def test_calls_beyond_max_concurrent_requests_are_refused(embedder):
     hooked = HookedEmbedder(embedder)
     hooked.hang.set()

@@ -119,6 +119,7 @@ def serve_command(model_dir: Path | None, save_path: Path | None, api_key_env: s
     """Serve an exported model over gRPC (Embed, Score, Info, health, reflection) and, with --http-port, the
     OpenAI-compatible HTTP API."""
     from embedforge.server.app import check_security, run_server
+    from embedforge.server.memory import bound_malloc
     from embedforge.server.runtime import PROVIDERS, OnnxEmbedder, RuntimeConfigError, choose_provider, read_manifest
 
     config = ServeConfig(api_key_env=api_key_env or DEFAULTS.api_key_env,
@@ -138,6 +139,7 @@ def serve_command(model_dir: Path | None, save_path: Path | None, api_key_env: s
     if config.max_batch_tokens < max_length:
         raise click.UsageError(f"--max-batch-tokens {config.max_batch_tokens} is below the model's max_length "
                                f"{max_length}; one long text would not fit in a batch")
+    bound_malloc()
     try:
         finished = run_server(lambda: OnnxEmbedder(directory, precision=config.precision, provider=config.provider,
                                                    threads=config.threads, workers=config.workers), config)
