@@ -435,3 +435,11 @@ def test_serve_cli_accepts_the_new_flags(tiny_export_dir, monkeypatch):
     assert (config.max_concurrent_requests, config.max_pending_bytes, config.tokenizer_threads) == (9, 1000, 3)
     assert (config.max_failures, config.reflection, config.metrics_host, config.api_key) == (7, False, "0.0.0.0", None)
     assert os.environ.get("EMBEDFORGE_API_KEY") is None
+
+
+def test_bound_malloc_applies_where_the_c_library_is_glibc():
+    import platform
+
+    from embedforge.server.memory import bound_malloc
+
+    assert bound_malloc() is (platform.libc_ver()[0] == "glibc")

@@ -54,8 +54,11 @@ STOP_MARGIN_S = 0.5  # after grace_s, time given to the batcher's last batch bef
 
 
 def server_options(config: ServeConfig) -> list[tuple[str, int]]:
-    """gRPC options: a request body may be as large as the limits allow (max_receive_bytes), no larger."""
+    """gRPC options: a request body may be as large as the limits allow (max_receive_bytes), no larger. No BDP
+    probing: it widens each stream's flow-control window, so gRPC would buffer megabytes of every body that
+    no handler reads yet (calls waiting for admission); with it off a stream buffers 64 KB until it is read."""
     return [("grpc.max_receive_message_length", config.max_receive_bytes),
+            ("grpc.http2.bdp_probe", 0),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0)]
 
