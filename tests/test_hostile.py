@@ -207,10 +207,15 @@ def test_a_call_is_refused_unread_while_the_byte_budget_is_spent(embedder):
         async def scenario():
             async with AsyncEmbedClient(running.target, timeout=30) as aclient:
                 holder = asyncio.ensure_future(aclient.embed(texts))
-                await asyncio.sleep(0.3)
+                for _ in range(100):  # until the holder is admitted (1 s of tokenization follows)
+                    if running.server.core.pending_bytes == budget:
+                        break
+                    await asyncio.sleep(0.01)
                 started = time.monotonic()
-                with pytest.raises(grpc.RpcError) as refused:
-                    await aclient.embed(["tea"])
+                async with grpc.aio.insecure_channel(running.target) as channel:  # no client retries
+                    embed = channel.unary_unary("/embedforge.v1.EmbeddingService/Embed", **IDENTITY)
+                    with pytest.raises(grpc.RpcError) as refused:
+                        await embed(build_embed_request(["tea"]).SerializeToString(), timeout=10)
                 return refused.value, time.monotonic() - started, await holder
 
         refused, took, held = asyncio.run(scenario())
