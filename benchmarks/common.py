@@ -100,3 +100,22 @@ def train_sentence_transformers(pairs: Sequence, work_dir: Path, max_steps: int 
 def sentence_transformers_embed(model):
     """An embed_fn for embedforge.evaluate.runner.evaluate_pairs: normalised vectors, one batch per call."""
     return lambda texts: model.encode(texts, batch_size=len(texts), normalize_embeddings=True)
+
+
+def cpu_name() -> str:
+    """The processor's model name as lscpu gives it: printed beside every figure (hosts differ up to 2x)."""
+    import subprocess
+
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "?")
+
+
+def stop_process(process) -> None:
+    """SIGTERM a benchmark's server, then SIGKILL it if it has not exited within 30 s."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()

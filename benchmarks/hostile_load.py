@@ -21,7 +21,6 @@ import asyncio
 import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, stop_process  # noqa: E402
 from serve_throughput import start_server  # noqa: E402
 
 WORDS = ("the a is of to and in how what egg boil water pasta salt minutes bread bake oven coffee tea cup hot cold "
@@ -208,13 +208,8 @@ def main() -> None:
             alive = process.poll() is None
         finally:
             sampler.close()
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+            stop_process(process)
+    cpu = cpu_name()
     print(f"\nCPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     print(f"one full-budget batch ({limits.max_batch_tokens // max_length} x {max_length} tokens, under-load "
           f"session): {batch_s * 1e3:.0f} ms; server alive after the floods: {alive}\n")

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import export_bundled, stsb_file  # noqa: E402
+from common import cpu_name, export_bundled, stsb_file  # noqa: E402
 from serve_throughput import free_port, read_texts  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -157,8 +157,7 @@ def main() -> None:
     parser.add_argument("--kill-at", type=float, default=4.0, help="seconds into the measured failover run")
     args = parser.parse_args()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    cpu = cpu_name()
     print(f"host: {os.cpu_count()} cores, {cpu}, {platform.python_version()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import collections
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, stop_process  # noqa: E402
 from hostile_load import RssSampler, export_fp32, words  # noqa: E402
 from serve_throughput import start_server  # noqa: E402
 
@@ -144,13 +144,8 @@ def main() -> None:
             asyncio.run(run(target, args, sampler))
         finally:
             sampler.close()
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+            stop_process(process)
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
 
 
