@@ -473,9 +473,7 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
              checkpointer: Checkpointer, device: torch.device, rank: int, world_size: int) -> tuple[int, bool]:
     """Train from `start` to the last step or an early stop; returns the last step and whether it stopped early.
 
-    A step whose loss or gradient norm is not finite is skipped: its batches count as trained and the schedule
-    moves on, but the optimizer does not step (fp16's gradient scaler also skips steps of non-finite gradients,
-    lowering its scale: only a non-finite loss counts as bad there). After `max_bad_steps` in a row the run stops.
+    A step whose loss or gradient norm is not finite is skipped (see BadSteps).
     """
     model, optimizer, scheduler, scaler, amp_dtype = (learner.model, learner.optimizer, learner.scheduler,
                                                       learner.scaler, learner.amp_dtype)
@@ -487,7 +485,7 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
     clock = Stopwatch()  # throughput counts training only, not validating and checkpointing
     running_loss, running_count, samples, window_loss = 0.0, 0, 0, None
     step_loss, step_count = 0.0, 0
-    bad_in_a_row = 0
+    bad_steps = BadSteps(config.max_bad_steps)
     model.train()
     stopped_early, done = False, global_step >= total_steps
     while not done and epoch < config.num_epochs:
@@ -512,17 +510,11 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
             if _finite_step(step_loss, norm if not scaler.is_enabled() else 0.0, device, world_size):
                 scaler.step(optimizer)
                 scaler.update()
-                running_loss, running_count, bad_in_a_row = running_loss + step_loss, running_count + step_count, 0
+                running_loss, running_count = running_loss + step_loss, running_count + step_count
+                bad_steps.in_a_row = 0
             else:
                 checkpointer.skipped_steps += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= config.max_bad_steps:
-                    raise TrainError(
-                        f"step {global_step + 1}: the loss or the gradient norm was not finite in {bad_in_a_row} "
-                        f"steps in a row (--max-bad-steps {config.max_bad_steps}; last loss {step_loss:.4g}, "
-                        f"gradient norm {norm:.4g}); the usual causes: a learning rate too high (try a lower "
-                        "--learning-rate or more --warmup-steps), fp16 overflow (try --amp bf16 or off), or "
-                        "extreme rel/weight values in the training data")
+                bad_steps.count(global_step + 1, step_loss, norm)
             optimizer.zero_grad(set_to_none=True)
             step_loss, step_count = 0.0, 0
             # schedule
@@ -530,10 +522,8 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
             global_step += 1
             position = (epoch, batch_index + 1) if batch_index + 1 < len(batches) else (epoch + 1, 0)
             window_loss = running_loss / running_count if running_count else None
-            progress.update(1)
-            progress.set_postfix(loss="-" if window_loss is None else f"{window_loss:.4f}",
-                                 lr=f"{learner.learning_rate:.2e}", samples_s=f"{samples / clock.seconds():.1f}",
-                                 skipped=checkpointer.skipped_steps)
+            _show_progress(progress, window_loss, learner.learning_rate, samples / clock.seconds(),
+                           checkpointer.skipped_steps)
             # save: validate and checkpoint every save_steps steps
             if global_step % config.save_steps == 0:
                 running_loss, running_count = 0.0, 0
@@ -549,6 +539,35 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
     if checkpointer.last_saved_step != global_step:  # the last step, unless it was just saved
         checkpointer.save(global_step, *position, window_loss, samples, clock.seconds())
     return global_step, stopped_early
+
+
+class BadSteps:
+    """Counts optimizer steps skipped in a row for a non-finite loss or gradient norm; stops the run at the limit.
+
+    A skipped step's batches count as trained and the schedule moves on, but the optimizer does not step. fp16's
+    gradient scaler skips steps of non-finite gradients itself (lowering its scale), so there only a non-finite
+    loss counts as bad.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def count(self, step: int, loss: float, norm: float) -> None:
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise TrainError(
+                f"step {step}: the loss or the gradient norm was not finite in {self.in_a_row} "
+                f"steps in a row (--max-bad-steps {self.limit}; last loss {loss:.4g}, "
+                f"gradient norm {norm:.4g}); the usual causes: a learning rate too high (try a lower "
+                "--learning-rate or more --warmup-steps), fp16 overflow (try --amp bf16 or off), or "
+                "extreme rel/weight values in the training data")
+
+
+def _show_progress(progress: tqdm, window_loss: float | None, learning_rate: float, samples_s: float,
+                   skipped: int) -> None:
+    progress.update(1)
+    progress.set_postfix(loss="-" if window_loss is None else f"{window_loss:.4f}", lr=f"{learning_rate:.2e}",
+                         samples_s=f"{samples_s:.1f}", skipped=skipped)
 
 
 def _finite_step(loss: float, norm: float, device: torch.device, world_size: int) -> bool:
