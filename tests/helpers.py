@@ -75,6 +75,16 @@ def leftovers(parent: Path) -> list[str]:
 
 
 
+WORDS = ("the a is of to and in how what egg eggs boil water pasta salt minutes bread bake oven coffee tea cup "
+         "hot cold cook rice pan fry soup recipe kitchen knife onion garlic sauce sugar flour butter milk").split()
+
+
+def make_texts(count: int, seed: int, max_words: int = 40) -> list[str]:
+    """`count` random texts of 1..max_words words from WORDS (all in the tiny model's vocabulary)."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words)))) for _ in range(count)]
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listened on a moment ago."""
     with socket.socket() as sock:

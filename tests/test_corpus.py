@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from helpers import free_port, make_texts
 
 from embedforge.client import EmbedClient
 from embedforge.corpus.command import embed_corpus_command
@@ -25,21 +25,6 @@ from embedforge.corpus.vectors import CorpusEmbedder, plan_batches
 from embedforge.server.runtime import OnnxEmbedder
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the a is of to and in how what egg eggs boil water pasta salt minutes bread bake oven coffee tea cup "
-         "hot cold cook rice pan fry soup recipe kitchen knife onion garlic sauce sugar flour butter milk").split()
-
-
-def make_texts(count: int, seed: int, max_words: int = 40) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words)))) for _ in range(count)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_corpus(path: Path, texts: list[str], id_prefix: str = "doc") -> Path:
     path.write_text("".join(json.dumps({"doc_id": f"{id_prefix}-{i}", "document": t}) + "\n"
                             for i, t in enumerate(texts)))

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedforge._proto import embedding_pb2 as pb
@@ -32,19 +33,13 @@ from embedforge.client import RETRY_POLICY, SERVICE_NAME, EmbedClient, channel_t
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Replica:
     """One `embedforge serve` process (1 thread) with its metrics port; `stop` kills it."""
 
     def __init__(self, export_dir: Path, log_dir: Path, *extra: str, port: int | None = None,
                  host: str = "127.0.0.1") -> None:
-        self.host, self.port = host, port or _free_port()
-        self.metrics_port = _free_port()
+        self.host, self.port = host, port or free_port()
+        self.metrics_port = free_port()
         self.log = log_dir / f"replica-{host}-{self.port}.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
@@ -290,7 +285,7 @@ def test_sigkill_of_a_replica_mid_load_fails_no_call(replicas, tmp_path):
 @pytest.mark.slow
 def test_a_replica_started_during_the_load_gets_calls_soon(replicas, tmp_path):
     age_s = 2.0
-    late_port = _free_port()
+    late_port = free_port()
     early = replicas(2, "--max-connection-age-s", str(age_s), "--max-connection-age-grace-s", "1")
     targets = ",".join([*(r.target for r in early), f"127.0.0.1:{late_port}"])  # the third is not up yet
     load = _loadtest(targets, tmp_path, duration_s=7)
@@ -362,7 +357,7 @@ class _FakeDns:
 def test_dns_target_finds_a_new_replica_after_max_connection_age(replicas, tmp_path):
     """dns:/// as on Kubernetes with a headless Service: a replica added to DNS is found when a connection
     reaches --max-connection-age-s and the client re-resolves (at most every 5 s, embedforge.client)."""
-    age_s, port = 2.0, _free_port()
+    age_s, port = 2.0, free_port()
     dns = _FakeDns(["127.0.0.1", "127.0.0.2"])
     try:
         flags = ("--max-connection-age-s", str(age_s), "--max-connection-age-grace-s", "1")

@@ -19,7 +19,14 @@ import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import HookedEmbedder, ServerThread, assert_same_vectors, free_port, pytorch_unnormalized
+from helpers import (
+    HookedEmbedder,
+    ServerThread,
+    assert_same_vectors,
+    free_port,
+    make_texts,
+    pytorch_unnormalized,
+)
 
 from embedforge.client import AsyncEmbedClient, EmbedClient
 from embedforge.server.cli import embed_command, serve_command
@@ -28,15 +35,6 @@ from embedforge.server.embedder import ModelInfo, Tokenized
 from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the a is of to and in how what egg eggs boil water pasta salt minutes bread bake oven coffee tea cup "
-         "hot cold cook rice pan fry soup recipe kitchen knife onion garlic sauce sugar flour butter milk").split()
-
-
-def make_texts(count: int, seed: int, max_words: int = 40) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words)))) for _ in range(count)]
-
-
 @pytest.fixture(scope="module")
 def server(embedder):
     with ServerThread(embedder, max_texts_per_request=64, max_chars_per_text=3000, max_concurrent_requests=400,
