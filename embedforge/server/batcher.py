@@ -376,9 +376,9 @@ class Batcher:
             ids = taken.get(id(request))
             if ids:
                 kept = [it for it in request.queue if id(it) not in ids]
-                used = request.queued_tokens - sum(it.length for it in kept)
-                request.queue, request.queued_tokens = kept, request.queued_tokens - used
-                request.served += used
+                kept_tokens = sum(it.length for it in kept)
+                request.served += request.queued_tokens - kept_tokens
+                request.queue, request.queued_tokens = kept, kept_tokens
         self._requests = [r for r in self._requests if r.queue]
         self._queued_tokens -= batch_tokens
         self._queued_texts -= len(batch)
