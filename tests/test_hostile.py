@@ -225,6 +225,56 @@ def test_a_call_is_refused_unread_while_the_byte_budget_is_spent(embedder):
     assert took < 0.5 and held.vectors.shape == (8, 32)
 
 
+def test_a_call_finding_no_read_slot_is_refused_within_the_slot_wait(embedder):
+    """One slot, held by a call whose body never comes: the next call is refused after READ_SLOT_WAIT_S,
+    not parked; once the holder is gone its slot serves the next call."""
+    with ServerThread(embedder, max_concurrent_reads=1, metrics_port=0, **LIMITS) as running:
+        async def scenario():
+            async with grpc.aio.insecure_channel(running.target) as channel:
+                method = "/embedforge.v1.EmbeddingService/Embed"
+                never_sent = asyncio.Event()
+
+                async def no_body():  # headers only: the server's read waits for a body that never comes
+                    await never_sent.wait()
+                    yield b""
+
+                holder = channel.stream_unary(method, **IDENTITY)(no_body(), timeout=30)
+                for _ in range(100):  # until the holder's handler is waiting on its read
+                    if running.server.core._read_slots.locked():
+                        break
+                    await asyncio.sleep(0.01)
+                embed = channel.unary_unary(method, **IDENTITY)
+                body = build_embed_request(["tea"]).SerializeToString()
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as refused:
+                    await embed(body, timeout=10)
+                took = time.monotonic() - started
+                holder.cancel()
+                await asyncio.sleep(0.2)
+                answer = pb.EmbedResponse.FromString(await embed(body, timeout=10))
+                return refused.value, took, answer
+
+        refused, took, answer = asyncio.run(scenario())
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{running.server.metrics_port}/metrics", timeout=5).read()
+    assert 'embedforge_refused_seconds_bucket{le="0.256",protocol="grpc"} 1.0' in metrics.decode()
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "being read already" in refused.details()
+    assert 0.09 <= took < 0.5
+    assert answer.count == 1
+
+
+@pytest.mark.parametrize("body", [b"\xff" * 900, b"\x0a\x05" + b"a" * 900])  # no message; truncated field
+def test_a_body_that_does_not_parse_gives_its_bytes_back(embedder, channel, body):
+    """Malformed bodies are counted against the byte budget while parsed and released when refused: after
+    many of them the budget is whole and a valid call is admitted."""
+    with ServerThread(embedder, max_pending_bytes=1000, **LIMITS) as running, \
+            grpc.insecure_channel(running.target) as own:
+        for _ in range(5):
+            assert raw_call(own, "/embedforge.v1.EmbeddingService/Embed", body) == grpc.StatusCode.INVALID_ARGUMENT
+        assert running.server.core.pending_bytes == 0
+        ok = raw_call(own, "/embedforge.v1.EmbeddingService/Embed", build_embed_request(["tea"]).SerializeToString())
+    assert ok == grpc.StatusCode.OK
+
+
 @pytest.mark.parametrize("release", [True, False])
 def test_texts_are_released_once_tokenized(embedder, release):
     hooked = HookedEmbedder(embedder)

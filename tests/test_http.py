@@ -196,6 +196,19 @@ def test_full_queue_is_rate_limited_with_retry_after(embedder):
         assert limited[0].response.headers["Retry-After"] == "1" and "queue full" in limited[0].message
 
 
+def test_http_bodies_count_against_the_byte_budget(embedder):
+    """A body larger than --max-pending-bytes is refused (429) after it is read, before it is parsed; bodies
+    that are refused or answered give their bytes back."""
+    with ServerThread(embedder, http_port=0, max_pending_bytes=2000) as running:
+        small = json.dumps({"input": ["tea"], "model": MODEL}).encode()
+        large = json.dumps({"input": ["egg water " * 30] * 8, "model": MODEL}).encode()
+        bad = b"{" + b" " * 1500
+        assert http(running, "/v1/embeddings", large)[0] == 429
+        assert http(running, "/v1/embeddings", bad)[0] == 400
+        assert http(running, "/v1/embeddings", small)[0] == 200
+        assert running.server.core.pending_bytes == 0
+
+
 def test_loading_then_serving_then_draining(embedder):
     def slow_load():
         time.sleep(0.5)

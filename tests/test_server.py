@@ -475,7 +475,8 @@ def test_runtime_config_errors(tiny_export_dir, tmp_path):
 
 def test_serve_config_resolves_automatic_settings_per_provider():
     cpu = ServeConfig().resolved(on_cuda=False, cores=8)
-    assert (cpu.workers, cpu.threads, cpu.min_batch_tokens, cpu.max_queue_tokens) == (4, 8, 128, 32 * 16384)
+    assert (cpu.workers, cpu.threads, cpu.min_batch_tokens, cpu.max_queue_tokens) == (4, 8, 128, 32 * 4096)
+    assert cpu.max_batch_tokens == 4096 and ServeConfig().resolved(on_cuda=True).max_batch_tokens == 16384
     cuda = ServeConfig(max_batch_tokens=1000).resolved(on_cuda=True, cores=8)
     assert (cuda.workers, cuda.threads, cuda.min_batch_tokens, cuda.max_queue_tokens) == (1, 8, 256, 32000)
     assert ServeConfig().resolved(on_cuda=False, cores=2).workers == 2

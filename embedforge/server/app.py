@@ -96,6 +96,9 @@ class Metrics:
                                      "for HTTP)", ["protocol", "rpc", "code"], registry=r)
         self.latency = prom.Histogram("embedforge_request_seconds", "Call latency", ["protocol", "rpc"], registry=r,
                                       buckets=(.001, .002, .004, .008, .016, .032, .064, .128, .256, .512, 1, 2, 4, 8))
+        self.refused = prom.Histogram("embedforge_refused_seconds", "Time to refuse a call with RESOURCE_EXHAUSTED "
+                                      "(refusals gRPC makes itself beyond --max-concurrent-requests aside)",
+                                      ["protocol"], registry=r, buckets=(.001, .004, .016, .064, .1, .256, 1, 4))
         self.stage = prom.Histogram("embedforge_stage_seconds", "Time per call in each stage", ["stage"], registry=r,
                                     buckets=(.0001, .0005, .001, .002, .004, .008, .016, .032, .064, .128, .256, 1, 4))
         self.batch_size = prom.Histogram("embedforge_batch_size", "Texts per model batch", registry=r,
@@ -115,6 +118,8 @@ class Metrics:
     def on_call(self, protocol: str, rpc: str, code: str, seconds: float) -> None:
         self.requests.labels(protocol, rpc, code).inc()
         self.latency.labels(protocol, rpc).observe(seconds)
+        if code == "RESOURCE_EXHAUSTED":
+            self.refused.labels(protocol).observe(seconds)
 
     def on_timing(self, queue_s: float, tokenize_s: float, inference_s: float) -> None:
         self.stage.labels("queue").observe(queue_s)
@@ -224,7 +229,8 @@ class EmbeddingServer:
         cfg = self.config.resolved(on_cuda=False)  # only the byte limits are read here; they do not depend on it
         check_security(self.config)
         self.metrics = Metrics()
-        limits = Limits(cfg.max_texts_per_request, cfg.max_chars_per_text, cfg.max_pending_bytes)
+        limits = Limits(cfg.max_texts_per_request, cfg.max_chars_per_text, cfg.max_pending_bytes,
+                        cfg.max_concurrent_reads)
         self.core = EmbeddingCore(limits, cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
                                   tokenizer_threads=cfg.tokenizer_threads)
         self.servicer = EmbeddingServicer(self.core, on_call=self.metrics.on_call)

@@ -13,6 +13,8 @@ import click
 
 from embedforge.cli_options import option
 from embedforge.server.config import (
+    MAX_BATCH_TOKENS_CPU,
+    MAX_BATCH_TOKENS_CUDA,
     MAX_CPU_WORKERS,
     MIN_BATCH_TOKENS_CPU,
     MIN_BATCH_TOKENS_CUDA,
@@ -62,7 +64,8 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @option("workers", type=click.IntRange(1), default=DEFAULTS.workers,
         help=f"Model batches that may run at once [default: 1 on CUDA, else min(cores, {MAX_CPU_WORKERS})].")
 @option("max_batch_tokens", type=click.IntRange(1), default=DEFAULTS.max_batch_tokens,
-        help="Token budget of one model batch (batch size x longest text).")
+        help="Token budget of one model batch (batch size x longest text); its working memory grows with it "
+        f"[default: {MAX_BATCH_TOKENS_CPU} on CPU, {MAX_BATCH_TOKENS_CUDA} on CUDA].")
 @option("min_batch_tokens", type=click.IntRange(1), default=DEFAULTS.min_batch_tokens,
         help="A batch with this many real tokens is closed rather than padded wider by a longer text "
         "(lower: less padding; higher: fewer, larger batches) "
@@ -83,6 +86,9 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
         help="Request bytes held before tokenization; a call that would exceed it gets RESOURCE_EXHAUSTED at "
         "once [default: the largest request the limits allow, (max-texts-per-request + 1) x "
         "max-chars-per-text x 4 bytes]. The gRPC receive limit is that size too (at most --max-request-bytes).")
+@option("max_concurrent_reads", type=click.IntRange(1), default=DEFAULTS.max_concurrent_reads,
+        help="Request bodies read and parsed at once; a call that finds no free slot within 100 ms gets "
+        "RESOURCE_EXHAUSTED (bodies in memory: at most --max-pending-bytes + this x the receive limit).")
 @option("tokenizer_threads", type=click.IntRange(1), default=DEFAULTS.tokenizer_threads,
         help="Threads tokenizing large requests (in slices of 32 texts).")
 @option("max_failures", type=click.IntRange(1), default=DEFAULTS.max_failures,

@@ -16,6 +16,12 @@ from pathlib import Path
 # batches of 16): 128 served the most texts/s.
 MIN_BATCH_TOKENS_CPU = 128
 MIN_BATCH_TOKENS_CUDA = 256
+# A batch's working memory grows with its tokens and, through attention, with batch x length^2: 32 x 512 tokens
+# of the bundled fp32 model peak at +824 MB on one ORT thread, 8 x 512 at +192 MB, with the same time per text
+# (benchmarks/batch_memory.py). A CPU runs `workers` batches at once, so it gets the smaller budget.
+MAX_BATCH_TOKENS_CPU = 4096
+MAX_BATCH_TOKENS_CUDA = 16384
+MAX_CONCURRENT_READS = 2  # request bodies read and parsed at once (their bytes are not known before reading)
 MAX_CPU_WORKERS = 4  # default workers on CPU: min(cores, 4)
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 QUEUE_BATCHES = 32  # default max_queue_tokens without a known max_length: 32 x max_batch_tokens
@@ -34,7 +40,8 @@ class ServeConfig:
     provider: str = "auto"  # auto: CUDA when available
     threads: int | None = None  # intra-op threads of a batch that runs alone; None: all cores
     workers: int | None = None  # model batches run at once; None: 1 on CUDA, else min(cores, MAX_CPU_WORKERS)
-    max_batch_tokens: int = 16384  # token budget of one model batch (batch size x longest text)
+    max_batch_tokens: int | None = None  # token budget of one model batch (batch size x longest text); None:
+    # MAX_BATCH_TOKENS_CPU or MAX_BATCH_TOKENS_CUDA
     min_batch_tokens: int | None = None  # None: MIN_BATCH_TOKENS_CPU or MIN_BATCH_TOKENS_CUDA
     max_wait_ms: float = 2.0  # longest wait to fill a batch while busy
     max_queue_tokens: int | None = None  # None: QUEUE_REQUESTS maximal requests (see queue_tokens_for)
@@ -46,6 +53,9 @@ class ServeConfig:
     # request bodies in memory <= max_concurrent_requests x max_receive_bytes.
     max_concurrent_requests: int = 64
     max_pending_bytes: int | None = None  # request bytes held before tokenization; None: max_receive_bytes
+    # Bodies being read and parsed at once; a call that finds none free within READ_SLOT_WAIT_S is refused.
+    # Bodies in memory <= (max_pending_bytes + max_concurrent_reads x max_receive_bytes), parsed copies aside.
+    max_concurrent_reads: int = MAX_CONCURRENT_READS
     tokenizer_threads: int = 2  # so that one huge request never holds up the others
     max_failures: int = 5  # batch failures in a row before health reports NOT_SERVING (back after a success)
     metrics_host: str = "127.0.0.1"
@@ -82,11 +92,13 @@ class ServeConfig:
         """A copy with every None (automatic) setting chosen for the provider, `cores` (default: this machine's)
         and the model's max_length (None: unknown, the queue holds QUEUE_BATCHES full batches)."""
         cores = cores or os.cpu_count() or 1
-        queue = QUEUE_BATCHES * self.max_batch_tokens if max_length is None else self.queue_tokens_for(max_length)
+        batch_tokens = self.max_batch_tokens or (MAX_BATCH_TOKENS_CUDA if on_cuda else MAX_BATCH_TOKENS_CPU)
+        queue = QUEUE_BATCHES * batch_tokens if max_length is None else self.queue_tokens_for(max_length)
         return dataclasses.replace(
             self,
             threads=self.threads or cores,
             workers=self.workers or (1 if on_cuda else min(cores, MAX_CPU_WORKERS)),
+            max_batch_tokens=batch_tokens,
             min_batch_tokens=self.min_batch_tokens or (MIN_BATCH_TOKENS_CUDA if on_cuda else MIN_BATCH_TOKENS_CPU),
             max_queue_tokens=self.max_queue_tokens or queue,
             max_pending_bytes=self.max_pending_bytes or self.max_receive_bytes,

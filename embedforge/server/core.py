@@ -9,10 +9,11 @@ Status names are gRPC's canonical codes ("INVALID_ARGUMENT", ...); the HTTP API 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,9 @@ INLINE_TOKENIZE_CHARS = 1024
 microseconds for them, less than handing them to a thread: single-text p50 latency drops by about 0.15 ms);
 larger ones go to the tokenizer thread so that the loop never stalls."""
 
+INLINE_PARSE_BYTES = 64 * 1024
+"""Larger request bodies are parsed on a tokenizer thread (a 20 MB body takes tens of milliseconds)."""
+
 TimingObserver = Callable[[float, float, float], None]
 """(queue_s, tokenize_s, inference_s) for every successful Embed/Score call."""
 CallObserver = Callable[[str, str, str, float], None]
@@ -40,11 +44,17 @@ TOKENIZE_SLICE_TEXTS = 32
 run in between."""
 
 
+READ_SLOT_WAIT_S = 0.1
+"""A call waits at most this long for a free read slot (`max_concurrent_reads`), then is refused: a body's size
+is not known before it is read, so only a bounded number of bodies may be in flight at once."""
+
+
 @dataclass(frozen=True)
 class Limits:
     max_texts_per_request: int
     max_chars_per_text: int
     max_pending_bytes: int = 1 << 30  # request bytes held before tokenization
+    max_concurrent_reads: int = 2  # bodies read and parsed at once
 
 
 class Overloaded(Exception):
@@ -129,6 +139,7 @@ class EmbeddingCore:
         self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer_threads,
                                                  thread_name_prefix="embedforge-tokenize")
         self._pending_bytes = 0
+        self._read_slots = asyncio.Semaphore(limits.max_concurrent_reads)
 
     @property
     def pending_bytes(self) -> int:
@@ -154,6 +165,19 @@ class EmbeddingCore:
         batcher = self.batcher
         if batcher is not None and batcher.queued_tokens >= batcher.max_queue_tokens:
             raise QueueFull(f"queue full: {batcher.queued_tokens} tokens queued")
+
+    @contextlib.asynccontextmanager
+    async def read_slot(self) -> AsyncIterator[None]:
+        """Hold one of max_concurrent_reads slots while a body is read and parsed; Overloaded if none is free
+        within READ_SLOT_WAIT_S. Bodies of unknown size in memory are thus bounded by the slots, not the calls."""
+        try:
+            await asyncio.wait_for(self._read_slots.acquire(), READ_SLOT_WAIT_S)
+        except TimeoutError:
+            raise Overloaded(f"{self.limits.max_concurrent_reads} request bodies are being read already") from None
+        try:
+            yield
+        finally:
+            self._read_slots.release()
 
     def run_in_pool(self, fn: Callable, *args: Any) -> Awaitable:
         """Run fn(*args) on a tokenizer thread (e.g. parsing a large request body)."""

@@ -33,7 +33,7 @@ import prometheus_client as prom
 from aiohttp import web
 
 from embedforge import __version__
-from embedforge.server.core import CallObserver, EmbeddingCore, Timing, status_of
+from embedforge.server.core import INLINE_PARSE_BYTES, CallObserver, EmbeddingCore, Held, Timing, status_of
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
@@ -161,11 +161,12 @@ class HttpApi:
         """Read and parse the body, run the handler, map errors, report (protocol, rpc, status, seconds)."""
         started = time.monotonic()
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
-        name, body = "OK", {}
+        name, body, held = "OK", {}, None
         self._in_flight += 1
         self._idle.clear()
         try:
-            body = await self._json(request) if request.method == "POST" else {}
+            if request.method == "POST":
+                held, body = await self._json(request)
             response = await handler(body, request_id)
         except ApiError as exc:
             name = exc.name
@@ -179,6 +180,8 @@ class HttpApi:
             param = field.group() if field and field.group() in body else None
             response = error_response(HTTP_STATUS[name], message, param)
         finally:
+            if held is not None:
+                held.release()
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
@@ -187,21 +190,32 @@ class HttpApi:
         response.headers["X-Request-Id"] = request_id
         return response
 
-    async def _json(self, request: web.Request) -> dict:
-        """The body as a JSON object; aiohttp stops reading at client_max_size (HTTP 413) before it is parsed."""
+    async def _json(self, request: web.Request) -> tuple[Held, dict]:
+        """The body as a JSON object, its bytes counted against the pending-bytes budget (released by the caller
+        when the call ends, or earlier once its texts are tokenized). Read on one of the core's read slots;
+        aiohttp stops reading at client_max_size (HTTP 413) before it is parsed."""
         too_large = ApiError(413, f"request body too large: the limit is {self._max_request_bytes} bytes",
                              code="request_too_large")
         if (request.content_length or 0) > self._max_request_bytes:
             raise too_large
-        try:
-            body = json.loads(await request.read())
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        self.core.check_room()
+        async with self.core.read_slot():
+            self.core.check_room()
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise too_large from None
+            held = self.core.admit(len(raw))
+            try:
+                large = len(raw) > INLINE_PARSE_BYTES  # parsed off the event loop
+                body = await self.core.run_in_pool(json.loads, raw) if large else json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                held.release()
+                raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
+            held.release()
             raise ApiError(400, "request body must be a JSON object")
-        return body
+        return held, body
 
     def _check_model(self, body: dict) -> str:
         """The served model's id; a request naming another model gets 404 model_not_found, as OpenAI's API does."""

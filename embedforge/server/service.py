@@ -27,12 +27,18 @@ from google.protobuf.message import DecodeError, Message
 from embedforge import __version__
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
-from embedforge.server.core import CallObserver, EmbeddingCore, Held, InvalidRequest, Timing, status_of
+from embedforge.server.core import (
+    INLINE_PARSE_BYTES,
+    CallObserver,
+    EmbeddingCore,
+    Held,
+    InvalidRequest,
+    Timing,
+    status_of,
+)
 
 log = logging.getLogger("embedforge.server.service")
 
-INLINE_PARSE_BYTES = 64 * 1024
-"""Larger request bodies are parsed on a tokenizer thread (a 20 MB body takes tens of milliseconds)."""
 REQUEST_ID_MAX_CHARS = 64
 REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:/-]")
 LOG_EVERY_S = 10.0  # one log line per kind of bad input per 10 s (with the count of those not logged)
@@ -227,13 +233,19 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         full; after reading, its size is counted against the budget before it is parsed (refused if over)."""
         self.core.check_ready()
         self.core.check_room()
-        raw = await context.read()
-        if raw is grpc.aio.EOF:
-            raise InvalidRequest("the call carries no request message")
-        held = self.core.admit(len(raw))
-        if len(raw) > INLINE_PARSE_BYTES:  # keep the event loop responsive
-            return held, await self.core.run_in_pool(parse_request, raw, request_type)
-        return held, parse_request(raw, request_type)
+        async with self.core.read_slot():
+            self.core.check_room()  # the budget may have been spent while this call waited for its slot
+            raw = await context.read()
+            if raw is grpc.aio.EOF:
+                raise InvalidRequest("the call carries no request message")
+            held = self.core.admit(len(raw))
+            try:
+                if len(raw) > INLINE_PARSE_BYTES:  # keep the event loop responsive
+                    return held, await self.core.run_in_pool(parse_request, raw, request_type)
+                return held, parse_request(raw, request_type)
+            except BaseException:
+                held.release()
+                raise
 
 
 class _Once:
