@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import STSB_DIR, export_bundled, stsb_file
+from common import STSB_DIR, cpu_name, export_bundled, stsb_file
 
 
 def read_sentences(directory: Path) -> list[str]:
@@ -74,10 +74,10 @@ class EmbedCorpus:
 class RawOrt:
     """OnnxEmbedder.run_batch on the job's batches: shards of shard_size texts, plan_batches within each."""
 
-    def __init__(self, export_dir: Path, texts: list[str], threads: int, shard_size: int) -> None:
+    def __init__(self, export_dir: Path, texts: list[str], threads: int, shard_size: int, precision: str) -> None:
         from embedforge.corpus.vectors import CorpusEmbedder
 
-        embedder = CorpusEmbedder(export_dir, precision="fp32", provider="cpu", threads=threads)
+        embedder = CorpusEmbedder(export_dir, precision=precision, provider="cpu", threads=threads)
         self.runtime, self.batches = embedder.runtime, []
         for start in range(0, len(texts), shard_size):
             ids, lengths, _ = embedder.tokenize(texts[start: start + shard_size])
@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=None, help="use the first N sentences [default: all]")
     parser.add_argument("--docs", type=int, default=192, help="512-token documents to embed")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="of the job, raw ORT and Ray (sentence-transformers stays fp32): int8 is what a CPU "
+                        "fleet would run (its cosine to fp32 is in the export's parity table)")
     parser.add_argument("--no-ray", action="store_true", help="leave out the local-Ray run")
     parser.add_argument("--no-st", action="store_true", help="leave out sentence-transformers")
     args = parser.parse_args()
@@ -134,7 +137,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="corpus-bench-") as tmp:
         workdir = Path(tmp)
         if args.export_dir is None:
-            args.export_dir = export_bundled(workdir, precisions=("fp32",), parity_texts=sentences[:256])
+            args.export_dir = export_bundled(workdir, precisions=("fp32", args.precision) if args.precision != "fp32"
+                                             else ("fp32",), parity_texts=sentences[:256])
         ray = None
         if not args.no_ray:
             try:
@@ -146,8 +150,8 @@ def main() -> None:
         for name, texts in (("sentences", sentences), ("documents", documents)):
             corpus = write_jsonl(workdir / f"{name}.jsonl", texts)
             engines: dict[str, object] = {
-                "embed-corpus": EmbedCorpus(args.export_dir, corpus, workdir / name, []),
-                "raw ORT": RawOrt(args.export_dir, texts, cores, shard_size),
+                "embed-corpus": EmbedCorpus(args.export_dir, corpus, workdir / name, ["--precision", args.precision]),
+                "raw ORT": RawOrt(args.export_dir, texts, cores, shard_size, args.precision),
             }
             if not args.no_st:
                 try:
@@ -156,7 +160,8 @@ def main() -> None:
                     print("sentence-transformers is not installed: no ST comparison")
             if ray is not None:
                 engines["local Ray"] = EmbedCorpus(args.export_dir, corpus, workdir / f"{name}-ray",
-                                                   ["--ray", "auto", "--ray-actors", str(cores)])
+                                                   ["--ray", "auto", "--ray-actors", str(cores),
+                                                    "--precision", args.precision])
                 if not ray.is_initialized():
                     started = time.perf_counter()
                     ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
@@ -177,7 +182,8 @@ def main() -> None:
         if ray is not None and ray.is_initialized():
             ray.shutdown()
 
-    print(f"\ntexts/s, median of {args.rounds} interleaved rounds, {cores} cores. end to end: model load, input "
+    print(f"\n{args.precision} (sentence-transformers: fp32 torch), texts/s, median of {args.rounds} interleaved "
+          f"rounds, {cores} cores ({cpu_name()}). end to end: model load, input "
           "scan + sha256, embedding, shards, manifest (Ray: without ray.init); embedding: the job's embedding phase")
     print("corpus      job end-to-end (embedding)  raw ORT  /raw end-to-end (embedding)      ST  /ST    "
           "Ray end-to-end (embedding)  Ray/job")

@@ -44,7 +44,7 @@ TOKENIZE_SLICE_TEXTS = 32
 run in between."""
 
 
-READ_SLOT_WAIT_S = 0.1
+READ_SLOT_WAIT_S = 0.05
 """A call waits at most this long for a free read slot (`max_concurrent_reads`), then is refused: a body's size
 is not known before it is read, so only a bounded number of bodies may be in flight at once."""
 
@@ -171,7 +171,10 @@ class EmbeddingCore:
         """Hold one of max_concurrent_reads slots while a body is read and parsed; Overloaded if none is free
         within READ_SLOT_WAIT_S. Bodies of unknown size in memory are thus bounded by the slots, not the calls."""
         try:
-            await asyncio.wait_for(self._read_slots.acquire(), READ_SLOT_WAIT_S)
+            if self._read_slots.locked():  # wait_for's task only when there is something to wait for
+                await asyncio.wait_for(self._read_slots.acquire(), READ_SLOT_WAIT_S)
+            else:
+                await self._read_slots.acquire()
         except TimeoutError:
             raise Overloaded(f"{self.limits.max_concurrent_reads} request bodies are being read already") from None
         try:
