@@ -189,7 +189,10 @@ async def run_phases(target: str, sampler: RssSampler, args: argparse.Namespace,
               (f"+ {args.documenters} clients: Score, 64 documents of ~600 tokens",
                [("Score", score_body)] * args.documenters)]
     rows = []
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(8)]
+    # One connection per client, as separate client processes would have (gRPC shares one otherwise).
+    options.append(("grpc.use_local_subchannel_pool", 1))
+    channels = [grpc.aio.insecure_channel(target, options=options)
+                for _ in range(max(args.flooders, args.documenters, 1))]
     try:
         for name, attackers in phases:
             sampler.take()
@@ -201,7 +204,7 @@ async def run_phases(target: str, sampler: RssSampler, args: argparse.Namespace,
             at_codes: collections.Counter = collections.Counter()
             refusals: list[float] = []
             refused_before = server_refusals(metrics_port)
-            await asyncio.gather(*(attacker(channels[i % 8], method, body, stop, at_codes, refusals)
+            await asyncio.gather(*(attacker(channels[i], method, body, stop, at_codes, refusals)
                                    for i, (method, body) in enumerate(attackers)))
             latencies, by_codes = results.get(timeout=120)
             watcher.join()

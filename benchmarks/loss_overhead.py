@@ -40,7 +40,7 @@ def main() -> None:
     device = torch.device("cpu")
     setups = {"weighted-mse": (TokenizedPairs(pairs, model), build_loss("weighted-mse")),
               "weighted-mse+in-batch": (TokenizedPairs(pairs, model, unique_texts=True, negative_threshold=0.2),
-                                        build_loss("weighted-mse+in-batch", in_batch_weight=0.1))}
+                                        build_loss("weighted-mse+in-batch"))}
     # the same (duplicate-free) batches for both: the difference is the loss and the hard negatives it brings
     batches = setups["weighted-mse+in-batch"][0].batches(16, seed=0, epoch=0, group_by_length=True)
     forward, optimizer = PairVectors(model), adamw(model, 2e-5, 0.01)

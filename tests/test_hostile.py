@@ -34,6 +34,7 @@ DEFINED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
            grpc.StatusCode.UNIMPLEMENTED}
 LIMITS = {"max_texts_per_request": 8, "max_chars_per_text": 300}
 IDENTITY = {"request_serializer": None, "response_deserializer": None}
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels to one target otherwise share a connection
 
 
 @pytest.fixture(scope="module")
@@ -190,13 +191,51 @@ def test_a_call_over_the_byte_budget_is_refused_at_once(embedder):
                 with pytest.raises(grpc.RpcError) as refused:
                     await aclient.embed(["tea " * 75] * 8)  # would take the budget over 4,000
                 took = time.monotonic() - started
-                smaller = await aclient.embed(["tea"] * 2)  # fits beside the holder
+                # fits beside the holder; sent on another connection, since this one's next calls are refused
+                # unread until the budget can take the refused body's size (the test below)
+                async with grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as other:
+                    body = build_embed_request(["tea"] * 2).SerializeToString()
+                    embed = other.unary_unary("/embedforge.v1.EmbeddingService/Embed", **IDENTITY)
+                    smaller = pb.EmbedResponse.FromString(await embed(body, timeout=30))
                 return refused.value, took, await holder, smaller
 
         refused, took, held, smaller = asyncio.run(scenario())
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "request bytes" in refused.details()
     assert took < 0.5
-    assert held.vectors.shape == (8, 32) and smaller.vectors.shape == (2, 32)
+    assert held.vectors.shape == (8, 32) and smaller.count == 2
+
+
+def test_a_connection_whose_last_body_cannot_fit_is_refused_unread(embedder):
+    """Once a connection's body was refused for its size, its next call is refused before it is read while the
+    budget still cannot take that many bytes; other connections' small calls go on."""
+    slow = HookedEmbedder(embedder, tokenize_delay_s=1.5)
+    large = build_embed_request(["tea " * 75] * 8).SerializeToString()  # ~2,450 bytes
+    with ServerThread(slow, max_pending_bytes=4000, **LIMITS) as running:
+        async def scenario():
+            async with grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as first, \
+                    grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as second, \
+                    grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as third:
+                method = "/embedforge.v1.EmbeddingService/Embed"
+                holder = asyncio.ensure_future(first.unary_unary(method, **IDENTITY)(large, timeout=30))
+                for _ in range(100):  # until the holder is admitted (1.5 s of tokenization follows)
+                    if running.server.core.pending_bytes:
+                        break
+                    await asyncio.sleep(0.01)
+                details = []
+                for _ in range(2):
+                    with pytest.raises(grpc.RpcError) as refused:
+                        await second.unary_unary(method, **IDENTITY)(large, timeout=10)
+                    details.append(refused.value.details())
+                small = await third.unary_unary(method, **IDENTITY)(build_embed_request(["tea"]).SerializeToString(),
+                                                                    timeout=10)
+                await holder
+                after = await second.unary_unary(method, **IDENTITY)(large, timeout=30)  # the budget is free again
+                return details, pb.EmbedResponse.FromString(small), pb.EmbedResponse.FromString(after)
+
+        (read_then_refused, refused_unread), small, after = asyncio.run(scenario())
+    assert f"this one has {len(large)}" in read_then_refused
+    assert f"likely holds {len(large)} (its connection's last body had as many and was refused)" in refused_unread
+    assert small.count == 1 and after.count == 8
 
 
 def test_a_call_is_refused_unread_while_the_byte_budget_is_spent(embedder):

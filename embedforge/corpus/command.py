@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from embedforge.cli_options import option
+from embedforge.corpus import MAX_BATCH_TOKENS
 
 EPILOG = """Examples:
 
@@ -46,7 +47,7 @@ EPILOG = """Examples:
         "matryoshka_dims) [default: the model's dim].")
 @option("shard_size", type=click.IntRange(1), default=4096,
         help="Texts per Parquet shard; also the chunk sorted by length, and what a restart may redo.")
-@option("max_batch_tokens", type=click.IntRange(1), default=8192,
+@option("max_batch_tokens", type=click.IntRange(1), default=MAX_BATCH_TOKENS,
         help="Padded tokens per model batch (texts x longest text).")
 @option("max_batch_size", type=click.IntRange(1), default=128, help="Texts per model batch.")
 @option("ray", "ray_address", default=None, show_default=False, metavar="auto|ADDRESS",

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from embedforge.corpus import MAX_BATCH_TOKENS
 from embedforge.corpus.output import shard_stats
 from embedforge.corpus.reader import Problem, describe_file, file_sha256, read_records
 from embedforge.corpus.vectors import output_dims
@@ -33,7 +34,7 @@ class CorpusJob:
     threads: int | None = None
     dimensions: int | None = None
     shard_size: int = 8192
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = MAX_BATCH_TOKENS
     max_batch_size: int = 128
     progress: bool = True
     model_manifest: dict = field(init=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedforge.corpus import MAX_BATCH_TOKENS
 from embedforge.server.embedder import l2_normalize
 from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_manifest
 
@@ -59,7 +60,7 @@ class CorpusEmbedder:
     """An export's ONNX model and tokenizer, embedding chunks of texts in length-sorted batches."""
 
     def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
-                 threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = 8192,
+                 threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  max_batch_size: int = 128) -> None:
         manifest = read_manifest(Path(model_dir))
         self.dims = output_dims(manifest, dimensions)

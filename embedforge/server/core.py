@@ -9,6 +9,7 @@ Status names are gRPC's canonical codes ("INVALID_ARGUMENT", ...); the HTTP API 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import logging
@@ -47,6 +48,10 @@ run in between."""
 READ_SLOT_WAIT_S = 0.05
 """A call waits at most this long for a free read slot (`max_concurrent_reads`), then is refused: a body's size
 is not known before it is read, so only a bounded number of bodies may be in flight at once."""
+
+
+REMEMBERED_CONNECTIONS = 4096
+"""Connections whose last refused body size is remembered (least recently refused forgotten first)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,7 @@ class EmbeddingCore:
                                                  thread_name_prefix="embedforge-tokenize")
         self._pending_bytes = 0
         self._read_slots = asyncio.Semaphore(limits.max_concurrent_reads)
+        self._refused_body_bytes: collections.OrderedDict[str, int] = collections.OrderedDict()  # connection -> size
 
     @property
     def pending_bytes(self) -> int:
@@ -156,15 +162,40 @@ class EmbeddingCore:
         _HELD.set(held)
         return held
 
-    def check_room(self) -> None:
-        """Refuse (Overloaded, QueueFull) a call whose body has not been read yet when no body could be admitted:
-        the byte budget is spent or the queue is full. Such a call costs no memory and is answered at once."""
-        if self._pending_bytes >= self.limits.max_pending_bytes:
-            raise Overloaded(f"{self._pending_bytes} request bytes wait for tokenization; the limit is "
-                             f"{self.limits.max_pending_bytes}")
+    def check_room(self, expected_bytes: int = 0, expected_from: str = "") -> None:
+        """Refuse (Overloaded, QueueFull) a call whose body has not been read yet when it could not be admitted:
+        the byte budget is spent, or cannot take the `expected_bytes` the body will likely hold (`expected_from`
+        says why: its Content-Length, or the previous body on its connection), or the queue is full. Such a call
+        costs no memory and no read, and is answered at once."""
+        pending, limit = self._pending_bytes, self.limits.max_pending_bytes
+        if pending >= limit:
+            raise Overloaded(f"{pending} request bytes wait for tokenization; the limit is {limit}")
+        if pending + expected_bytes > limit:
+            raise Overloaded(f"{pending} request bytes wait for tokenization and this call's body likely holds "
+                             f"{expected_bytes} ({expected_from}); the limit is {limit}")
         batcher = self.batcher
         if batcher is not None and batcher.queued_tokens >= batcher.max_queue_tokens:
             raise QueueFull(f"queue full: {batcher.queued_tokens} tokens queued")
+
+    def expected_body_bytes(self, connection: str) -> int:
+        """The size of this connection's last body if the budget refused it (0 otherwise): the likely size of
+        its next, so that a client sending bodies the budget cannot take is refused before each is read rather
+        than after (a read of tens of megabytes that would be thrown away). Admitting a body clears it."""
+        return self._refused_body_bytes.get(connection, 0)
+
+    def admit_from(self, connection: str, size: int) -> Held:
+        """`admit`, remembering a refused size for the connection (see expected_body_bytes)."""
+        sizes = self._refused_body_bytes
+        try:
+            held = self.admit(size)
+        except Overloaded:
+            sizes[connection] = size
+            sizes.move_to_end(connection)
+            if len(sizes) > REMEMBERED_CONNECTIONS:
+                sizes.popitem(last=False)
+            raise
+        sizes.pop(connection, None)
+        return held
 
     @contextlib.asynccontextmanager
     async def read_slot(self) -> AsyncIterator[None]:

@@ -198,9 +198,10 @@ class HttpApi:
                              code="request_too_large")
         if (request.content_length or 0) > self._max_request_bytes:
             raise too_large
-        self.core.check_room()
+        expected = request.content_length or 0, "its Content-Length"
+        self.core.check_room(*expected)
         async with self.core.read_slot():
-            self.core.check_room()
+            self.core.check_room(*expected)
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:

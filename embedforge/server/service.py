@@ -230,15 +230,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     async def _read(self, context: grpc.aio.ServicerContext, request_type: type[Message]) -> tuple[Held, Message]:
         """Admit, read and parse one request body. Refused before reading while the byte budget or the queue is
-        full; after reading, its size is counted against the budget before it is parsed (refused if over)."""
+        full, or while it cannot take as many bytes as the connection's last body, which it refused; after
+        reading, its size is counted against the budget before it is parsed (refused if over)."""
         self.core.check_ready()
-        self.core.check_room()
+        connection = context.peer()
+        expected = self.core.expected_body_bytes(connection), "its connection's last body had as many and was refused"
+        self.core.check_room(*expected)
         async with self.core.read_slot():
-            self.core.check_room()  # the budget may have been spent while this call waited for its slot
+            self.core.check_room(*expected)  # the budget may have been spent while this call waited for its slot
             raw = await context.read()
             if raw is grpc.aio.EOF:
                 raise InvalidRequest("the call carries no request message")
-            held = self.core.admit(len(raw))
+            held = self.core.admit_from(connection, len(raw))
             try:
                 if len(raw) > INLINE_PARSE_BYTES:  # keep the event loop responsive
                     return held, await self.core.run_in_pool(parse_request, raw, request_type)

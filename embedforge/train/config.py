@@ -36,7 +36,7 @@ class TrainConfig:
     frozen_layers: int = 0
     eval_batch_size: int = 64
     loss: str = "weighted-mse"
-    in_batch_weight: float = 0.1
+    in_batch_weight: float = 1.0  # measured on STS-B (README): 1.0 ranks best at the same Spearman as 0.1 or 0.3
     scale: float = 20.0
     positive_threshold: float = 0.5
     negative_threshold: float | None = 0.2
