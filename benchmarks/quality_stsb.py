@@ -39,8 +39,8 @@ MATRYOSHKA = ["--matryoshka-dims", "384,256,128,64"]
 RUNS = {  # name -> extra `embedforge train` options; "st-*" runs train sentence-transformers instead
     "weighted-mse": ["--loss", "weighted-mse"],
     "in-batch": ["--loss", "in-batch"],
-    "mse+in-batch": ["--loss", "weighted-mse+in-batch"],
-    "mse+in-batch matryoshka": ["--loss", "weighted-mse+in-batch", *MATRYOSHKA],
+    "mse+in-batch": ["--loss", "weighted-mse+in-batch", "--symmetric"],  # the README's recommended recipe
+    "mse+in-batch matryoshka": ["--loss", "weighted-mse+in-batch", "--symmetric", *MATRYOSHKA],
     "st-cosine": [],
     "st-mnrl": [],
 }

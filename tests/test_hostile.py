@@ -26,6 +26,7 @@ from embedforge.client import AsyncEmbedClient, EmbedClient, build_embed_request
 from embedforge.server.app import InsecureKeyError, check_security
 from embedforge.server.cli import serve_command
 from embedforge.server.config import ServeConfig
+from embedforge.server.core import REMEMBERED_CONNECTIONS, EmbeddingCore, Limits, Overloaded
 from embedforge.server.runtime import OnnxEmbedder
 from embedforge.server.service import invalid_utf8_field, sanitize_request_id
 from embedforge.tokenization import encode_truncated, load_tokenizer
@@ -236,6 +237,22 @@ def test_a_connection_whose_last_body_cannot_fit_is_refused_unread(embedder):
     assert f"this one has {len(large)}" in read_then_refused
     assert f"likely holds {len(large)} (its connection's last body had as many and was refused)" in refused_unread
     assert small.count == 1 and after.count == 8
+
+
+def test_refused_body_sizes_are_remembered_for_a_bounded_number_of_connections():
+    core = EmbeddingCore(Limits(8, 300, max_pending_bytes=100))
+    held = core.admit_from("a", 60)
+    for i in range(REMEMBERED_CONNECTIONS + 10):
+        with pytest.raises(Overloaded):
+            core.admit_from(f"peer-{i}", 50)
+    assert core.expected_body_bytes("peer-0") == 0  # forgotten: the oldest went first
+    assert core.expected_body_bytes(f"peer-{REMEMBERED_CONNECTIONS + 9}") == 50
+    with pytest.raises(Overloaded, match="likely holds 50"):
+        core.check_room(core.expected_body_bytes(f"peer-{REMEMBERED_CONNECTIONS + 9}"), "its last body")
+    held.release()
+    core.admit_from(f"peer-{REMEMBERED_CONNECTIONS + 9}", 50)  # admitted: the connection is cleared
+    assert core.expected_body_bytes(f"peer-{REMEMBERED_CONNECTIONS + 9}") == 0
+    core.close()
 
 
 def test_a_call_is_refused_unread_while_the_byte_budget_is_spent(embedder):
