@@ -194,6 +194,32 @@ def test_queue_full_is_refused_at_once_for_single_texts_too():
     assert after.vectors[0, 0] == 5
 
 
+def test_the_last_batch_of_the_queue_is_kept_for_small_requests():
+    """Large requests may fill the queue up to its last max_batch_tokens; a request that fits in one batch may
+    use those too, so large ones filling the queue never lock small ones out."""
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, max_batch_tokens=20, max_queue_tokens=100, max_request_tokens=30,
+                                workers=1)
+        first = asyncio.create_task(batcher.submit([0], [10]))  # running: not queued
+        await wait_entered(recorder)
+        assert (batcher.reserved_tokens, batcher.large_request_limit) == (20, 80)
+        large = [asyncio.create_task(batcher.submit([1, 2], [15, 15])) for _ in range(2)]  # 60 queued
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="20 kept for small requests"):
+            await batcher.submit([3, 4], [15, 15])
+        small = asyncio.create_task(batcher.submit([5], [20]))  # fits in one batch: takes the reserve
+        await asyncio.sleep(0)
+        queued = batcher.queued_tokens
+        recorder.gate.set()
+        await asyncio.gather(first, *large, small)
+        await batcher.stop()
+        return queued, small.result()
+
+    queued, small = run(main())
+    assert queued == 80 and small.vectors[0, 0] == 5
+
+
 def test_cancelled_and_expired_work_is_never_computed():
     async def main():
         recorder = Recorder(gated=True)

@@ -241,17 +241,18 @@ def test_a_connection_whose_last_body_cannot_fit_is_refused_unread(embedder):
 
 def test_refused_body_sizes_are_remembered_for_a_bounded_number_of_connections():
     core = EmbeddingCore(Limits(8, 300, max_pending_bytes=100))
-    held = core.admit_from("a", 60)
+    held = core.admit(60)
     for i in range(REMEMBERED_CONNECTIONS + 10):
-        with pytest.raises(Overloaded):
-            core.admit_from(f"peer-{i}", 50)
+        core.remember_refused(f"peer-{i}", 50)
+    last = f"peer-{REMEMBERED_CONNECTIONS + 9}"
     assert core.expected_body_bytes("peer-0") == 0  # forgotten: the oldest went first
-    assert core.expected_body_bytes(f"peer-{REMEMBERED_CONNECTIONS + 9}") == 50
+    assert core.expected_body_bytes(last) == 50
     with pytest.raises(Overloaded, match="likely holds 50"):
-        core.check_room(core.expected_body_bytes(f"peer-{REMEMBERED_CONNECTIONS + 9}"), "its last body")
+        core.check_room(core.expected_body_bytes(last), "its last body")
     held.release()
-    core.admit_from(f"peer-{REMEMBERED_CONNECTIONS + 9}", 50)  # admitted: the connection is cleared
-    assert core.expected_body_bytes(f"peer-{REMEMBERED_CONNECTIONS + 9}") == 0
+    core.check_room(core.expected_body_bytes(last), "its last body")  # the budget can take it again
+    core.forget_refused(last)
+    assert core.expected_body_bytes(last) == 0
     core.close()
 
 

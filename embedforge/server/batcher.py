@@ -29,8 +29,9 @@ min_batch_tokens are queued, the worker waits until the oldest text has waited `
 (or min_batch_tokens are queued) so that a busy server runs fuller batches.
 
 Backpressure: at most `max_queue_tokens` tokens wait in the queue and one request holds at most
-`max_request_tokens` of them; `submit` raises QueueFull at once beyond that. Work whose caller is gone
-(cancelled) or whose deadline passed is dropped before it is computed.
+`max_request_tokens` of them; the last `reserved_tokens` (one batch) take only requests that fit in one batch,
+so large requests filling the queue never lock short ones out. `submit` raises QueueFull at once beyond that.
+Work whose caller is gone (cancelled) or whose deadline passed is dropped before it is computed.
 
 Health: after `max_failures` failed batches in a row `healthy` turns False (and `on_health(False)` is called);
 the next successful batch turns it back. A worker task that dies is logged and replaced. `stop(timeout)`
@@ -144,6 +145,9 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
         self.max_request_tokens = min(max_request_tokens, max_queue_tokens)
+        # The last `reserved_tokens` of the queue take only requests that fit in one batch, so that large ones
+        # filling the queue never lock short ones out; a maximal request still fits when the queue is empty.
+        self.reserved_tokens = min(max_batch_tokens, max_queue_tokens - self.max_request_tokens)
         self.max_failures = max_failures
         self._on_batch = on_batch
         self._on_health = on_health
@@ -163,6 +167,11 @@ class Batcher:
     @property
     def queued_tokens(self) -> int:
         return self._queued_tokens
+
+    @property
+    def large_request_limit(self) -> int:
+        """Queued tokens beyond which a request larger than `reserved_tokens` is refused."""
+        return self.max_queue_tokens - self.reserved_tokens
 
     @property
     def queued_texts(self) -> int:
@@ -222,9 +231,11 @@ class Batcher:
                            f"({self.max_request_tokens}); split it into smaller requests")
         if max(lengths) > self.max_batch_tokens:
             raise TooLarge(f"a text of {max(lengths)} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
-        if self._queued_tokens + total > self.max_queue_tokens:
+        limit = self.max_queue_tokens if total <= self.reserved_tokens else self.large_request_limit
+        if self._queued_tokens + total > limit:
+            kept = "" if limit == self.max_queue_tokens else f" ({self.reserved_tokens} kept for small requests)"
             raise QueueFull(f"queue full: {self._queued_tokens} tokens queued, request needs {total}, "
-                            f"limit {self.max_queue_tokens}")
+                            f"limit {limit}{kept}")
         loop = asyncio.get_running_loop()
         request = _Request(loop.create_future(), deadline, request_id, len(payloads))
         items = [_Item(request, i, int(n), p) for i, (p, n) in enumerate(zip(payloads, lengths, strict=True))]

@@ -71,7 +71,8 @@ class Held:
 
     def __init__(self, core: EmbeddingCore, size: int) -> None:
         self._core = core
-        self.size = size
+        self.size = size  # still counted against the budget
+        self.body_bytes = size  # the body's size, also after release
 
     def release(self) -> None:
         self._core._pending_bytes -= self.size
@@ -174,28 +175,35 @@ class EmbeddingCore:
             raise Overloaded(f"{pending} request bytes wait for tokenization and this call's body likely holds "
                              f"{expected_bytes} ({expected_from}); the limit is {limit}")
         batcher = self.batcher
-        if batcher is not None and batcher.queued_tokens >= batcher.max_queue_tokens:
-            raise QueueFull(f"queue full: {batcher.queued_tokens} tokens queued")
+        if batcher is None:
+            return
+        queued = batcher.queued_tokens
+        if queued >= batcher.max_queue_tokens:
+            raise QueueFull(f"queue full: {queued} tokens queued")
+        # a body of n bytes holds about n tokens at most (plus two a text): one larger than the queue's reserve
+        # for small requests is refused unread once only that reserve is left
+        if expected_bytes > batcher.reserved_tokens and queued >= batcher.large_request_limit:
+            raise QueueFull(f"queue full for large requests: {queued} tokens queued, the last "
+                            f"{batcher.reserved_tokens} are kept for small ones, and this call's body likely "
+                            f"holds {expected_bytes} bytes ({expected_from})")
 
     def expected_body_bytes(self, connection: str) -> int:
-        """The size of this connection's last body if the budget refused it (0 otherwise): the likely size of
-        its next, so that a client sending bodies the budget cannot take is refused before each is read rather
-        than after (a read of tens of megabytes that would be thrown away). Admitting a body clears it."""
+        """The size of this connection's last body if it was refused for lack of room (budget or queue; 0
+        otherwise): the likely size of its next, so that a client sending bodies the server cannot take is
+        refused before each is read rather than after (a read of tens of megabytes thrown away)."""
         return self._refused_body_bytes.get(connection, 0)
 
-    def admit_from(self, connection: str, size: int) -> Held:
-        """`admit`, remembering a refused size for the connection (see expected_body_bytes)."""
+    def remember_refused(self, connection: str, size: int) -> None:
+        """A body of `size` bytes from this connection was refused for lack of room (see expected_body_bytes)."""
         sizes = self._refused_body_bytes
-        try:
-            held = self.admit(size)
-        except Overloaded:
-            sizes[connection] = size
-            sizes.move_to_end(connection)
-            if len(sizes) > REMEMBERED_CONNECTIONS:
-                sizes.popitem(last=False)
-            raise
-        sizes.pop(connection, None)
-        return held
+        sizes[connection] = size
+        sizes.move_to_end(connection)
+        if len(sizes) > REMEMBERED_CONNECTIONS:
+            sizes.popitem(last=False)
+
+    def forget_refused(self, connection: str) -> None:
+        """A body from this connection was admitted: its next is not expected to be refused."""
+        self._refused_body_bytes.pop(connection, None)
 
     @contextlib.asynccontextmanager
     async def read_slot(self) -> AsyncIterator[None]:

@@ -27,12 +27,14 @@ from google.protobuf.message import DecodeError, Message
 from embedforge import __version__
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
+from embedforge.server.batcher import QueueFull
 from embedforge.server.core import (
     INLINE_PARSE_BYTES,
     CallObserver,
     EmbeddingCore,
     Held,
     InvalidRequest,
+    Overloaded,
     Timing,
     status_of,
 )
@@ -217,6 +219,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             code = "CANCELLED"
             raise
         except Exception as exc:  # every failure becomes a status; status_of logs the unexpected ones
+            if isinstance(exc, (Overloaded, QueueFull)) and held is not None:  # read, then refused for room
+                self.core.remember_refused(context.peer(), held.body_bytes)
             code, message = status_of(exc, request_id)
             if code == "INVALID_ARGUMENT":
                 self.bad_input_log.warning(f"invalid:{rpc}", "event=invalid_request rpc=%s request_id=%s error=%r",
@@ -241,7 +245,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raw = await context.read()
             if raw is grpc.aio.EOF:
                 raise InvalidRequest("the call carries no request message")
-            held = self.core.admit_from(connection, len(raw))
+            try:
+                held = self.core.admit(len(raw))
+            except Overloaded:
+                self.core.remember_refused(connection, len(raw))
+                raise
+            self.core.forget_refused(connection)
             try:
                 if len(raw) > INLINE_PARSE_BYTES:  # keep the event loop responsive
                     return held, await self.core.run_in_pool(parse_request, raw, request_type)
