@@ -123,6 +123,7 @@ async def bystander(target: str, stop: float) -> tuple[list[float], collections.
                 codes["OK"] += 1
             except grpc.aio.AioRpcError as exc:
                 codes[exc.code().name] += 1
+                codes[f"  {(exc.details() or '')[:48]}"] += 1  # which refusal (counted apart from the codes)
             await asyncio.sleep(max(0.0, 0.02 - (time.monotonic() - started)))
     return latencies, codes
 

@@ -26,7 +26,7 @@ from embedforge.client import AsyncEmbedClient, EmbedClient, build_embed_request
 from embedforge.server.app import InsecureKeyError, check_security
 from embedforge.server.cli import serve_command
 from embedforge.server.config import ServeConfig
-from embedforge.server.core import REMEMBERED_CONNECTIONS, EmbeddingCore, Limits, Overloaded
+from embedforge.server.core import REMEMBERED_CONNECTIONS, EmbeddingCore, Limits, Overloaded, ReadSlots
 from embedforge.server.runtime import OnnxEmbedder
 from embedforge.server.service import invalid_utf8_field, sanitize_request_id
 from embedforge.tokenization import encode_truncated, load_tokenizer
@@ -256,6 +256,45 @@ def test_refused_body_sizes_are_remembered_for_a_bounded_number_of_connections()
     core.close()
 
 
+def test_a_body_expected_to_be_large_does_not_wait_for_a_read_slot():
+    async def scenario():
+        core = EmbeddingCore(Limits(8, 300, max_concurrent_reads=1))
+        waited = {}
+        async with core.read_slot():
+            for name, expected in (("large", 10 ** 6), ("small", 100)):
+                started = time.monotonic()
+                with pytest.raises(Overloaded, match="being read already"):
+                    async with core.read_slot(expected):
+                        pass
+                waited[name] = time.monotonic() - started
+        async with core.read_slot(10 ** 6):  # a free slot is taken whatever the size
+            pass
+        core.close()
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert waited["large"] < 0.01 and waited["small"] >= 0.045
+
+
+def test_a_large_body_never_takes_the_last_free_read_slot():
+    async def scenario():
+        slots = ReadSlots(2)
+        await slots.acquire(large=True)  # two free: a large body may take one
+        with pytest.raises(Overloaded):
+            await slots.acquire(large=True)  # the last one is kept
+        await slots.acquire()  # a body not known to be large takes it
+        waiter = asyncio.ensure_future(slots.acquire())
+        await asyncio.sleep(0.01)
+        slots.release()  # handed to the waiter, not returned to the pool
+        await waiter
+        assert slots.free == 0
+        slots.release()
+        slots.release()
+        return slots.free
+
+    assert asyncio.run(scenario()) == 2
+
+
 def test_a_call_is_refused_unread_while_the_byte_budget_is_spent(embedder):
     slow = HookedEmbedder(embedder, tokenize_delay_s=1.0)
     texts = ["egg " * 75] * 8
@@ -297,7 +336,7 @@ def test_a_call_finding_no_read_slot_is_refused_within_the_slot_wait(embedder):
 
                 holder = channel.stream_unary(method, **IDENTITY)(no_body(), timeout=30)
                 for _ in range(100):  # until the holder's handler is waiting on its read
-                    if running.server.core._read_slots.locked():
+                    if running.server.core.read_slots.busy:
                         break
                     await asyncio.sleep(0.01)
                 embed = channel.unary_unary(method, **IDENTITY)

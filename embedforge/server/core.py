@@ -63,7 +63,55 @@ class Limits:
 
 
 class Overloaded(Exception):
-    """Too many request bytes wait for tokenization already."""
+    """Too many request bytes wait for tokenization already, or too many bodies are being read."""
+
+
+class ReadSlots:
+    """`count` slots for reading request bodies, handed to waiters first come, first served.
+
+    A call whose body is expected to be large never waits and never takes the last free slot (unless there is
+    only one): a crowd of large bodies retrying cannot stand between a small call and a slot. Others wait up
+    to READ_SLOT_WAIT_S. Either is refused with Overloaded."""
+
+    def __init__(self, count: int) -> None:
+        self.count = self.free = count
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def acquire(self, large: bool = False) -> None:
+        busy = Overloaded(f"{self.count} request bodies are being read already")
+        kept = 1 if large and self.count > 1 else 0
+        if self.free > kept and not self._waiters:
+            self.free -= 1
+            return
+        if large:
+            raise busy
+        slot = asyncio.get_running_loop().create_future()
+        self._waiters.append(slot)
+        try:
+            await asyncio.wait({slot}, timeout=READ_SLOT_WAIT_S)
+        except BaseException:  # this task was cancelled while it waited
+            if slot.done():
+                self.release()  # handed over at that moment: pass it on
+            else:
+                slot.cancel()
+                self._waiters.remove(slot)
+            raise
+        if not slot.done():  # timed out
+            slot.cancel()
+            self._waiters.remove(slot)
+            raise busy
+
+    def release(self) -> None:
+        while self._waiters:
+            slot = self._waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)  # the slot passes to the oldest waiter
+                return
+        self.free += 1
+
+    @property
+    def busy(self) -> bool:
+        return self.free == 0
 
 
 class Held:
@@ -145,7 +193,7 @@ class EmbeddingCore:
         self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer_threads,
                                                  thread_name_prefix="embedforge-tokenize")
         self._pending_bytes = 0
-        self._read_slots = asyncio.Semaphore(limits.max_concurrent_reads)
+        self.read_slots = ReadSlots(limits.max_concurrent_reads)
         self._refused_body_bytes: collections.OrderedDict[str, int] = collections.OrderedDict()  # connection -> size
 
     @property
@@ -206,20 +254,16 @@ class EmbeddingCore:
         self._refused_body_bytes.pop(connection, None)
 
     @contextlib.asynccontextmanager
-    async def read_slot(self) -> AsyncIterator[None]:
-        """Hold one of max_concurrent_reads slots while a body is read and parsed; Overloaded if none is free
-        within READ_SLOT_WAIT_S. Bodies of unknown size in memory are thus bounded by the slots, not the calls."""
-        try:
-            if self._read_slots.locked():  # wait_for's task only when there is something to wait for
-                await asyncio.wait_for(self._read_slots.acquire(), READ_SLOT_WAIT_S)
-            else:
-                await self._read_slots.acquire()
-        except TimeoutError:
-            raise Overloaded(f"{self.limits.max_concurrent_reads} request bodies are being read already") from None
+    async def read_slot(self, expected_bytes: int = 0) -> AsyncIterator[None]:
+        """Hold a read slot (ReadSlots) while a body is read and parsed; Overloaded if none can be had. Bodies
+        of unknown size in memory are thus bounded by the slots, not the calls. `expected_bytes` over
+        INLINE_PARSE_BYTES (a Content-Length, or a refused body before it on the connection) marks the body
+        as large."""
+        await self.read_slots.acquire(large=expected_bytes > INLINE_PARSE_BYTES)
         try:
             yield
         finally:
-            self._read_slots.release()
+            self.read_slots.release()
 
     def run_in_pool(self, fn: Callable, *args: Any) -> Awaitable:
         """Run fn(*args) on a tokenizer thread (e.g. parsing a large request body)."""

@@ -200,7 +200,7 @@ class HttpApi:
             raise too_large
         expected = request.content_length or 0, "its Content-Length"
         self.core.check_room(*expected)
-        async with self.core.read_slot():
+        async with self.core.read_slot(expected[0]):
             self.core.check_room(*expected)
             try:
                 raw = await request.read()

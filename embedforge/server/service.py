@@ -240,7 +240,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         connection = context.peer()
         expected = self.core.expected_body_bytes(connection), "its connection's last body had as many and was refused"
         self.core.check_room(*expected)
-        async with self.core.read_slot():
+        async with self.core.read_slot(expected[0]):
             self.core.check_room(*expected)  # the budget may have been spent while this call waited for its slot
             raw = await context.read()
             if raw is grpc.aio.EOF:
