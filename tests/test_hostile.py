@@ -245,14 +245,33 @@ def test_refused_body_sizes_are_remembered_for_a_bounded_number_of_connections()
     for i in range(REMEMBERED_CONNECTIONS + 10):
         core.remember_refused(f"peer-{i}", 50)
     last = f"peer-{REMEMBERED_CONNECTIONS + 9}"
-    assert core.expected_body_bytes("peer-0") == 0  # forgotten: the oldest went first
-    assert core.expected_body_bytes(last) == 50
+    assert core.expected_body("peer-0") == (0, 0)  # forgotten: the oldest went first
+    assert core.expected_body(last) == (50, 0)
     with pytest.raises(Overloaded, match="likely holds 50"):
-        core.check_room(core.expected_body_bytes(last), "its last body")
+        core.check_room(core.expected_body(last)[0], "its last body")
     held.release()
-    core.check_room(core.expected_body_bytes(last), "its last body")  # the budget can take it again
+    core.check_room(core.expected_body(last)[0], "its last body")  # the budget can take it again
     core.forget_refused(last)
-    assert core.expected_body_bytes(last) == 0
+    assert core.expected_body(last) == (0, 0)
+    core.close()
+
+
+def test_a_call_whose_last_request_found_no_queue_room_is_refused_unread():
+    """A request refused for queue room leaves its token count with its connection: the next call is refused
+    before its body is read while the queue still has no room for that many tokens."""
+    from embedforge.server.batcher import Batcher, QueueFull
+
+    core = EmbeddingCore(Limits(8, 300))
+    core.batcher = Batcher(lambda batch, alone: None, max_batch_tokens=20, min_batch_tokens=1, max_wait_ms=0,
+                           max_queue_tokens=100, max_request_tokens=30)
+    core.batcher._queued_tokens = 70  # 10 under the limit for large requests (100 - 20 kept for small ones)
+    core.remember_refused("big", 2000, tokens=30)
+    core.remember_refused("small", 40, tokens=15)
+    with pytest.raises(QueueFull, match="likely needs 30"):
+        core.check_room(*core.expected_body("big")[:1], "its last body", core.expected_body("big")[1])
+    core.check_room(core.expected_body("small")[0], "its last body", core.expected_body("small")[1])
+    core.batcher._queued_tokens = 50
+    core.check_room(core.expected_body("big")[0], "its last body", core.expected_body("big")[1])  # room again
     core.close()
 
 

@@ -63,7 +63,11 @@ AGEING_EVERY = 4  # every 4th batch serves the oldest request (no request starve
 
 
 class QueueFull(Exception):
-    """The queue holds max_queue_tokens already; the caller should retry later."""
+    """The queue has no room for the request (`tokens`, 0 if not known yet); the caller should retry later."""
+
+    def __init__(self, message: str, tokens: int = 0) -> None:
+        super().__init__(message)
+        self.tokens = tokens
 
 
 class DeadlineExceeded(Exception):
@@ -173,6 +177,10 @@ class Batcher:
         """Queued tokens beyond which a request larger than `reserved_tokens` is refused."""
         return self.max_queue_tokens - self.reserved_tokens
 
+    def limit_for(self, tokens: int) -> int:
+        """The most tokens the queue may hold with a request of `tokens` in it."""
+        return self.max_queue_tokens if tokens <= self.reserved_tokens else self.large_request_limit
+
     @property
     def queued_texts(self) -> int:
         return self._queued_texts
@@ -231,11 +239,11 @@ class Batcher:
                            f"({self.max_request_tokens}); split it into smaller requests")
         if max(lengths) > self.max_batch_tokens:
             raise TooLarge(f"a text of {max(lengths)} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
-        limit = self.max_queue_tokens if total <= self.reserved_tokens else self.large_request_limit
+        limit = self.limit_for(total)
         if self._queued_tokens + total > limit:
             kept = "" if limit == self.max_queue_tokens else f" ({self.reserved_tokens} kept for small requests)"
             raise QueueFull(f"queue full: {self._queued_tokens} tokens queued, request needs {total}, "
-                            f"limit {limit}{kept}")
+                            f"limit {limit}{kept}", tokens=total)
         loop = asyncio.get_running_loop()
         request = _Request(loop.create_future(), deadline, request_id, len(payloads))
         items = [_Item(request, i, int(n), p) for i, (p, n) in enumerate(zip(payloads, lengths, strict=True))]

@@ -87,8 +87,9 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
         "once [default: the largest request the limits allow, (max-texts-per-request + 1) x "
         "max-chars-per-text x 4 bytes]. The gRPC receive limit is that size too (at most --max-request-bytes).")
 @option("max_concurrent_reads", type=click.IntRange(1), default=DEFAULTS.max_concurrent_reads,
-        help="Request bodies read and parsed at once; a call that finds no free slot within 50 ms gets "
-        "RESOURCE_EXHAUSTED (bodies in memory: at most --max-pending-bytes + this x the receive limit).")
+        help="Request bodies being read at once (until counted in --max-pending-bytes); a call that finds no "
+        "free slot within 50 ms, or at once for a body known to be large, gets RESOURCE_EXHAUSTED (bodies in "
+        "memory: at most --max-pending-bytes + this x the receive limit).")
 @option("tokenizer_threads", type=click.IntRange(1), default=DEFAULTS.tokenizer_threads,
         help="Threads tokenizing large requests (in slices of 32 texts).")
 @option("max_failures", type=click.IntRange(1), default=DEFAULTS.max_failures,

@@ -21,7 +21,7 @@ MIN_BATCH_TOKENS_CUDA = 256
 # (benchmarks/batch_memory.py). A CPU runs `workers` batches at once, so it gets the smaller budget.
 MAX_BATCH_TOKENS_CPU = 4096
 MAX_BATCH_TOKENS_CUDA = 16384
-MAX_CONCURRENT_READS = 2  # request bodies read and parsed at once (their bytes are not known before reading)
+MAX_CONCURRENT_READS = 2  # request bodies being read at once (their size is not known before)
 MAX_CPU_WORKERS = 4  # default workers on CPU: min(cores, 4)
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 QUEUE_BATCHES = 32  # default max_queue_tokens without a known max_length: 32 x max_batch_tokens
@@ -53,7 +53,7 @@ class ServeConfig:
     # request bodies in memory <= max_concurrent_requests x max_receive_bytes.
     max_concurrent_requests: int = 64
     max_pending_bytes: int | None = None  # request bytes held before tokenization; None: max_receive_bytes
-    # Bodies being read and parsed at once; a call that finds none free within READ_SLOT_WAIT_S is refused.
+    # Bodies being read at once (until counted in max_pending_bytes); see server/core.py ReadSlots.
     # Bodies in memory <= (max_pending_bytes + max_concurrent_reads x max_receive_bytes), parsed copies aside.
     max_concurrent_reads: int = MAX_CONCURRENT_READS
     tokenizer_threads: int = 2  # so that one huge request never holds up the others

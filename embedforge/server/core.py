@@ -59,7 +59,7 @@ class Limits:
     max_texts_per_request: int
     max_chars_per_text: int
     max_pending_bytes: int = 1 << 30  # request bytes held before tokenization
-    max_concurrent_reads: int = 2  # bodies read and parsed at once
+    max_concurrent_reads: int = 2  # bodies being read at once
 
 
 class Overloaded(Exception):
@@ -194,7 +194,7 @@ class EmbeddingCore:
                                                  thread_name_prefix="embedforge-tokenize")
         self._pending_bytes = 0
         self.read_slots = ReadSlots(limits.max_concurrent_reads)
-        self._refused_body_bytes: collections.OrderedDict[str, int] = collections.OrderedDict()  # connection -> size
+        self._refused_bodies: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
 
     @property
     def pending_bytes(self) -> int:
@@ -211,11 +211,12 @@ class EmbeddingCore:
         _HELD.set(held)
         return held
 
-    def check_room(self, expected_bytes: int = 0, expected_from: str = "") -> None:
+    def check_room(self, expected_bytes: int = 0, expected_from: str = "", expected_tokens: int = 0) -> None:
         """Refuse (Overloaded, QueueFull) a call whose body has not been read yet when it could not be admitted:
         the byte budget is spent, or cannot take the `expected_bytes` the body will likely hold (`expected_from`
-        says why: its Content-Length, or the previous body on its connection), or the queue is full. Such a call
-        costs no memory and no read, and is answered at once."""
+        says why: its Content-Length, or the previous body on its connection), or the queue is full or has no
+        room for the `expected_tokens` the previous body needed. Such a call costs no memory and no read, and is
+        answered at once."""
         pending, limit = self._pending_bytes, self.limits.max_pending_bytes
         if pending >= limit:
             raise Overloaded(f"{pending} request bytes wait for tokenization; the limit is {limit}")
@@ -234,28 +235,32 @@ class EmbeddingCore:
             raise QueueFull(f"queue full for large requests: {queued} tokens queued, the last "
                             f"{batcher.reserved_tokens} are kept for small ones, and this call's body likely "
                             f"holds {expected_bytes} bytes ({expected_from})")
+        if expected_tokens and queued + expected_tokens > batcher.limit_for(expected_tokens):
+            raise QueueFull(f"queue full: {queued} tokens queued, and this call likely needs {expected_tokens} "
+                            f"({expected_from}); the limit is {batcher.limit_for(expected_tokens)}")
 
-    def expected_body_bytes(self, connection: str) -> int:
-        """The size of this connection's last body if it was refused for lack of room (budget or queue; 0
-        otherwise): the likely size of its next, so that a client sending bodies the server cannot take is
-        refused before each is read rather than after (a read of tens of megabytes thrown away)."""
-        return self._refused_body_bytes.get(connection, 0)
+    def expected_body(self, connection: str) -> tuple[int, int]:
+        """(bytes, tokens) of this connection's last body if it was refused for lack of room (budget: tokens 0;
+        queue: both; (0, 0) otherwise): the likely size of its next, so that a client sending bodies the server
+        cannot take is refused before each is read rather than after (tens of megabytes read and tokenized for
+        nothing)."""
+        return self._refused_bodies.get(connection, (0, 0))
 
-    def remember_refused(self, connection: str, size: int) -> None:
-        """A body of `size` bytes from this connection was refused for lack of room (see expected_body_bytes)."""
-        sizes = self._refused_body_bytes
-        sizes[connection] = size
-        sizes.move_to_end(connection)
-        if len(sizes) > REMEMBERED_CONNECTIONS:
-            sizes.popitem(last=False)
+    def remember_refused(self, connection: str, size: int, tokens: int = 0) -> None:
+        """A body of `size` bytes (`tokens` once tokenized) from this connection was refused for lack of room."""
+        bodies = self._refused_bodies
+        bodies[connection] = (size, tokens)
+        bodies.move_to_end(connection)
+        if len(bodies) > REMEMBERED_CONNECTIONS:
+            bodies.popitem(last=False)
 
     def forget_refused(self, connection: str) -> None:
         """A body from this connection was admitted: its next is not expected to be refused."""
-        self._refused_body_bytes.pop(connection, None)
+        self._refused_bodies.pop(connection, None)
 
     @contextlib.asynccontextmanager
     async def read_slot(self, expected_bytes: int = 0) -> AsyncIterator[None]:
-        """Hold a read slot (ReadSlots) while a body is read and parsed; Overloaded if none can be had. Bodies
+        """Hold a read slot (ReadSlots) while a body is read and admitted; Overloaded if none can be had. Bodies
         of unknown size in memory are thus bounded by the slots, not the calls. `expected_bytes` over
         INLINE_PARSE_BYTES (a Content-Length, or a refused body before it on the connection) marks the body
         as large."""

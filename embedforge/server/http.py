@@ -200,19 +200,22 @@ class HttpApi:
             raise too_large
         expected = request.content_length or 0, "its Content-Length"
         self.core.check_room(*expected)
-        async with self.core.read_slot(expected[0]):
+        async with self.core.read_slot(expected[0]):  # until the body is read and counted in the budget
             self.core.check_room(*expected)
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise too_large from None
             held = self.core.admit(len(raw))
-            try:
-                large = len(raw) > INLINE_PARSE_BYTES  # parsed off the event loop
-                body = await self.core.run_in_pool(json.loads, raw) if large else json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                held.release()
-                raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        try:
+            large = len(raw) > INLINE_PARSE_BYTES  # parsed off the event loop
+            body = await self.core.run_in_pool(json.loads, raw) if large else json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            held.release()
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        except BaseException:
+            held.release()
+            raise
         if not isinstance(body, dict):
             held.release()
             raise ApiError(400, "request body must be a JSON object")

@@ -220,7 +220,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise
         except Exception as exc:  # every failure becomes a status; status_of logs the unexpected ones
             if isinstance(exc, (Overloaded, QueueFull)) and held is not None:  # read, then refused for room
-                self.core.remember_refused(context.peer(), held.body_bytes)
+                self.core.remember_refused(context.peer(), held.body_bytes, getattr(exc, "tokens", 0))
             code, message = status_of(exc, request_id)
             if code == "INVALID_ARGUMENT":
                 self.bad_input_log.warning(f"invalid:{rpc}", "event=invalid_request rpc=%s request_id=%s error=%r",
@@ -238,10 +238,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         reading, its size is counted against the budget before it is parsed (refused if over)."""
         self.core.check_ready()
         connection = context.peer()
-        expected = self.core.expected_body_bytes(connection), "its connection's last body had as many and was refused"
-        self.core.check_room(*expected)
-        async with self.core.read_slot(expected[0]):
-            self.core.check_room(*expected)  # the budget may have been spent while this call waited for its slot
+        size, tokens = self.core.expected_body(connection)
+        expected = {"expected_bytes": size, "expected_tokens": tokens,
+                    "expected_from": "its connection's last body had as many and was refused"}
+        self.core.check_room(**expected)
+        async with self.core.read_slot(size):  # until the body is read and counted in the budget
+            self.core.check_room(**expected)  # the budget may have been spent while this call waited for its slot
             raw = await context.read()
             if raw is grpc.aio.EOF:
                 raise InvalidRequest("the call carries no request message")
@@ -250,14 +252,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             except Overloaded:
                 self.core.remember_refused(connection, len(raw))
                 raise
-            self.core.forget_refused(connection)
-            try:
-                if len(raw) > INLINE_PARSE_BYTES:  # keep the event loop responsive
-                    return held, await self.core.run_in_pool(parse_request, raw, request_type)
-                return held, parse_request(raw, request_type)
-            except BaseException:
-                held.release()
-                raise
+        self.core.forget_refused(connection)
+        try:
+            if len(raw) > INLINE_PARSE_BYTES:  # keep the event loop responsive
+                return held, await self.core.run_in_pool(parse_request, raw, request_type)
+            return held, parse_request(raw, request_type)
+        except BaseException:
+            held.release()
+            raise
 
 
 class _Once:
