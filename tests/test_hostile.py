@@ -253,6 +253,10 @@ def test_refused_body_sizes_are_remembered_for_a_bounded_number_of_connections()
     core.check_room(core.expected_body(last)[0], "its last body")  # the budget can take it again
     core.forget_refused(last)
     assert core.expected_body(last) == (0, 0)
+    for i in range(REMEMBERED_CONNECTIONS + 1):
+        core.record_body(f"peer-{i}", 10 ** 6)
+    assert core.likely_body_bytes("peer-0") == core.limits.max_receive_bytes  # forgotten: taken as large
+    assert core.likely_body_bytes(f"peer-{REMEMBERED_CONNECTIONS}") == 10 ** 6
     core.close()
 
 
@@ -341,12 +345,17 @@ def test_a_call_is_refused_unread_while_the_byte_budget_is_spent(embedder):
 
 
 def test_a_call_finding_no_read_slot_is_refused_within_the_slot_wait(embedder):
-    """One slot, held by a call whose body never comes: the next call is refused after READ_SLOT_WAIT_S,
-    not parked; once the holder is gone its slot serves the next call."""
-    with ServerThread(embedder, max_concurrent_reads=1, metrics_port=0, **LIMITS) as running:
+    """One slot, held by a call whose body never comes: the next call of a connection known to send small
+    bodies is refused after READ_SLOT_WAIT_S, not parked; a new connection's call is refused at once (it may
+    send the largest body); once the holder is gone its slot serves the next call."""
+    big = LIMITS | {"max_chars_per_text": 20000}  # bodies up to ~700 KB: a new connection's may be large
+    with ServerThread(embedder, max_concurrent_reads=1, metrics_port=0, **big) as running:
         async def scenario():
-            async with grpc.aio.insecure_channel(running.target) as channel:
+            async with grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as channel, \
+                    grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as fresh:
                 method = "/embedforge.v1.EmbeddingService/Embed"
+                body = build_embed_request(["tea"]).SerializeToString()
+                await channel.unary_unary(method, **IDENTITY)(body, timeout=10)  # this connection sends small ones
                 never_sent = asyncio.Event()
 
                 async def no_body():  # headers only: the server's read waits for a body that never comes
@@ -359,21 +368,23 @@ def test_a_call_finding_no_read_slot_is_refused_within_the_slot_wait(embedder):
                         break
                     await asyncio.sleep(0.01)
                 embed = channel.unary_unary(method, **IDENTITY)
-                body = build_embed_request(["tea"]).SerializeToString()
-                started = time.monotonic()
-                with pytest.raises(grpc.RpcError) as refused:
-                    await embed(body, timeout=10)
-                took = time.monotonic() - started
+                took = {}
+                for name, call in (("known", embed), ("fresh", fresh.unary_unary(method, **IDENTITY))):
+                    started = time.monotonic()
+                    with pytest.raises(grpc.RpcError) as refused:
+                        await call(body, timeout=10)
+                    took[name] = time.monotonic() - started
+                    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert "being read already" in refused.value.details()
                 holder.cancel()
                 await asyncio.sleep(0.2)
                 answer = pb.EmbedResponse.FromString(await embed(body, timeout=10))
-                return refused.value, took, answer
+                return took, answer
 
-        refused, took, answer = asyncio.run(scenario())
+        took, answer = asyncio.run(scenario())
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{running.server.metrics_port}/metrics", timeout=5).read()
-    assert 'embedforge_refused_seconds_bucket{le="0.256",protocol="grpc"} 1.0' in metrics.decode()
-    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "being read already" in refused.details()
-    assert 0.045 <= took < 0.5
+    assert 'embedforge_refused_seconds_bucket{le="0.256",protocol="grpc"} 2.0' in metrics.decode()
+    assert 0.045 <= took["known"] < 0.5 and took["fresh"] < 0.045
     assert answer.count == 1
 
 

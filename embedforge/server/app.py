@@ -230,7 +230,7 @@ class EmbeddingServer:
         check_security(self.config)
         self.metrics = Metrics()
         limits = Limits(cfg.max_texts_per_request, cfg.max_chars_per_text, cfg.max_pending_bytes,
-                        cfg.max_concurrent_reads)
+                        cfg.max_concurrent_reads, cfg.max_receive_bytes)
         self.core = EmbeddingCore(limits, cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
                                   tokenizer_threads=cfg.tokenizer_threads)
         self.servicer = EmbeddingServicer(self.core, on_call=self.metrics.on_call)

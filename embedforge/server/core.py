@@ -51,7 +51,7 @@ is not known before it is read, so only a bounded number of bodies may be in fli
 
 
 REMEMBERED_CONNECTIONS = 4096
-"""Connections whose last refused body size is remembered (least recently refused forgotten first)."""
+"""Connections whose last (and last refused) body size is remembered (least recently seen forgotten first)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Limits:
     max_chars_per_text: int
     max_pending_bytes: int = 1 << 30  # request bytes held before tokenization
     max_concurrent_reads: int = 2  # bodies being read at once
+    max_receive_bytes: int = 64 << 20  # the largest body
 
 
 class Overloaded(Exception):
@@ -130,6 +131,14 @@ class Held:
 _HELD: contextvars.ContextVar[Held | None] = contextvars.ContextVar("embedforge_held_bytes", default=None)
 
 
+def _remember(remembered: collections.OrderedDict, connection: str, value: Any) -> None:
+    """Set remembered[connection], forgetting the least recently set beyond REMEMBERED_CONNECTIONS."""
+    remembered[connection] = value
+    remembered.move_to_end(connection)
+    if len(remembered) > REMEMBERED_CONNECTIONS:
+        remembered.popitem(last=False)
+
+
 class InvalidRequest(Exception):
     """Bad input; the message names the offending field or item."""
 
@@ -195,6 +204,7 @@ class EmbeddingCore:
         self._pending_bytes = 0
         self.read_slots = ReadSlots(limits.max_concurrent_reads)
         self._refused_bodies: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        self._last_body_bytes: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     @property
     def pending_bytes(self) -> int:
@@ -248,11 +258,17 @@ class EmbeddingCore:
 
     def remember_refused(self, connection: str, size: int, tokens: int = 0) -> None:
         """A body of `size` bytes (`tokens` once tokenized) from this connection was refused for lack of room."""
-        bodies = self._refused_bodies
-        bodies[connection] = (size, tokens)
-        bodies.move_to_end(connection)
-        if len(bodies) > REMEMBERED_CONNECTIONS:
-            bodies.popitem(last=False)
+        _remember(self._refused_bodies, connection, (size, tokens))
+
+    def likely_body_bytes(self, connection: str) -> int:
+        """For read slots (ReadSlots): the size of the last body read on this connection, and for a connection
+        without one (new, or forgotten) the largest body allowed. While slots are short, the calls of a
+        connection that sent a large body, or none yet, neither wait for a slot nor take the last free one:
+        the last slot is kept for connections known to send small bodies."""
+        return self._last_body_bytes.get(connection, self.limits.max_receive_bytes)
+
+    def record_body(self, connection: str, size: int) -> None:
+        _remember(self._last_body_bytes, connection, size)
 
     def forget_refused(self, connection: str) -> None:
         """A body from this connection was admitted: its next is not expected to be refused."""
@@ -262,8 +278,7 @@ class EmbeddingCore:
     async def read_slot(self, expected_bytes: int = 0) -> AsyncIterator[None]:
         """Hold a read slot (ReadSlots) while a body is read and admitted; Overloaded if none can be had. Bodies
         of unknown size in memory are thus bounded by the slots, not the calls. `expected_bytes` over
-        INLINE_PARSE_BYTES (a Content-Length, or a refused body before it on the connection) marks the body
-        as large."""
+        INLINE_PARSE_BYTES (a Content-Length, or the last body on the connection) marks the body as large."""
         await self.read_slots.acquire(large=expected_bytes > INLINE_PARSE_BYTES)
         try:
             yield

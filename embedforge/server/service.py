@@ -242,11 +242,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         expected = {"expected_bytes": size, "expected_tokens": tokens,
                     "expected_from": "its connection's last body had as many and was refused"}
         self.core.check_room(**expected)
-        async with self.core.read_slot(size):  # until the body is read and counted in the budget
+        # until the body is read and counted in the budget
+        async with self.core.read_slot(max(size, self.core.likely_body_bytes(connection))):
             self.core.check_room(**expected)  # the budget may have been spent while this call waited for its slot
             raw = await context.read()
             if raw is grpc.aio.EOF:
                 raise InvalidRequest("the call carries no request message")
+            self.core.record_body(connection, len(raw))
             try:
                 held = self.core.admit(len(raw))
             except Overloaded:
