@@ -17,8 +17,8 @@ from pathlib import Path
 MIN_BATCH_TOKENS_CPU = 128
 MIN_BATCH_TOKENS_CUDA = 256
 # A batch's working memory grows with its tokens and, through attention, with batch x length^2: 32 x 512 tokens
-# of the bundled fp32 model peak at +824 MB on one ORT thread, 8 x 512 at +192 MB, with the same time per text
-# (benchmarks/batch_memory.py). A CPU runs `workers` batches at once, so it gets the smaller budget.
+# of the bundled fp32 model peak at +860 MB on one ORT thread, 8 x 512 at +229 MB, and 8 x 512 is also 16% faster
+# per text (benchmarks/batch_memory.py). A CPU runs `workers` batches at once, so it gets the smaller budget.
 MAX_BATCH_TOKENS_CPU = 4096
 MAX_BATCH_TOKENS_CUDA = 16384
 MAX_CONCURRENT_READS = 2  # request bodies being read at once (their size is not known before)

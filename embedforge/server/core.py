@@ -274,6 +274,49 @@ class EmbeddingCore:
         """A body from this connection was admitted: its next is not expected to be refused."""
         self._refused_bodies.pop(connection, None)
 
+    async def read_body(self, read: Callable[[], Awaitable[bytes]], connection: str | None = None,
+                        content_length: int | None = None) -> tuple[Held, bytes]:
+        """Read one request body with `read()` under the admission rules of both protocols and count it against
+        the byte budget: refused unread (check_room) when it could not be admitted, read on a read slot, and
+        refused after reading if the budget cannot take it. The caller releases the returned Held.
+
+        gRPC passes its `connection`: the refused body before it, if any, is the size to expect, and the sizes
+        it sends are remembered. HTTP passes its `content_length` instead."""
+        if connection is None:
+            expected = {"expected_bytes": content_length or 0, "expected_from": "its Content-Length"}
+            slot_bytes = content_length or 0
+        else:
+            size, tokens = self.expected_body(connection)
+            expected = {"expected_bytes": size, "expected_tokens": tokens,
+                        "expected_from": "its connection's last body had as many and was refused"}
+            slot_bytes = self.likely_body_bytes(connection)
+        self.check_room(**expected)
+        async with self.read_slot(slot_bytes):  # until the body is read and counted in the budget
+            self.check_room(**expected)  # the budget may have been spent while this call waited for its slot
+            raw = await read()
+            if connection is not None:
+                self.record_body(connection, len(raw))
+            try:
+                held = self.admit(len(raw))
+            except Overloaded:
+                if connection is not None:
+                    self.remember_refused(connection, len(raw))
+                raise
+        if connection is not None:
+            self.forget_refused(connection)
+        return held, raw
+
+    async def parse_body(self, held: Held, parse: Callable[..., Any], raw: bytes, *args: Any) -> Any:
+        """parse(raw, *args), on a tokenizer thread for a body over INLINE_PARSE_BYTES (the event loop stays
+        responsive); a body that fails to parse gives its bytes back to the budget."""
+        try:
+            if len(raw) > INLINE_PARSE_BYTES:
+                return await self.run_in_pool(parse, raw, *args)
+            return parse(raw, *args)
+        except BaseException:
+            held.release()
+            raise
+
     @contextlib.asynccontextmanager
     async def read_slot(self, expected_bytes: int = 0) -> AsyncIterator[None]:
         """Hold a read slot (ReadSlots) while a body is read and admitted; Overloaded if none can be had. Bodies

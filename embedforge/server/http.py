@@ -33,7 +33,7 @@ import prometheus_client as prom
 from aiohttp import web
 
 from embedforge import __version__
-from embedforge.server.core import INLINE_PARSE_BYTES, CallObserver, EmbeddingCore, Held, Timing, status_of
+from embedforge.server.core import CallObserver, EmbeddingCore, Held, Timing, status_of
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
@@ -198,24 +198,18 @@ class HttpApi:
                              code="request_too_large")
         if (request.content_length or 0) > self._max_request_bytes:
             raise too_large
-        expected = request.content_length or 0, "its Content-Length"
-        self.core.check_room(*expected)
-        async with self.core.read_slot(expected[0]):  # until the body is read and counted in the budget
-            self.core.check_room(*expected)
+
+        async def read() -> bytes:
             try:
-                raw = await request.read()
+                return await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise too_large from None
-            held = self.core.admit(len(raw))
+
+        held, raw = await self.core.read_body(read, content_length=request.content_length)
         try:
-            large = len(raw) > INLINE_PARSE_BYTES  # parsed off the event loop
-            body = await self.core.run_in_pool(json.loads, raw) if large else json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            held.release()
+            body = await self.core.parse_body(held, json.loads, raw)
+        except (ValueError, UnicodeDecodeError) as exc:  # parse_body gave the bytes back
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        except BaseException:
-            held.release()
-            raise
         if not isinstance(body, dict):
             held.release()
             raise ApiError(400, "request body must be a JSON object")

@@ -29,7 +29,6 @@ from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
 from embedforge.server.batcher import QueueFull
 from embedforge.server.core import (
-    INLINE_PARSE_BYTES,
     CallObserver,
     EmbeddingCore,
     Held,
@@ -237,31 +236,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         full, or while it cannot take as many bytes as the connection's last body, which it refused; after
         reading, its size is counted against the budget before it is parsed (refused if over)."""
         self.core.check_ready()
-        connection = context.peer()
-        size, tokens = self.core.expected_body(connection)
-        expected = {"expected_bytes": size, "expected_tokens": tokens,
-                    "expected_from": "its connection's last body had as many and was refused"}
-        self.core.check_room(**expected)
-        # until the body is read and counted in the budget
-        async with self.core.read_slot(max(size, self.core.likely_body_bytes(connection))):
-            self.core.check_room(**expected)  # the budget may have been spent while this call waited for its slot
+
+        async def read() -> bytes:
             raw = await context.read()
             if raw is grpc.aio.EOF:
                 raise InvalidRequest("the call carries no request message")
-            self.core.record_body(connection, len(raw))
-            try:
-                held = self.core.admit(len(raw))
-            except Overloaded:
-                self.core.remember_refused(connection, len(raw))
-                raise
-        self.core.forget_refused(connection)
-        try:
-            if len(raw) > INLINE_PARSE_BYTES:  # keep the event loop responsive
-                return held, await self.core.run_in_pool(parse_request, raw, request_type)
-            return held, parse_request(raw, request_type)
-        except BaseException:
-            held.release()
-            raise
+            return raw
+
+        held, raw = await self.core.read_body(read, connection=context.peer())
+        return held, await self.core.parse_body(held, parse_request, raw, request_type)
 
 
 class _Once:
