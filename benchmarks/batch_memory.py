@@ -58,12 +58,15 @@ def main() -> None:
     parser.add_argument("--export-dir", type=Path, help="an fp32 export (default: export the bundled model)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shape", action="append", help="TEXTSxTOKENS, e.g. 2x512 (repeatable; default: "
+                        + ", ".join(f"{texts}x{length}" for texts, length in SHAPES) + ")")
     args = parser.parse_args()
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shape] if args.shape else SHAPES
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = args.export_dir or export_fp32(Path(tmp))
         model = export_dir / json.loads((export_dir / "manifest.json").read_text())["models"]["fp32"]["file"]
         rows = [(texts, length, measure(model, texts, length, args.threads, args.repeats))
-                for texts, length in SHAPES]
+                for texts, length in shapes]
     print(f"\nCPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} intra-op thread(s), no memory arena\n")
     print("| batch | tokens | peak working memory | ms per text | memory / first of its length | time / first |")
     print("|---|---|---|---|---|---|")

@@ -7,8 +7,9 @@ Phases, --phase-s seconds each, a bystander (a process of its own) sending one s
   1. the bystander alone;
   2. + --flooders clients sending maximal Embed requests (max texts x max chars) back to back;
   3. + --documenters clients sending Score requests of 64 documents of ~600 tokens (cut at max_length).
-Printed per phase: the server's peak RSS, the bystander's calls and p50/p99, the attackers' statuses and how
-fast refusals came back (client side, and server side from its metrics), beside the duration of one full-budget
+Printed per phase: the server's peak RSS, the bystander's calls and p50/p99 (and where its slowest calls spent
+their time, from the timing the server returns), the attackers' statuses, how fast refusals came back (client
+side, and server side from its metrics) and the server's batches' mean time, beside the duration of one full-budget
 batch (the default --max-batch-tokens in 512-token texts, on the session a batch uses under load), which is
 what the bystander's latency is compared with.
 Targets (issue 13): RSS within 1 GB of the quiet phase, bystander p99 <= 1.5x and p50 <= 0.5x one full-budget
@@ -104,28 +105,31 @@ class RssSampler:
         self._stop.set()
 
 
-async def bystander(target: str, stop: float) -> tuple[list[float], collections.Counter]:
-    """One short text every 20 ms until `stop` (time.time()): (latencies of the OK calls, status counts)."""
+async def bystander(target: str, stop: float) -> tuple[list[tuple[float, ...]], collections.Counter]:
+    """One short text every 20 ms until `stop` (time.time()): (per OK call: seconds on the client, then the
+    server's own: handler total, queue, tokenize, inference; status counts)."""
     import grpc
 
+    from embedforge._proto import embedding_pb2 as pb
     from embedforge.client import build_embed_request
 
     body = build_embed_request(["how to boil an egg"]).SerializeToString()
-    latencies: list[float] = []
+    calls: list[tuple[float, ...]] = []
     codes: collections.Counter = collections.Counter()
     async with grpc.aio.insecure_channel(target) as channel:
         call = channel.unary_unary("/embedforge.v1.EmbeddingService/Embed", **IDENTITY)
         while time.time() < stop:
             started = time.monotonic()
             try:
-                await call(body, timeout=60)
-                latencies.append(time.monotonic() - started)
+                timing = pb.EmbedResponse.FromString(await call(body, timeout=60)).timing
+                calls.append((time.monotonic() - started, timing.total_ms / 1e3, timing.queue_ms / 1e3,
+                              timing.tokenize_ms / 1e3, timing.inference_ms / 1e3))
                 codes["OK"] += 1
             except grpc.aio.AioRpcError as exc:
                 codes[exc.code().name] += 1
                 codes[f"  {(exc.details() or '')[:48]}"] += 1  # which refusal (counted apart from the codes)
             await asyncio.sleep(max(0.0, 0.02 - (time.monotonic() - started)))
-    return latencies, codes
+    return calls, codes
 
 
 def bystander_process(target: str, stop: float, results) -> None:
@@ -150,26 +154,47 @@ async def attacker(channel, method: str, body: bytes, stop: float, codes: collec
                 await asyncio.sleep(0.05)  # a client retrying after a refusal, not a busy loop
 
 
+def slowest_breakdown(calls: list[tuple[float, ...]], share: float = 0.05) -> str:
+    """Where the slowest `share` of the bystander's calls spent their time, in mean milliseconds: outside the
+    server's handler (the body in gRPC, its read slot and parse, the reply going out), then in the handler's
+    queue, tokenize and inference stages."""
+    if not calls:
+        return "-"
+    slow = np.array(sorted(calls, reverse=True)[:max(1, int(len(calls) * share))])
+    client, total, queue, tokenize, inference = slow.mean(axis=0) * 1e3
+    return (f"{len(slow)} calls, mean {client:.0f} ms = outside the handler {client - total:.0f} + queue "
+            f"{queue:.0f} + tokenize {tokenize:.0f} + inference {inference:.0f} + other "
+            f"{total - queue - tokenize - inference:.0f}")
+
+
 def ms(values: list[float], q: float) -> str:
     return f"{np.quantile(values, q) * 1e3:.1f}" if values else "-"
 
 
-def server_refusals(metrics_port: int) -> dict[float, float]:
-    """The server's cumulative embedforge_refused_seconds buckets (gRPC): upper bound -> refusals so far."""
+def server_metrics(metrics_port: int) -> dict[str, float]:
+    """The server's cumulative samples that this benchmark reads: the gRPC refusal-time buckets
+    ("refused <= bound") and the model batches' count and summed seconds."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    buckets = {}
+    samples = {}
     for line in text.splitlines():
-        if line.startswith("embedforge_refused_seconds_bucket") and 'protocol="grpc"' in line:
-            bound = line.split('le="')[1].split('"')[0]
-            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
-    return buckets
+        name, _, value = line.rpartition(" ")
+        if name.startswith("embedforge_refused_seconds_bucket") and 'protocol="grpc"' in name:
+            bound = float(name.split('le="')[1].split('"')[0])
+            samples[f"refused <= {bound}"] = float(value)
+        elif name in ("embedforge_batch_seconds_count", "embedforge_batch_seconds_sum"):
+            samples[name] = float(value)
+    return samples
 
 
-def within(before: dict[float, float], after: dict[float, float], bound: float) -> str:
-    """'k of n' refusals of the phase (after - before) that the server answered within `bound` seconds."""
-    total = after.get(float("inf"), 0) - before.get(float("inf"), 0)
-    fast = after.get(bound, 0) - before.get(bound, 0)
-    return f"{fast:.0f} of {total:.0f}"
+def phase_metrics(before: dict[str, float], after: dict[str, float]) -> dict[str, str]:
+    """Of the phase (after - before): refusals the server answered within 100 ms, and its batches' mean time."""
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    batches = delta("embedforge_batch_seconds_count")
+    mean = delta("embedforge_batch_seconds_sum") / batches if batches else float("nan")
+    return {"server_refusals_within_100ms": f"{delta('refused <= 0.1'):.0f} of {delta('refused <= inf'):.0f}",
+            "server_batches": f"{batches:.0f}, mean {mean * 1e3:.0f} ms"}
 
 
 async def run_phases(target: str, sampler: RssSampler, args: argparse.Namespace, limits,
@@ -204,19 +229,21 @@ async def run_phases(target: str, sampler: RssSampler, args: argparse.Namespace,
             watcher.start()
             at_codes: collections.Counter = collections.Counter()
             refusals: list[float] = []
-            refused_before = server_refusals(metrics_port)
+            metrics_before = server_metrics(metrics_port)
             await asyncio.gather(*(attacker(channels[i], method, body, stop, at_codes, refusals)
                                    for i, (method, body) in enumerate(attackers)))
-            latencies, by_codes = await asyncio.to_thread(results.get, timeout=120)  # the loop keeps running
+            calls, by_codes = await asyncio.to_thread(results.get, timeout=120)  # the loop keeps running
+            latencies = [call[0] for call in calls]
             watcher.join()
             rows.append({"phase": name, "peak_rss_mb": sampler.take() / 1e6, "bystander_calls": by_codes["OK"],
                          "bystander_errors": dict(by_codes - collections.Counter({"OK": by_codes["OK"]})),
                          "p50_ms": ms(latencies, 0.5), "p99_ms": ms(latencies, 0.99),
                          "p50_s": float(np.quantile(latencies, 0.5)) if latencies else float("nan"),
                          "p99_s": float(np.quantile(latencies, 0.99)) if latencies else float("nan"),
-                         "attackers": dict(at_codes), "refusal_p99_ms": ms(refusals, 0.99),
+                         "slowest_calls": slowest_breakdown(calls), "attackers": dict(at_codes),
+                         "refusal_p99_ms": ms(refusals, 0.99),
                          "refusal_max_ms": ms(refusals, 1.0),
-                         "server_refusals_within_100ms": within(refused_before, server_refusals(metrics_port), 0.1)})
+                         **phase_metrics(metrics_before, server_metrics(metrics_port))})
             print(json.dumps(rows[-1]), flush=True)
             await asyncio.sleep(2)  # let the last attackers' calls finish before the next phase
     finally:
@@ -260,13 +287,13 @@ def main() -> None:
           f"session): {batch_s * 1e3:.0f} ms; server alive after the floods: {alive}\n")
     quiet = rows[0]["peak_rss_mb"]
     print("| load | peak RSS | bystander calls | p50 | p99 | p50 / batch | p99 / batch | attackers | refusal p99 "
-          "(client) | refused within 100 ms (server) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "(client) | refused within 100 ms (server) | batches (server) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['phase']} | {row['peak_rss_mb']:.0f} MB (+{row['peak_rss_mb'] - quiet:.0f}) | "
               f"{row['bystander_calls']} {row['bystander_errors'] or ''} | {row['p50_ms']} ms | {row['p99_ms']} ms | "
               f"{row['p50_s'] / batch_s:.2f} | {row['p99_s'] / batch_s:.2f} | {row['attackers'] or '-'} | "
-              f"{row['refusal_p99_ms']} ms | {row['server_refusals_within_100ms']} |")
+              f"{row['refusal_p99_ms']} ms | {row['server_refusals_within_100ms']} | {row['server_batches']} |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python benchmarks/soak.py --minutes 2 --export-dir /tmp/export
 
 First the capacity (calls/s) of the mix is measured closed-loop (--clients callers, --capacity-s seconds); then
-calls start open-loop at 80% of that rate (Poisson arrivals, bounded by --max-in-flight) for --minutes. The mix:
+calls start open-loop at 80% of that rate (Poisson arrivals, bounded by --max-in-flight) for --minutes; each
+minute replays the same arrivals and calls, so that the first and last minute carry the same load. The mix:
 9 in 10 calls embed 1-8 short STS-B-like texts (5-40 words), 1 in 10 embeds 4 long texts (~600 tokens, cut at
 max_length). Printed: errors by status, the server's RSS each minute and its growth after the first (warm-up)
 minute, p50/p99 per minute and the last minute's p99 against the first's.
@@ -58,24 +59,30 @@ async def capacity(client, calls: list[list[str]], clients: int, seconds: float)
     return done[0] / (time.monotonic() - started)
 
 
-async def soak(client, calls: list[list[str]], rate: float, minutes: float, max_in_flight: int,
+def minute_schedule(rate: float, calls: int, seed: int) -> list[tuple[float, int]]:
+    """One minute of Poisson arrivals at `rate` calls/s: (offset in seconds, index into the calls). Every minute
+    replays it, so that minutes differ only by the server's state and the host, not by the draw of the load."""
+    rng = np.random.default_rng(seed)
+    offsets = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * 60 * 2) + 10))
+    offsets = offsets[offsets < 60.0]
+    return [(float(offset), int(i) % calls) for i, offset in enumerate(offsets)]
+
+
+async def soak(client, calls: list[list[str]], rate: float, minutes: int, max_in_flight: int,
                sampler: RssSampler) -> tuple[list[list[float]], collections.Counter, list[int]]:
     import grpc
 
-    rng = np.random.default_rng(7)
-    per_minute: list[list[float]] = [[] for _ in range(int(np.ceil(minutes)))]
+    schedule = minute_schedule(rate, len(calls), seed=7)
+    per_minute: list[list[float]] = [[] for _ in range(minutes)]
     codes: collections.Counter = collections.Counter()
     rss: list[int] = []
     in_flight = asyncio.Semaphore(max_in_flight)
-    started = time.monotonic()
-    stop = started + minutes * 60
     tasks = set()
 
-    async def one(texts: list[str]) -> None:
+    async def one(minute: int, texts: list[str]) -> None:
         t0 = time.monotonic()
         try:
             await client.embed(texts)
-            minute = min(int((t0 - started) // 60), len(per_minute) - 1)
             per_minute[minute].append(time.monotonic() - t0)
             codes["OK"] += 1
         except grpc.RpcError as exc:
@@ -83,22 +90,20 @@ async def soak(client, calls: list[list[str]], rate: float, minutes: float, max_
         finally:
             in_flight.release()
 
-    i, next_minute = 0, started + 60
-    while time.monotonic() < stop:
-        await asyncio.sleep(rng.exponential(1.0 / rate))
-        if time.monotonic() >= next_minute:
-            rss.append(sampler.rss())
-            next_minute += 60
-        if in_flight.locked():
-            codes["SKIPPED_CLIENT_SIDE"] += 1  # the server fell behind: counted, not queued without bound
-            continue
-        await in_flight.acquire()
-        task = asyncio.ensure_future(one(calls[i % len(calls)]))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        i += 1
+    started = time.monotonic()
+    for minute in range(minutes):
+        for offset, index in schedule:
+            await asyncio.sleep(max(0.0, started + minute * 60 + offset - time.monotonic()))
+            if in_flight.locked():
+                codes["SKIPPED_CLIENT_SIDE"] += 1  # the server fell behind: counted, not queued without bound
+                continue
+            await in_flight.acquire()
+            task = asyncio.ensure_future(one(minute, calls[index]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.sleep(max(0.0, started + (minute + 1) * 60 - time.monotonic()))
+        rss.append(sampler.rss())
     await asyncio.gather(*tasks)
-    rss.append(sampler.rss())
     return per_minute, codes, rss
 
 
@@ -129,7 +134,7 @@ async def run(target: str, args: argparse.Namespace, sampler: RssSampler) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--minutes", type=int, default=10)
     parser.add_argument("--export-dir", type=Path, help="an fp32 export (default: export the bundled model)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--capacity-s", type=float, default=20.0)

@@ -340,6 +340,34 @@ def test_batches_are_told_whether_they_run_alone():
 
 # ---- fairness, health, bounded stop ----
 
+
+@pytest.mark.parametrize("quick", [None, 1024])
+def test_the_quick_worker_keeps_to_small_batches_while_the_other_runs_full_ones(quick):
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, workers=2, max_batch_tokens=4096, min_batch_tokens=128,
+                                quick_batch_tokens=quick)
+        long = asyncio.create_task(batcher.submit(list(range(16)), [512] * 16))
+        while len(recorder.batches) < 2:  # both workers have taken a batch of the long request
+            await asyncio.sleep(0.001)
+        first_two = sorted(len(batch) for batch in recorder.batches)
+        recorder.gate.set()
+        await long
+        await batcher.stop()
+        return first_two, recorder.batches
+
+    first_two, batches = run(main())
+    assert sorted(p for batch in batches for p in batch) == list(range(16))
+    if quick is None:
+        assert first_two == [8, 8]
+    else:  # 8 x 512 tokens on the full worker, 2 x 512 on the quick one: it frees up soon for short work
+        assert first_two == [2, 8]
+
+
+def test_the_quick_worker_needs_a_second_worker():
+    assert Batcher(Recorder(), **(LIMITS | {"workers": 1, "quick_batch_tokens": 512})).quick_batch_tokens is None
+    assert Batcher(Recorder(), **(LIMITS | {"workers": 2, "quick_batch_tokens": 512})).quick_batch_tokens == 512
+
 def test_a_new_short_request_goes_before_queued_long_work_and_in_a_batch_of_its_own():
     async def main():
         recorder = Recorder(gated=True)

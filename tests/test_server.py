@@ -482,6 +482,10 @@ def test_serve_config_resolves_automatic_settings_per_provider():
     assert ServeConfig().resolved(on_cuda=False, cores=2).workers == 2
     given = ServeConfig(threads=3, workers=5, min_batch_tokens=7, max_queue_tokens=9).resolved(on_cuda=False)
     assert (given.workers, given.threads, given.min_batch_tokens, given.max_queue_tokens) == (5, 3, 7, 9)
+    # the quick worker: an eighth of the budget on a CPU with 2+ workers; none on CUDA or with one worker
+    assert (cpu.quick_batch_tokens, cuda.quick_batch_tokens) == (512, 0)
+    assert ServeConfig(workers=1).resolved(on_cuda=False).quick_batch_tokens == 0
+    assert ServeConfig(quick_batch_tokens=0).resolved(on_cuda=False, cores=8).quick_batch_tokens == 0
 
 
 def test_serve_cli_hands_the_server_its_options_and_resolved_defaults(tiny_export_dir, monkeypatch):

@@ -303,7 +303,8 @@ class EmbeddingServer:
                                min_batch_tokens=cfg.min_batch_tokens, workers=cfg.workers,
                                max_wait_ms=cfg.max_wait_ms, max_queue_tokens=cfg.max_queue_tokens,
                                max_request_tokens=cfg.queue_tokens_for(info.max_length) // QUEUE_REQUESTS,
-                               max_failures=cfg.max_failures, on_batch=self.metrics.on_batch,
+                               max_failures=cfg.max_failures, quick_batch_tokens=cfg.quick_batch_tokens or None,
+                               on_batch=self.metrics.on_batch,
                                on_health=self._on_batch_health)
         self.metrics.watch_queue(self.batcher)
         self.batcher.start()

@@ -17,6 +17,11 @@ had equal service take turns (per-request round robin). Every AGEING_EVERY-th ba
 oldest request, so a long request finishes even under a flood of new ones. By design a short text waits for
 the first running batch to end, not for the queue (README: the measured table, on a contended host).
 
+The quick worker: with `quick_batch_tokens` set (and workers >= 2), one worker takes batches of at most that
+many padded tokens, so a short request waits at most for such a small batch even while the other workers run
+full ones (a batch of long texts slows to several times its quiet duration on a contended host). The quick
+worker still computes long texts, a few at a time, when no short work is queued: nothing is idle.
+
 Padding: the worker takes a window of queued texts (the chosen request's first, then the others' in the same
 order), sorts it by length and cuts it into chunks: a chunk ends where the budget would be exceeded, where it
 already holds min_batch_tokens real tokens and the next (longer) text would widen its padding, or where the next
@@ -135,13 +140,15 @@ class Batcher:
 
     def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int, min_batch_tokens: int, max_wait_ms: float,
                  max_queue_tokens: int, workers: int = 1, max_request_tokens: int | None = None,
-                 max_failures: int = 5, on_batch: Callable[[BatchStats], None] | None = None,
+                 max_failures: int = 5, quick_batch_tokens: int | None = None,
+                 on_batch: Callable[[BatchStats], None] | None = None,
                  on_health: Callable[[bool], None] | None = None) -> None:
         """The limits are explained above; the server takes them from `embedforge.server.config.ServeConfig`.
-        max_request_tokens: the most one request may queue (None: max_queue_tokens)."""
+        max_request_tokens: the most one request may queue (None: max_queue_tokens). quick_batch_tokens: the
+        quick worker's budget (None: no quick worker; ignored with one worker, which must run full batches)."""
         max_request_tokens = max_request_tokens or max_queue_tokens
         if min(max_batch_tokens, min_batch_tokens, max_queue_tokens, workers, max_request_tokens,
-               max_failures) < 1 or max_wait_ms < 0:
+               max_failures, quick_batch_tokens or 1) < 1 or max_wait_ms < 0:
             raise ValueError("token limits, workers and max_failures must be >= 1 and max_wait_ms >= 0")
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
@@ -156,6 +163,8 @@ class Batcher:
         self._on_batch = on_batch
         self._on_health = on_health
         self.workers = workers
+        self.quick_batch_tokens = min(quick_batch_tokens, max_batch_tokens) if quick_batch_tokens and workers > 1 \
+            else None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedforge-infer")
         self._requests: list[_Request] = []  # requests with queued texts, in arrival order
         self._queued_tokens = 0
@@ -188,21 +197,25 @@ class Batcher:
     def start(self) -> None:
         """Start the worker tasks on the running event loop."""
         self._wakeup = asyncio.Event()
-        for _ in range(self.workers):
-            self._spawn_worker()
+        budgets = [self.max_batch_tokens] * self.workers
+        if self.quick_batch_tokens:
+            budgets[-1] = self.quick_batch_tokens
+        for budget in budgets:
+            self._spawn_worker(budget)
 
-    def _spawn_worker(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._work(), name="embedforge-batcher")
+    def _spawn_worker(self, budget: int) -> None:
+        """A worker task whose batches hold at most `budget` padded tokens."""
+        task = asyncio.get_running_loop().create_task(self._work(budget), name="embedforge-batcher")
         self._tasks.add(task)
-        task.add_done_callback(self._worker_done)
+        task.add_done_callback(lambda done: self._worker_done(done, budget))
 
-    def _worker_done(self, task: asyncio.Task) -> None:
+    def _worker_done(self, task: asyncio.Task, budget: int) -> None:
         """A worker returns only when stopping; one that died of an error is logged and replaced."""
         self._tasks.discard(task)
         if task.cancelled() or self._stopping:
             return
         log.error("event=worker_died error=%r detail=\"replaced by a new worker\"", task.exception())
-        self._spawn_worker()
+        self._spawn_worker(budget)
 
     async def stop(self, timeout: float | None = None) -> bool:
         """Refuse new work, let running batches finish, fail what is still queued with BatcherStopped.
@@ -262,11 +275,11 @@ class Batcher:
 
     # ---- worker ----
 
-    async def _work(self) -> None:
+    async def _work(self, budget: int) -> None:
         loop = asyncio.get_running_loop()
         idle = True
         while True:
-            batch = await self._next_batch(idle)
+            batch = await self._next_batch(idle, budget)
             if batch is None:
                 return
             self._in_flight += 1
@@ -318,7 +331,7 @@ class Batcher:
             raise RuntimeError(f"run_batch returned {vectors.shape[0]} vectors for {len(live)} texts")
         return live, vectors, time.monotonic() - started
 
-    async def _next_batch(self, idle: bool) -> list[_Item] | None:
+    async def _next_batch(self, idle: bool, budget: int) -> list[_Item] | None:
         """Wait for work, then take the next batch (see the module docstring for the policy); None: stop."""
         while True:
             if self._stopping:
@@ -338,7 +351,7 @@ class Batcher:
                     except asyncio.TimeoutError:
                         idle = True  # waited long enough: run what is there
                     continue
-            return self._take_batch()
+            return self._take_batch(budget)
 
     def _drop_dead(self) -> None:
         """Remove queued requests that are finished (cancelled, failed) or past their deadline."""
@@ -354,7 +367,7 @@ class Batcher:
                 keep.append(request)
         self._requests = keep
 
-    def _take_batch(self) -> list[_Item]:
+    def _take_batch(self, budget: int) -> list[_Item]:
         self._batches += 1
         if self._batches % AGEING_EVERY == 0:
             order = list(self._requests)  # arrival order: the oldest first
@@ -365,7 +378,7 @@ class Batcher:
         tokens = 0
         for request in order:
             for item in request.queue:
-                if window and tokens + item.length > WINDOW_BATCHES * self.max_batch_tokens:
+                if window and tokens + item.length > WINDOW_BATCHES * budget:
                     break
                 window.append(item)
                 tokens += item.length
@@ -379,7 +392,7 @@ class Batcher:
         for item in window:  # cut the sorted window into chunks; keep the chunk that holds `first`
             if batch:
                 longest = batch[-1].length
-                over_budget = (len(batch) + 1) * item.length > self.max_batch_tokens
+                over_budget = (len(batch) + 1) * item.length > budget
                 widens = item.length > longest and batch_tokens >= self.min_batch_tokens
                 if over_budget or widens or item.length > WIDEN_LIMIT * longest:
                     if has_first:

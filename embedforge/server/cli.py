@@ -66,6 +66,10 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @option("max_batch_tokens", type=click.IntRange(1), default=DEFAULTS.max_batch_tokens,
         help="Token budget of one model batch (batch size x longest text); its working memory grows with it "
         f"[default: {MAX_BATCH_TOKENS_CPU} on CPU, {MAX_BATCH_TOKENS_CUDA} on CUDA].")
+@option("quick_batch_tokens", type=click.IntRange(0), default=DEFAULTS.quick_batch_tokens,
+        help="One worker keeps to batches of at most this many tokens, so that a short request never waits "
+        "for a full batch of long texts; 0: none [default: an eighth of --max-batch-tokens on CPU with 2 or "
+        "more workers, else 0].")
 @option("min_batch_tokens", type=click.IntRange(1), default=DEFAULTS.min_batch_tokens,
         help="A batch with this many real tokens is closed rather than padded wider by a longer text "
         "(lower: less padding; higher: fewer, larger batches) "

@@ -21,6 +21,12 @@ MIN_BATCH_TOKENS_CUDA = 256
 # per text (benchmarks/batch_memory.py). A CPU runs `workers` batches at once, so it gets the smaller budget.
 MAX_BATCH_TOKENS_CPU = 4096
 MAX_BATCH_TOKENS_CUDA = 16384
+# On CPU one worker keeps to batches of an eighth of the budget (512 tokens: one text of 512, or 32 of 16), so
+# that a short request waits at most for such a batch while the others run full ones: the bystander's p99 under
+# the maximal flood fell from 4.0x a full batch to 0.83x (1.2-1.25x with a quarter; benchmarks/hostile_load.py).
+# Small batches cost nothing here: 1 x 512 tokens run at 0.81x the time per text of 8 x 512 on one thread
+# (batch_memory.py), and the server's texts/s stay within 2% (quick_worker.py).
+QUICK_BATCH_SHARE_CPU = 8
 MAX_CONCURRENT_READS = 2  # request bodies being read at once (their size is not known before)
 MAX_CPU_WORKERS = 4  # default workers on CPU: min(cores, 4)
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -43,6 +49,9 @@ class ServeConfig:
     max_batch_tokens: int | None = None  # token budget of one model batch (batch size x longest text); None:
     # MAX_BATCH_TOKENS_CPU or MAX_BATCH_TOKENS_CUDA
     min_batch_tokens: int | None = None  # None: MIN_BATCH_TOKENS_CPU or MIN_BATCH_TOKENS_CUDA
+    # The quick worker's budget (see server/batcher.py); 0: none. None: max_batch_tokens / QUICK_BATCH_SHARE_CPU
+    # on CPU with 2 or more workers, else 0 (a GPU runs one batch at a time, in milliseconds).
+    quick_batch_tokens: int | None = None
     max_wait_ms: float = 2.0  # longest wait to fill a batch while busy
     max_queue_tokens: int | None = None  # None: QUEUE_REQUESTS maximal requests (see queue_tokens_for)
     max_texts_per_request: int = 1024
@@ -94,11 +103,14 @@ class ServeConfig:
         cores = cores or os.cpu_count() or 1
         batch_tokens = self.max_batch_tokens or (MAX_BATCH_TOKENS_CUDA if on_cuda else MAX_BATCH_TOKENS_CPU)
         queue = QUEUE_BATCHES * batch_tokens if max_length is None else self.queue_tokens_for(max_length)
+        workers = self.workers or (1 if on_cuda else min(cores, MAX_CPU_WORKERS))
+        quick = 0 if on_cuda or workers < 2 else batch_tokens // QUICK_BATCH_SHARE_CPU
         return dataclasses.replace(
             self,
             threads=self.threads or cores,
-            workers=self.workers or (1 if on_cuda else min(cores, MAX_CPU_WORKERS)),
+            workers=workers,
             max_batch_tokens=batch_tokens,
+            quick_batch_tokens=quick if self.quick_batch_tokens is None else self.quick_batch_tokens,
             min_batch_tokens=self.min_batch_tokens or (MIN_BATCH_TOKENS_CUDA if on_cuda else MIN_BATCH_TOKENS_CPU),
             max_queue_tokens=self.max_queue_tokens or queue,
             max_pending_bytes=self.max_pending_bytes or self.max_receive_bytes,
