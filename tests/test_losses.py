@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedforge.train.losses import InBatchLoss, MatryoshkaLoss, SumLoss, WeightedMSELoss, build_loss, weighted_mse
+from embedforge.train.config import TrainConfig
+from embedforge.train.losses import (
+    InBatchLoss,
+    MatryoshkaLoss,
+    SumLoss,
+    WeightedMSELoss,
+    build_loss,
+    loss_for,
+    weighted_mse,
+)
 
 
 @pytest.mark.parametrize(
@@ -65,6 +74,28 @@ def test_in_batch_loss_uses_only_pairs_above_the_positive_threshold_as_anchors()
     assert loss.item() == pytest.approx(nll([1.2, 1.6], 0), rel=1e-6)  # d2 stays a negative for q1
     none = InBatchLoss()(vectors, torch.tensor([0.1, 0.3]), torch.ones(2))
     assert none.item() == 0.0
+
+
+def test_rel_power_weighs_each_anchor_by_its_graded_relevance():
+    vectors = batch(Q1, Q2, D1, D2)
+    rel, weight = torch.tensor([1.0, 0.5]), torch.tensor([1.0, 2.0])
+    loss = InBatchLoss(scale=2.0, positive_threshold=0.01, rel_power=2.0)(vectors, rel, weight)
+    # anchor weights 1 * 1^2 and 2 * 0.5^2 = 0.5; q1 . [d1, d2] = [0.6, 0.8], q2 . [d1, d2] = [0.8, 0.6]
+    first, second = nll([1.2, 1.6], 0), nll([1.6, 1.2], 1)
+    assert loss.item() == pytest.approx((1.0 * first + 0.5 * second) / 1.5, rel=1e-6)
+    plain = InBatchLoss(scale=2.0, positive_threshold=0.01)(vectors, rel, weight)
+    assert plain.item() == pytest.approx((1.0 * first + 2.0 * second) / 3.0, rel=1e-6)
+
+
+def test_a_training_config_hands_every_loss_option_to_the_loss():
+    config = TrainConfig(loss="weighted-mse+in-batch", scale=5.0, positive_threshold=0.01, symmetric=True,
+                         in_batch_weight=0.5, rel_power=2.0, gather_across_ranks=True)
+    loss = loss_for(config)
+    assert isinstance(loss, SumLoss) and loss.weight == 0.5
+    in_batch = loss.second
+    assert (in_batch.scale, in_batch.positive_threshold, in_batch.symmetric, in_batch.rel_power,
+            in_batch.gather_across_ranks) == (5.0, 0.01, True, 2.0, True)
+    assert loss_for(config, gather_across_ranks=False).second.gather_across_ranks is False  # validation: one rank
 
 
 def test_symmetric_in_batch_loss_adds_the_document_to_query_direction():

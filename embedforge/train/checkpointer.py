@@ -28,7 +28,7 @@ from embedforge.io import new_figure, save_figure
 from embedforge.model import BertVectorModel
 from embedforge.train.batching import duplicate_free_batches
 from embedforge.train.config import TrainConfig
-from embedforge.train.losses import build_loss, uses_in_batch
+from embedforge.train.losses import loss_for, uses_in_batch
 
 METRICS_LOG = "metrics.jsonl"
 FAILED = 2  # broadcast by rank 0 in place of the stop flag when validating or saving failed
@@ -119,8 +119,7 @@ class Checkpointer:
               train_seconds: float) -> bool:
         model, config = self.learner.model, self.config
         # rank 0 alone validates: the loss gathers nothing from the other ranks
-        loss_fn = build_loss(config.loss, config.scale, config.positive_threshold, config.symmetric,
-                             config.in_batch_weight, config.matryoshka_dims)
+        loss_fn = loss_for(config, gather_across_ranks=False)
         val = validate(model, self.val_pairs, config.eval_batch_size, loss_fn, uses_in_batch(config.loss),
                        config.batch_size)
         model.train()

@@ -40,7 +40,7 @@ from embedforge.train.batching import duplicate_free_batches, hard_negatives, pi
 from embedforge.train.checkpointer import Checkpointer, Learner
 from embedforge.train.config import TrainConfig
 from embedforge.train.dropout import replace_dropout
-from embedforge.train.losses import LOSSES, build_loss, uses_in_batch
+from embedforge.train.losses import LOSSES, loss_for, uses_in_batch
 from embedforge.train.packing import choose_packing, packed_hidden_states
 
 
@@ -114,12 +114,6 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def training_loss(config: TrainConfig) -> nn.Module:
-    """The objective chosen by --loss and its options (train/losses/)."""
-    return build_loss(config.loss, config.scale, config.positive_threshold, config.symmetric, config.in_batch_weight,
-                      config.matryoshka_dims, config.gather_across_ranks)
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -477,7 +471,7 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
     """
     model, optimizer, scheduler, scaler, amp_dtype = (learner.model, learner.optimizer, learner.scheduler,
                                                       learner.scaler, learner.amp_dtype)
-    pair_vectors, loss_fn = _pair_vectors(model, config.pack_tokens, device, world_size), training_loss(config)
+    pair_vectors, loss_fn = _pair_vectors(model, config.pack_tokens, device, world_size), loss_for(config)
     global_step, epoch, skip_batches = start.global_step, start.epoch, start.batches_done
     position = (epoch, skip_batches)  # (epoch, batches of it trained on) after the last step
     progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",

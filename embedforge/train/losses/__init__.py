@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from embedforge.train.config import TrainConfig
 from embedforge.train.losses.combined import SumLoss
 from embedforge.train.losses.in_batch import InBatchLoss
 from embedforge.train.losses.matryoshka import MatryoshkaLoss, truncate
@@ -21,8 +22,8 @@ from embedforge.train.losses.weighted_mse import WeightedMSELoss, weighted_mse
 
 LOSSES = ("weighted-mse", "in-batch", "weighted-mse+in-batch")
 
-__all__ = ["LOSSES", "InBatchLoss", "MatryoshkaLoss", "SumLoss", "WeightedMSELoss", "build_loss", "truncate",
-           "uses_in_batch", "weighted_mse"]
+__all__ = ["LOSSES", "InBatchLoss", "MatryoshkaLoss", "SumLoss", "WeightedMSELoss", "build_loss", "loss_for",
+           "truncate", "uses_in_batch", "weighted_mse"]
 
 
 def uses_in_batch(loss: str) -> bool:
@@ -32,11 +33,19 @@ def uses_in_batch(loss: str) -> bool:
 
 def build_loss(loss: str, scale: float = 20.0, positive_threshold: float = 0.5, symmetric: bool = False,
                in_batch_weight: float = 1.0, matryoshka_dims: tuple[int, ...] | None = None,
-               gather_across_ranks: bool = False) -> nn.Module:
+               gather_across_ranks: bool = False, rel_power: float = 0.0) -> nn.Module:
     """The loss module named by `loss` (one of LOSSES), wrapped for Matryoshka training if dims are given."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    in_batch = InBatchLoss(scale, positive_threshold, symmetric, gather_across_ranks)
+    in_batch = InBatchLoss(scale, positive_threshold, symmetric, gather_across_ranks, rel_power)
     module = {"weighted-mse": WeightedMSELoss(), "in-batch": in_batch,
               "weighted-mse+in-batch": SumLoss(WeightedMSELoss(), in_batch, in_batch_weight)}[loss]
     return MatryoshkaLoss(module, matryoshka_dims) if matryoshka_dims else module
+
+
+def loss_for(config: TrainConfig, gather_across_ranks: bool | None = None) -> nn.Module:
+    """The loss a training run's `config` chooses (--loss and its options). gather_across_ranks: None follows
+    the config; False for a loss computed on one rank alone (validation)."""
+    gather = config.gather_across_ranks if gather_across_ranks is None else gather_across_ranks
+    return build_loss(config.loss, config.scale, config.positive_threshold, config.symmetric, config.in_batch_weight,
+                      config.matryoshka_dims, gather, config.rel_power)

@@ -12,9 +12,11 @@ from embedforge.train.losses.gather import gather_rows
 class InBatchLoss(nn.Module):
     """Each positive pair's document must out-score every other document of the batch for its query.
 
-    Pairs with rel_i >= positive_threshold are the anchors A. With q, d the L2-normalised query and
-    document vectors of the batch and n the hard negatives appended to it (documents of the same query
-    with a low rel, train/batching.py), the documents D = [d_1..d_B, n_1..n_H] and s the scale:
+    Pairs with rel_i >= positive_threshold are the anchors A, each weighing w_i = weight_i * rel_i^p
+    (p = rel_power; 0: every anchor alike, 2: a barely related pair pulls little). With q, d the
+    L2-normalised query and document vectors of the batch and n the hard negatives appended to it
+    (documents of the same query with a low rel, train/batching.py), the documents
+    D = [d_1..d_B, n_1..n_H] and s the scale:
 
         forward_i  = -log( exp(s cos(q_i, d_i)) / sum_{j in D} exp(s cos(q_i, D_j)) )
         backward_i = -log( exp(s cos(d_i, q_i)) / sum_{k <= B}  exp(s cos(d_i, q_k)) )   (symmetric only)
@@ -28,9 +30,9 @@ class InBatchLoss(nn.Module):
     """
 
     def __init__(self, scale: float = 20.0, positive_threshold: float = 0.5, symmetric: bool = False,
-                 gather_across_ranks: bool = False) -> None:
+                 gather_across_ranks: bool = False, rel_power: float = 0.0) -> None:
         super().__init__()
-        self.scale, self.positive_threshold = scale, positive_threshold
+        self.scale, self.positive_threshold, self.rel_power = scale, positive_threshold, rel_power
         self.symmetric, self.gather_across_ranks = symmetric, gather_across_ranks
 
     def forward(self, vectors: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -41,6 +43,8 @@ class InBatchLoss(nn.Module):
             rel, weight = gather_rows(rel), gather_rows(weight)
         anchors = (rel >= self.positive_threshold).nonzero().squeeze(1)
         weight = weight.float()[anchors]
+        if self.rel_power:
+            weight = weight * rel.float()[anchors] ** self.rel_power
         queries, candidates = queries.float(), torch.cat([documents, negatives]).float()
         logits = self.scale * queries[anchors] @ candidates.T
         losses = F.cross_entropy(logits, anchors, reduction="none")
