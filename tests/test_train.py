@@ -274,6 +274,15 @@ def test_frozen_layers_keep_embeddings_and_bottom_layers_fixed(base_model, pairs
         train(config(base_model, pairs, tmp_path / "bad", frozen_layers=2))
 
 
+@pytest.mark.parametrize(("option", "message"), [({"rel_power": -1.0}, "--rel-power must be >= 0"),
+                                                 ({"scale": 0.0}, "--scale must be > 0"),
+                                                 ({"in_batch_weight": -0.5}, "--in-batch-weight must be >= 0")])
+def test_bad_loss_options_are_refused_before_training(base_model, pairs, tmp_path, option, message):
+    with pytest.raises(TrainError, match=message):
+        train(config(base_model, pairs, tmp_path / "bad", loss="weighted-mse+in-batch", **option))
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").glob("checkpoint-*"))
+
+
 @pytest.mark.parametrize("scale", [0.01, 100.0])
 def test_clip_gradients_matches_torch_clip_grad_norm(scale):
     from embedforge.train.trainer import clip_gradients

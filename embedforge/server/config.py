@@ -23,7 +23,7 @@ MAX_BATCH_TOKENS_CPU = 4096
 MAX_BATCH_TOKENS_CUDA = 16384
 # On CPU one worker keeps to batches of an eighth of the budget (512 tokens: one text of 512, or 32 of 16), so
 # that a short request waits at most for such a batch while the others run full ones: the bystander's p99 under
-# the maximal flood fell from 4.0x a full batch to 0.83x (1.2-1.25x with a quarter; benchmarks/hostile_load.py).
+# the maximal flood fell from 4.0x a full batch to 0.54-0.83x (1.2-1.25x with a quarter; hostile_load.py).
 # Small batches cost nothing here: 1 x 512 tokens run at 0.81x the time per text of 8 x 512 on one thread
 # (batch_memory.py), and the server's texts/s stay within 2% (quick_worker.py).
 QUICK_BATCH_SHARE_CPU = 8

@@ -262,6 +262,8 @@ def _check_config(config: TrainConfig) -> None:
         raise TrainError(f"--in-batch-weight must be >= 0, got {config.in_batch_weight}")
     if not 0 <= config.positive_threshold <= 1:
         raise TrainError(f"--positive-threshold must be in [0, 1], got {config.positive_threshold}")
+    if config.rel_power < 0:
+        raise TrainError(f"--rel-power must be >= 0, got {config.rel_power}")
     if config.negative_threshold is not None and not 0 <= config.negative_threshold < config.positive_threshold:
         raise TrainError(f"--negative-threshold must be in [0, --positive-threshold), got {config.negative_threshold}")
     if config.gather_across_ranks and not uses_in_batch(config.loss):
