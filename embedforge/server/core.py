@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from embedforge.server.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull, TooLarge
+from embedforge.server.config import MAX_REQUEST_BYTES
 from embedforge.server.embedder import Embedder, ModelInfo, Tokenized, l2_normalize
 
 log = logging.getLogger("embedforge.server.core")
@@ -60,7 +61,7 @@ class Limits:
     max_chars_per_text: int
     max_pending_bytes: int = 1 << 30  # request bytes held before tokenization
     max_concurrent_reads: int = 2  # bodies being read at once
-    max_receive_bytes: int = 64 << 20  # the largest body
+    max_receive_bytes: int = MAX_REQUEST_BYTES  # the largest body
 
 
 class Overloaded(Exception):
