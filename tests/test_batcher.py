@@ -194,30 +194,32 @@ def test_queue_full_is_refused_at_once_for_single_texts_too():
     assert after.vectors[0, 0] == 5
 
 
-def test_the_last_batch_of_the_queue_is_kept_for_small_requests():
-    """Large requests may fill the queue up to its last max_batch_tokens; a request that fits in one batch may
-    use those too, so large ones filling the queue never lock small ones out."""
+def test_the_wait_estimate_shares_the_throughput_as_least_attained_service_does():
+    """estimated_wait_s(n) = (n + sum of min(queued_r, n)) / tokens_per_s (+ one batch's time while batches run):
+    every queued request gets up to n tokens of service before a new request of n tokens is done."""
     async def main():
         recorder = Recorder(gated=True)
-        batcher = await started(recorder, max_batch_tokens=20, max_queue_tokens=100, max_request_tokens=30,
-                                workers=1)
-        first = asyncio.create_task(batcher.submit([0], [10]))  # running: not queued
+        batcher = await started(recorder, max_batch_tokens=64, workers=1)
+        assert batcher.estimated_wait_s(10) is None  # no batch timed yet
+        batcher._measure(tokens=300, seconds=0.5, running=2)  # 600 tokens/s per batch x 2 batches at once
+        batcher._measure(tokens=100, seconds=1.0, running=1)  # 100 tokens/s: the average moves a fifth of the way
+        rate = 1200 + 0.2 * (100 - 1200)
+        assert batcher.tokens_per_s == pytest.approx(rate)
+        first = asyncio.create_task(batcher.submit([0], [3]))  # runs: not queued
         await wait_entered(recorder)
-        assert (batcher.reserved_tokens, batcher.large_request_limit) == (20, 80)
-        large = [asyncio.create_task(batcher.submit([1, 2], [15, 15])) for _ in range(2)]  # 60 queued
+        queued = [asyncio.create_task(batcher.submit([i] * 5, [40] * 5)) for i in (1, 2)]  # 200 tokens each
+        small = asyncio.create_task(batcher.submit([3], [4]))
         await asyncio.sleep(0)
-        with pytest.raises(QueueFull, match="20 kept for small requests"):
-            await batcher.submit([3, 4], [15, 15])
-        small = asyncio.create_task(batcher.submit([5], [20]))  # fits in one batch: takes the reserve
-        await asyncio.sleep(0)
-        queued = batcher.queued_tokens
+        batch_s = 0.5 + 0.2 * (1.0 - 0.5)
+        estimates = (batcher.estimated_wait_s(10), batcher.estimated_wait_s(1000))
         recorder.gate.set()
-        await asyncio.gather(first, *large, small)
+        await asyncio.gather(first, *queued, small)
         await batcher.stop()
-        return queued, small.result()
+        return estimates, rate, batch_s
 
-    queued, small = run(main())
-    assert queued == 80 and small.vectors[0, 0] == 5
+    (short, long), rate, batch_s = run(main())
+    assert short == pytest.approx((10 + 10 + 10 + 4) / rate + batch_s)
+    assert long == pytest.approx((1000 + 200 + 200 + 4) / rate + batch_s)
 
 
 def test_cancelled_and_expired_work_is_never_computed():
@@ -340,33 +342,6 @@ def test_batches_are_told_whether_they_run_alone():
 
 # ---- fairness, health, bounded stop ----
 
-
-@pytest.mark.parametrize("quick", [None, 1024])
-def test_the_quick_worker_keeps_to_small_batches_while_the_other_runs_full_ones(quick):
-    async def main():
-        recorder = Recorder(gated=True)
-        batcher = await started(recorder, workers=2, max_batch_tokens=4096, min_batch_tokens=128,
-                                quick_batch_tokens=quick)
-        long = asyncio.create_task(batcher.submit(list(range(16)), [512] * 16))
-        while len(recorder.batches) < 2:  # both workers have taken a batch of the long request
-            await asyncio.sleep(0.001)
-        first_two = sorted(len(batch) for batch in recorder.batches)
-        recorder.gate.set()
-        await long
-        await batcher.stop()
-        return first_two, recorder.batches
-
-    first_two, batches = run(main())
-    assert sorted(p for batch in batches for p in batch) == list(range(16))
-    if quick is None:
-        assert first_two == [8, 8]
-    else:  # 8 x 512 tokens on the full worker, 2 x 512 on the quick one: it frees up soon for short work
-        assert first_two == [2, 8]
-
-
-def test_the_quick_worker_needs_a_second_worker():
-    assert Batcher(Recorder(), **(LIMITS | {"workers": 1, "quick_batch_tokens": 512})).quick_batch_tokens is None
-    assert Batcher(Recorder(), **(LIMITS | {"workers": 2, "quick_batch_tokens": 512})).quick_batch_tokens == 512
 
 def test_a_new_short_request_goes_before_queued_long_work_and_in_a_batch_of_its_own():
     async def main():

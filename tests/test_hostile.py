@@ -7,10 +7,12 @@ import asyncio
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -26,9 +28,9 @@ from embedforge.client import AsyncEmbedClient, EmbedClient, build_embed_request
 from embedforge.server.app import InsecureKeyError, check_security
 from embedforge.server.cli import serve_command
 from embedforge.server.config import ServeConfig
-from embedforge.server.core import REMEMBERED_CONNECTIONS, EmbeddingCore, Limits, Overloaded, ReadSlots
+from embedforge.server.core import InvalidRequest, sanitize_request_id
 from embedforge.server.runtime import OnnxEmbedder
-from embedforge.server.service import invalid_utf8_field, sanitize_request_id
+from embedforge.server.service import invalid_utf8_field
 from embedforge.tokenization import encode_truncated, load_tokenizer
 
 DEFINED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -180,212 +182,115 @@ def test_a_maximal_score_is_admitted_when_idle(embedder):
         assert info.max_queue_tokens == 4 * (LIMITS["max_texts_per_request"] + 1) * 512
 
 
-def test_a_call_over_the_byte_budget_is_refused_at_once(embedder):
-    slow = HookedEmbedder(embedder, tokenize_delay_s=1.0)
-    with ServerThread(slow, max_pending_bytes=4000, **LIMITS) as running:
+EMBED = "/embedforge.v1.EmbeddingService/Embed"
+
+
+async def stalled_call(channel: grpc.aio.Channel, started: asyncio.Event | None = None) -> grpc.StatusCode:
+    """An Embed call whose request message never comes: its headers are sent, its body never is."""
+    async def nothing():
+        if started is not None:
+            started.set()
+        await asyncio.sleep(3600)
+        yield b""  # pragma: no cover
+
+    try:
+        await channel.stream_unary(EMBED, **IDENTITY)(nothing(), timeout=30)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def test_stalled_bodies_are_dropped_and_hold_no_one_up(embedder):
+    """Calls whose bodies never come (more of them than there used to be read slots) neither refuse nor slow
+    the calls beside them, and are dropped after the body timeout with what they held given back."""
+    with ServerThread(embedder, body_timeout_s=1.0, **LIMITS) as running:
         async def scenario():
-            # retries=False: the client's retry policy would send the refused call again until it fits
-            async with AsyncEmbedClient(running.target, timeout=30, retries=False) as aclient:
-                holder = asyncio.ensure_future(aclient.embed(["egg " * 75] * 8))  # ~2,450 bytes, slow to tokenize
+            async with grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as slow, \
+                    AsyncEmbedClient(running.target, timeout=10, retries=False) as aclient:
+                stalled = [asyncio.ensure_future(stalled_call(slow)) for _ in range(4)]
+                await asyncio.sleep(0.3)
+                answers = [await aclient.embed([f"tea {i}"]) for i in range(5)]  # each sent once
+                held = running.server.core.admission.budget.taken
+                return answers, held, await asyncio.gather(*stalled)
+
+        answers, held, stalled = asyncio.run(scenario())
+    assert all(answer.vectors.shape == (1, 32) for answer in answers)
+    assert held == 4 * running.server.config.max_receive_bytes  # the largest body, until theirs arrives
+    assert stalled == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
+    assert running.server.core.admission.budget.taken == 0
+
+
+def test_a_call_is_refused_at_once_only_when_the_byte_budget_is_spent(embedder):
+    """gRPC bodies count at the largest size until they arrive: with room for two, a third stalled call is
+    refused at once; once they are dropped, calls are admitted again."""
+    largest = ServeConfig(**LIMITS).max_receive_bytes
+    with ServerThread(embedder, body_timeout_s=1.0, max_pending_bytes=2 * largest, **LIMITS) as running:
+        async def scenario():
+            async with grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as slow, \
+                    AsyncEmbedClient(running.target, timeout=10, retries=False) as aclient:
+                stalled = [asyncio.ensure_future(stalled_call(slow)) for _ in range(2)]
                 await asyncio.sleep(0.3)
                 started = time.monotonic()
                 with pytest.raises(grpc.RpcError) as refused:
-                    await aclient.embed(["tea " * 75] * 8)  # would take the budget over 4,000
+                    await aclient.embed(["tea"])
                 took = time.monotonic() - started
-                # fits beside the holder; sent on another connection, since this one's next calls are refused
-                # unread until the budget can take the refused body's size (the test below)
-                async with grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as other:
-                    body = build_embed_request(["tea"] * 2).SerializeToString()
-                    embed = other.unary_unary("/embedforge.v1.EmbeddingService/Embed", **IDENTITY)
-                    smaller = pb.EmbedResponse.FromString(await embed(body, timeout=30))
-                return refused.value, took, await holder, smaller
+                await asyncio.gather(*stalled)
+                return refused.value, took, await aclient.embed(["tea"])
 
-        refused, took, held, smaller = asyncio.run(scenario())
-    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "request bytes" in refused.details()
-    assert took < 0.5
-    assert held.vectors.shape == (8, 32) and smaller.count == 2
+        refused, took, after = asyncio.run(scenario())
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "request bodies in memory" in refused.details()
+    assert dict(refused.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
+    assert took < 0.5 and after.vectors.shape == (1, 32)
 
 
-def test_a_connection_whose_last_body_cannot_fit_is_refused_unread(embedder):
-    """Once a connection's body was refused for its size, its next call is refused before it is read while the
-    budget still cannot take that many bytes; other connections' small calls go on."""
-    slow = HookedEmbedder(embedder, tokenize_delay_s=1.5)
-    large = build_embed_request(["tea " * 75] * 8).SerializeToString()  # ~2,450 bytes
-    with ServerThread(slow, max_pending_bytes=4000, **LIMITS) as running:
-        async def scenario():
-            async with grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as first, \
-                    grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as second, \
-                    grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as third:
-                method = "/embedforge.v1.EmbeddingService/Embed"
-                holder = asyncio.ensure_future(first.unary_unary(method, **IDENTITY)(large, timeout=30))
-                for _ in range(100):  # until the holder is admitted (1.5 s of tokenization follows)
-                    if running.server.core.pending_bytes:
-                        break
-                    await asyncio.sleep(0.01)
-                details = []
-                for _ in range(2):
-                    with pytest.raises(grpc.RpcError) as refused:
-                        await second.unary_unary(method, **IDENTITY)(large, timeout=10)
-                    details.append(refused.value.details())
-                small = await third.unary_unary(method, **IDENTITY)(build_embed_request(["tea"]).SerializeToString(),
-                                                                    timeout=10)
-                await holder
-                after = await second.unary_unary(method, **IDENTITY)(large, timeout=30)  # the budget is free again
-                return details, pb.EmbedResponse.FromString(small), pb.EmbedResponse.FromString(after)
+def test_items_are_counted_on_the_wire_before_parsing():
+    """A body of many tiny texts is refused by its count before any of them becomes a Python object."""
+    from embedforge.server.service import parse_request
 
-        (read_then_refused, refused_unread), small, after = asyncio.run(scenario())
-    assert f"this one has {len(large)}" in read_then_refused
-    assert f"likely holds {len(large)} (its connection's last body had as many and was refused)" in refused_unread
-    assert small.count == 1 and after.count == 8
+    body = build_embed_request(["ab"] * 100_000).SerializeToString()
+    with pytest.raises(InvalidRequest, match="texts has more than 8 items"):
+        parse_request(body, pb.EmbedRequest, 8)
+    assert list(parse_request(build_embed_request(["ab"] * 8).SerializeToString(), pb.EmbedRequest, 8).texts) == \
+        ["ab"] * 8
 
 
-def test_refused_body_sizes_are_remembered_for_a_bounded_number_of_connections():
-    core = EmbeddingCore(Limits(8, 300, max_pending_bytes=100))
-    held = core.admit(60)
-    for i in range(REMEMBERED_CONNECTIONS + 10):
-        core.remember_refused(f"peer-{i}", 50)
-    last = f"peer-{REMEMBERED_CONNECTIONS + 9}"
-    assert core.expected_body("peer-0") == (0, 0)  # forgotten: the oldest went first
-    assert core.expected_body(last) == (50, 0)
-    with pytest.raises(Overloaded, match="likely holds 50"):
-        core.check_room(core.expected_body(last)[0], "its last body")
-    held.release()
-    core.check_room(core.expected_body(last)[0], "its last body")  # the budget can take it again
-    core.forget_refused(last)
-    assert core.expected_body(last) == (0, 0)
-    for i in range(REMEMBERED_CONNECTIONS + 1):
-        core.record_body(f"peer-{i}", 10 ** 6)
-    assert core.likely_body_bytes("peer-0") == core.limits.max_receive_bytes  # forgotten: taken as large
-    assert core.likely_body_bytes(f"peer-{REMEMBERED_CONNECTIONS}") == 10 ** 6
-    core.close()
+def test_a_call_whose_deadline_cannot_be_met_is_refused_at_once_with_a_hint(embedder):
+    """Behind queued work the server estimates a call's wait; a call that could not finish before its deadline
+    is refused at once (with grpc-retry-pushback-ms) instead of waiting for its deadline to lapse, while a call
+    with time enough is admitted and finishes in time."""
+    hooked = HookedEmbedder(embedder, delay_s=0.05)
+    with ServerThread(hooked, **LIMITS) as running, EmbedClient(running.target, timeout=30, retries=False) as c:
+        c.embed(["warm up the throughput estimate"])
+        long = ["egg water salt " * 20] * 8
+        hooked.hang.set()
+        queued = [c._stub.Embed.future(build_embed_request(long), timeout=30) for _ in range(3)]
+        time.sleep(0.3)
+        wait = running.server.batcher.estimated_wait_s(8 * 60)
+        started = time.monotonic()
+        code, details = status_of(lambda: c.embed(long, deadline_s=wait / 2))
+        took = time.monotonic() - started
+        hooked.release.set()
+        hooked.hang.clear()
+        assert all(len(call.result().vectors) for call in queued)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "deadline" in details
+    assert took < min(0.5, wait / 2)
 
 
-def test_a_call_whose_last_request_found_no_queue_room_is_refused_unread():
-    """A request refused for queue room leaves its token count with its connection: the next call is refused
-    before its body is read while the queue still has no room for that many tokens."""
-    from embedforge.server.batcher import Batcher, QueueFull
-
-    core = EmbeddingCore(Limits(8, 300))
-    core.batcher = Batcher(lambda batch, alone: None, max_batch_tokens=20, min_batch_tokens=1, max_wait_ms=0,
-                           max_queue_tokens=100, max_request_tokens=30)
-    core.batcher._queued_tokens = 70  # 10 under the limit for large requests (100 - 20 kept for small ones)
-    core.remember_refused("big", 2000, tokens=30)
-    core.remember_refused("small", 40, tokens=15)
-    with pytest.raises(QueueFull, match="likely needs 30"):
-        core.check_room(*core.expected_body("big")[:1], "its last body", core.expected_body("big")[1])
-    core.check_room(core.expected_body("small")[0], "its last body", core.expected_body("small")[1])
-    core.batcher._queued_tokens = 50
-    core.check_room(core.expected_body("big")[0], "its last body", core.expected_body("big")[1])  # room again
-    core.close()
-
-
-def test_a_body_expected_to_be_large_does_not_wait_for_a_read_slot():
-    async def scenario():
-        core = EmbeddingCore(Limits(8, 300, max_concurrent_reads=1))
-        waited = {}
-        async with core.read_slot():
-            for name, expected in (("large", 10 ** 6), ("small", 100)):
-                started = time.monotonic()
-                with pytest.raises(Overloaded, match="being read already"):
-                    async with core.read_slot(expected):
-                        pass
-                waited[name] = time.monotonic() - started
-        async with core.read_slot(10 ** 6):  # a free slot is taken whatever the size
-            pass
-        core.close()
-        return waited
-
-    waited = asyncio.run(scenario())
-    assert waited["large"] < 0.01 and waited["small"] >= 0.045
-
-
-def test_a_large_body_never_takes_the_last_free_read_slot():
-    async def scenario():
-        slots = ReadSlots(2)
-        await slots.acquire(large=True)  # two free: a large body may take one
-        with pytest.raises(Overloaded):
-            await slots.acquire(large=True)  # the last one is kept
-        await slots.acquire()  # a body not known to be large takes it
-        waiter = asyncio.ensure_future(slots.acquire())
-        await asyncio.sleep(0.01)
-        slots.release()  # handed to the waiter, not returned to the pool
-        await waiter
-        assert slots.free == 0
-        slots.release()
-        slots.release()
-        return slots.free
-
-    assert asyncio.run(scenario()) == 2
-
-
-def test_a_call_is_refused_unread_while_the_byte_budget_is_spent(embedder):
-    slow = HookedEmbedder(embedder, tokenize_delay_s=1.0)
-    texts = ["egg " * 75] * 8
-    budget = len(build_embed_request(texts).SerializeToString())  # the holder takes all of it
-    with ServerThread(slow, max_pending_bytes=budget, **LIMITS) as running:
+def test_health_and_info_are_never_refused_for_load(embedder):
+    """However many calls are in progress, health and Info answer (Kubernetes restarts pods whose probes fail)."""
+    hooked = HookedEmbedder(embedder)
+    hooked.hang.set()
+    with ServerThread(hooked) as running:
         async def scenario():
             async with AsyncEmbedClient(running.target, timeout=30) as aclient:
-                holder = asyncio.ensure_future(aclient.embed(texts))
-                for _ in range(100):  # until the holder is admitted (1 s of tokenization follows)
-                    if running.server.core.pending_bytes == budget:
-                        break
-                    await asyncio.sleep(0.01)
-                started = time.monotonic()
-                async with grpc.aio.insecure_channel(running.target) as channel:  # no client retries
-                    embed = channel.unary_unary("/embedforge.v1.EmbeddingService/Embed", **IDENTITY)
-                    with pytest.raises(grpc.RpcError) as refused:
-                        await embed(build_embed_request(["tea"]).SerializeToString(), timeout=10)
-                return refused.value, time.monotonic() - started, await holder
+                held = [asyncio.ensure_future(aclient.embed([f"egg {i}"])) for i in range(80)]
+                await asyncio.sleep(0.5)
+                answers = await aclient.health(), (await aclient.info()).dim
+                hooked.release.set()
+                await asyncio.gather(*held)
+                return answers
 
-        refused, took, held = asyncio.run(scenario())
-    # Refused before its body was read: the message does not know its size (a read one says "this one has").
-    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert f"wait for tokenization; the limit is {budget}" in refused.details()
-    assert took < 0.5 and held.vectors.shape == (8, 32)
-
-
-def test_a_call_finding_no_read_slot_is_refused_within_the_slot_wait(embedder):
-    """One slot, held by a call whose body never comes: the next call of a connection known to send small
-    bodies is refused after READ_SLOT_WAIT_S, not parked; a new connection's call is refused at once (it may
-    send the largest body); once the holder is gone its slot serves the next call."""
-    big = LIMITS | {"max_chars_per_text": 20000}  # bodies up to ~700 KB: a new connection's may be large
-    with ServerThread(embedder, max_concurrent_reads=1, metrics_port=0, **big) as running:
-        async def scenario():
-            async with grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as channel, \
-                    grpc.aio.insecure_channel(running.target, options=OWN_CONNECTION) as fresh:
-                method = "/embedforge.v1.EmbeddingService/Embed"
-                body = build_embed_request(["tea"]).SerializeToString()
-                await channel.unary_unary(method, **IDENTITY)(body, timeout=10)  # this connection sends small ones
-                never_sent = asyncio.Event()
-
-                async def no_body():  # headers only: the server's read waits for a body that never comes
-                    await never_sent.wait()
-                    yield b""
-
-                holder = channel.stream_unary(method, **IDENTITY)(no_body(), timeout=30)
-                for _ in range(100):  # until the holder's handler is waiting on its read
-                    if running.server.core.read_slots.busy:
-                        break
-                    await asyncio.sleep(0.01)
-                embed = channel.unary_unary(method, **IDENTITY)
-                took = {}
-                for name, call in (("known", embed), ("fresh", fresh.unary_unary(method, **IDENTITY))):
-                    started = time.monotonic()
-                    with pytest.raises(grpc.RpcError) as refused:
-                        await call(body, timeout=10)
-                    took[name] = time.monotonic() - started
-                    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    assert "being read already" in refused.value.details()
-                holder.cancel()
-                await asyncio.sleep(0.2)
-                answer = pb.EmbedResponse.FromString(await embed(body, timeout=10))
-                return took, answer
-
-        took, answer = asyncio.run(scenario())
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{running.server.metrics_port}/metrics", timeout=5).read()
-    assert 'embedforge_refused_seconds_bucket{le="0.256",protocol="grpc"} 2.0' in metrics.decode()
-    assert 0.045 <= took["known"] < 0.5 and took["fresh"] < 0.045
-    assert answer.count == 1
+        assert asyncio.run(scenario()) == ("SERVING", 32)
 
 
 @pytest.mark.parametrize("body", [b"\xff" * 900, b"\x0a\x05" + b"a" * 900])  # no message; truncated field
@@ -396,7 +301,7 @@ def test_a_body_that_does_not_parse_gives_its_bytes_back(embedder, channel, body
             grpc.insecure_channel(running.target) as own:
         for _ in range(5):
             assert raw_call(own, "/embedforge.v1.EmbeddingService/Embed", body) == grpc.StatusCode.INVALID_ARGUMENT
-        assert running.server.core.pending_bytes == 0
+        assert running.server.core.admission.budget.taken == 0
         ok = raw_call(own, "/embedforge.v1.EmbeddingService/Embed", build_embed_request(["tea"]).SerializeToString())
     assert ok == grpc.StatusCode.OK
 
@@ -407,34 +312,17 @@ def test_texts_are_released_once_tokenized(embedder, release):
     hooked.hang.set()
     with ServerThread(hooked) as running:
         texts, documents = ["egg water"] * 3, ["tea"] * 2
-        calls = [asyncio.run_coroutine_threadsafe(running.server.core.embed(texts, release_texts=release),
-                                                  running.loop),
-                 asyncio.run_coroutine_threadsafe(running.server.core.score("q", documents, release_texts=release),
-                                                  running.loop)]
+        core = running.server.core
+        calls = [asyncio.run_coroutine_threadsafe(
+                     core.embed(texts, ticket=core.admission.open(30), release_texts=release), running.loop),
+                 asyncio.run_coroutine_threadsafe(
+                     core.score("q", documents, ticket=core.admission.open(30), release_texts=release), running.loop)]
         time.sleep(0.5)  # both tokenized, their batches hang
         waiting = list(texts), list(documents)
         hooked.release.set()
         results = [call.result(30) for call in calls]
     assert waiting == (([], []) if release else (["egg water"] * 3, ["tea"] * 2))
     assert results[0].vectors.shape == (3, 32) and len(results[1].scores) == 2
-
-
-def test_calls_beyond_max_concurrent_requests_are_refused(embedder):
-    hooked = HookedEmbedder(embedder)
-    hooked.hang.set()
-    with ServerThread(hooked, max_concurrent_requests=2) as running:
-        async def scenario():
-            async with AsyncEmbedClient(running.target, timeout=30) as aclient:
-                held = [asyncio.ensure_future(aclient.embed([f"egg {i}"])) for i in range(2)]
-                await asyncio.sleep(0.3)
-                with pytest.raises(grpc.RpcError) as refused:
-                    await aclient.embed(["tea"])
-                hooked.release.set()
-                return refused.value, await asyncio.gather(*held)
-
-        refused, held = asyncio.run(scenario())
-    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in refused.details()
-    assert len(held) == 2
 
 
 def test_work_whose_deadline_passes_during_tokenization_is_never_queued(embedder):
@@ -592,13 +480,20 @@ def test_mutual_tls_requires_a_client_certificate(embedder, tmp_path):
 
     server_cert, server_key = self_signed("localhost")
     client_cert, client_key = self_signed("client")
-    with ServerThread(embedder, tls_cert=server_cert, tls_key=server_key, tls_client_ca=client_cert) as running:
+    with ServerThread(embedder, http_port=0, tls_cert=server_cert, tls_key=server_key,
+                      tls_client_ca=client_cert) as running:
         with_cert = grpc.ssl_channel_credentials(server_cert.read_bytes(), client_key.read_bytes(),
                                                  client_cert.read_bytes())
         with grpc.secure_channel(running.target, with_cert) as ch:
             assert raw_call(ch, "/embedforge.v1.EmbeddingService/Info", b"") == grpc.StatusCode.OK
         with EmbedClient(running.target, timeout=3, tls_root_cert=server_cert) as no_cert:
             assert status_of(no_cert.info)[0] == grpc.StatusCode.UNAVAILABLE
+        health = f"https://127.0.0.1:{running.server.http.port}/health"  # HTTPS asks for the certificate too
+        context = ssl.create_default_context(cafile=server_cert)
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            urllib.request.urlopen(health, timeout=5, context=context).read()
+        context.load_cert_chain(client_cert, client_key)
+        assert urllib.request.urlopen(health, timeout=5, context=context).status == 200
 
 
 def test_serve_cli_accepts_the_new_flags(tiny_export_dir, monkeypatch):
@@ -608,14 +503,20 @@ def test_serve_cli_accepts_the_new_flags(tiny_export_dir, monkeypatch):
     monkeypatch.setattr(embedforge.server.app, "run_server", lambda make, config: handed.append(config) or True)
     monkeypatch.delenv("EMBEDFORGE_API_KEY", raising=False)
     result = CliRunner().invoke(serve_command, [
-        "--model-dir", str(tiny_export_dir), "--provider", "cpu", "--max_concurrent_requests", "9",
+        "--model-dir", str(tiny_export_dir), "--provider", "cpu", "--body-timeout-s", "9",
         "--max-pending-bytes", "1000", "--tokenizer-threads", "3", "--max-failures", "7", "--no-reflection",
-        "--metrics_host", "0.0.0.0"])
+        "--metrics_host", "0.0.0.0", "--default_deadline_s", "12"])
     assert result.exit_code == 0, result.output
     config = handed[0]
-    assert (config.max_concurrent_requests, config.max_pending_bytes, config.tokenizer_threads) == (9, 1000, 3)
+    assert (config.body_timeout_s, config.max_pending_bytes, config.tokenizer_threads) == (9, 1000, 3)
+    assert config.default_deadline_s == 12 and config.max_receive_bytes == 1000
     assert (config.max_failures, config.reflection, config.metrics_host, config.api_key) == (7, False, "0.0.0.0", None)
     assert os.environ.get("EMBEDFORGE_API_KEY") is None
+
+
+def test_the_api_key_stays_out_of_the_configs_repr():
+    config = ServeConfig(api_key="s3cret-key")
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
 
 
 def test_bound_malloc_applies_where_the_c_library_is_glibc():

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -197,16 +198,58 @@ def test_full_queue_is_rate_limited_with_retry_after(embedder):
 
 
 def test_http_bodies_count_against_the_byte_budget(embedder):
-    """A body larger than --max-pending-bytes is refused (429) after it is read, before it is parsed; bodies
-    that are refused or answered give their bytes back."""
+    """A body larger than --max-pending-bytes could ever hold is too large (413), as over --max-request-bytes;
+    bodies that are refused or answered give their bytes back."""
     with ServerThread(embedder, http_port=0, max_pending_bytes=2000) as running:
         small = json.dumps({"input": ["tea"], "model": MODEL}).encode()
         large = json.dumps({"input": ["egg water " * 30] * 8, "model": MODEL}).encode()
         bad = b"{" + b" " * 1500
-        assert http(running, "/v1/embeddings", large)[0] == 429
+        assert http(running, "/v1/embeddings", large)[0] == 413
         assert http(running, "/v1/embeddings", bad)[0] == 400
         assert http(running, "/v1/embeddings", small)[0] == 200
-        assert running.server.core.pending_bytes == 0
+        assert running.server.core.admission.budget.taken == 0
+
+
+def test_a_stalled_http_body_is_dropped_and_holds_no_one_up(embedder):
+    """Connections that send headers and part of a body, more of them than there used to be read slots, neither
+    refuse nor slow the calls beside them; each gets 408 after the body timeout and gives back what it held."""
+    with ServerThread(embedder, http_port=0, body_timeout_s=1.0) as running:
+        stalled = []
+        for _ in range(3):
+            connection = socket.create_connection(("127.0.0.1", running.server.http.port), timeout=10)
+            connection.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                               b"\r\nContent-Length: 100\r\n\r\n{\"input\": ")
+            stalled.append(connection)
+        time.sleep(0.3)
+        answers = [sdk(running).embeddings.create(input=f"tea {i}", model=MODEL) for i in range(5)]  # each sent once
+        replies = [connection.recv(4096) for connection in stalled]
+        for connection in stalled:
+            connection.close()
+        assert running.server.core.admission.budget.taken == 0
+    assert all(len(answer.data) == 1 for answer in answers)
+    assert all(reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in reply for reply in replies)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nests JSON too deeply"),
+    (b'{"input": ["fine", "\\ud800"]}', "input[1] holds a lone surrogate"),
+])
+def test_nested_json_and_lone_surrogates_are_bad_requests(server, body, message):
+    status, _, answer = http(server, "/v1/embeddings", body)
+    assert status == 400 and message in answer["error"]["message"]
+
+
+def test_request_ids_are_sanitised_and_metrics_need_the_key(embedder):
+    with ServerThread(embedder, http_port=0, api_key="s3cret") as running:
+        key = {"Authorization": "Bearer s3cret"}
+        _, headers, _ = http(running, "/v1/models", headers={**key, "X-Request-Id": "a b=\"forged\" " + "x" * 100})
+        assert headers["X-Request-Id"] == "a_b__forged__" + "x" * 51
+        metrics = f"http://127.0.0.1:{running.server.http.port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(metrics, timeout=5)
+        assert refused.value.code == 401
+        opened = urllib.request.urlopen(urllib.request.Request(metrics, headers=key), timeout=5)
+        assert b"embedforge_requests_total" in opened.read()
 
 
 def test_loading_then_serving_then_draining(embedder):

@@ -37,8 +37,7 @@ from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError
 ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def server(embedder):
-    with ServerThread(embedder, max_texts_per_request=64, max_chars_per_text=3000, max_concurrent_requests=400,
-                      metrics_port=0) as running:
+    with ServerThread(embedder, max_texts_per_request=64, max_chars_per_text=3000, metrics_port=0) as running:
         yield running
 
 
@@ -164,7 +163,7 @@ def test_metrics_endpoint(server, client):
 @pytest.mark.parametrize(("call", "message"), [
     (lambda c: c.embed([]), "texts is empty"),
     (lambda c: c.embed(["ok", "fine", ""]), "texts[2] is empty"),
-    (lambda c: c.embed(["egg"] * 65), "65 texts; the limit is 64"),
+    (lambda c: c.embed(["egg"] * 65), "texts has more than 64 items; the limit is 64"),
     (lambda c: c.embed(["egg", "x" * 3001]), "texts[1] has 3001 characters"),
     (lambda c: c.embed(["egg", "ok", "egg " * 600], truncate=False), "texts[2] is longer than max_length=512"),
     (lambda c: c.score("", ["doc"]), "query is empty"),
@@ -482,10 +481,8 @@ def test_serve_config_resolves_automatic_settings_per_provider():
     assert ServeConfig().resolved(on_cuda=False, cores=2).workers == 2
     given = ServeConfig(threads=3, workers=5, min_batch_tokens=7, max_queue_tokens=9).resolved(on_cuda=False)
     assert (given.workers, given.threads, given.min_batch_tokens, given.max_queue_tokens) == (5, 3, 7, 9)
-    # the quick worker: an eighth of the budget on a CPU with 2+ workers; none on CUDA or with one worker
-    assert (cpu.quick_batch_tokens, cuda.quick_batch_tokens) == (512, 0)
-    assert ServeConfig(workers=1).resolved(on_cuda=False).quick_batch_tokens == 0
-    assert ServeConfig(quick_batch_tokens=0).resolved(on_cuda=False, cores=8).quick_batch_tokens == 0
+    # one body limit for both protocols, and a byte budget of 64 of the largest bodies
+    assert cpu.max_receive_bytes == 4 * 1024 * 1024 and cpu.max_pending_bytes == 64 * cpu.max_receive_bytes
 
 
 def test_serve_cli_hands_the_server_its_options_and_resolved_defaults(tiny_export_dir, monkeypatch):
@@ -501,7 +498,8 @@ def test_serve_cli_hands_the_server_its_options_and_resolved_defaults(tiny_expor
     config = handed[0]
     assert (config.max_batch_tokens, config.workers, config.max_texts_per_request) == (4096, 3, 7)
     assert (config.min_batch_tokens, config.max_queue_tokens) == (128, 4 * (7 + 1) * 512)  # CPU defaults
-    assert config.max_pending_bytes == config.max_receive_bytes == 8 * (20000 * 4 + 16) + 1024
+    assert config.max_receive_bytes == 8 * (20000 * 4 + 16) + 1024
+    assert config.max_pending_bytes == 64 * config.max_receive_bytes
     assert config.threads == (os.cpu_count() or 1) and config.api_key == "k3y"
     assert (config.port, config.max_wait_ms, config.grace_s) == (50051, 2.0, 10.0)
 

@@ -39,6 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedforge._proto import embedding_pb2 as pb
+from embedforge.server.admission import Admission, AdmissionLimits
 from embedforge.server.batcher import Batcher, BatchStats
 from embedforge.server.config import QUEUE_REQUESTS, ServeConfig
 from embedforge.server.core import CallObserver, EmbeddingCore, Limits
@@ -97,7 +98,7 @@ class Metrics:
         self.latency = prom.Histogram("embedforge_request_seconds", "Call latency", ["protocol", "rpc"], registry=r,
                                       buckets=(.001, .002, .004, .008, .016, .032, .064, .128, .256, .512, 1, 2, 4, 8))
         self.refused = prom.Histogram("embedforge_refused_seconds", "Time to refuse a call with RESOURCE_EXHAUSTED "
-                                      "(refusals gRPC makes itself beyond --max-concurrent-requests aside)",
+                                      "(admission or deadline)",
                                       ["protocol"], registry=r, buckets=(.001, .004, .016, .064, .1, .256, 1, 4))
         self.stage = prom.Histogram("embedforge_stage_seconds", "Time per call in each stage", ["stage"], registry=r,
                                     buckets=(.0001, .0005, .001, .002, .004, .008, .016, .032, .064, .128, .256, 1, 4))
@@ -229,9 +230,12 @@ class EmbeddingServer:
         cfg = self.config.resolved(on_cuda=False)  # only the byte limits are read here; they do not depend on it
         check_security(self.config)
         self.metrics = Metrics()
-        limits = Limits(cfg.max_texts_per_request, cfg.max_chars_per_text, cfg.max_pending_bytes,
-                        cfg.max_concurrent_reads, cfg.max_receive_bytes)
-        self.core = EmbeddingCore(limits, cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
+        admission = Admission(AdmissionLimits(max_body_bytes=cfg.max_receive_bytes,
+                                              max_pending_bytes=cfg.max_pending_bytes,
+                                              body_timeout_s=cfg.body_timeout_s,
+                                              default_deadline_s=cfg.default_deadline_s))
+        self.core = EmbeddingCore(Limits(cfg.max_texts_per_request, cfg.max_chars_per_text), admission,
+                                  cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
                                   tokenizer_threads=cfg.tokenizer_threads)
         self.servicer = EmbeddingServicer(self.core, on_call=self.metrics.on_call)
         self.health = health.aio.HealthServicer()
@@ -239,10 +243,8 @@ class EmbeddingServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         api_key = (cfg.api_key or "").strip()
         interceptors = [ApiKeyInterceptor(api_key, self.metrics.on_call)] if api_key else []
-        # gRPC refuses calls beyond the limit before it reads their bodies (RESOURCE_EXHAUSTED), so at most
-        # max_concurrent_requests bodies of at most max_receive_bytes each are in memory at once.
-        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg) + connection_options(cfg),
-                                      maximum_concurrent_rpcs=cfg.max_concurrent_requests)
+        # No cap on concurrent calls: admission bounds bodies by bytes and time, and health is never refused.
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg) + connection_options(cfg))
         self.server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if cfg.reflection:
@@ -267,9 +269,9 @@ class EmbeddingServer:
                                                            registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         if cfg.http_port is not None:
-            self.http = HttpApi(self.core, api_key=api_key or None, max_request_bytes=cfg.max_request_bytes,
-                                registry=self.metrics.registry, on_call=self.metrics.on_call)
-            await self.http.start(cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)
+            self.http = HttpApi(self.core, api_key=api_key or None, registry=self.metrics.registry,
+                                on_call=self.metrics.on_call)
+            await self.http.start(cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         await self.server.start()
         log.info("event=listening address=%s:%d tls=%s client_certs=%s api_key=%s reflection=%s metrics=%s:%s "
                  "http_port=%s", cfg.host, self.port, cfg.tls_cert is not None, cfg.tls_client_ca is not None,
@@ -303,8 +305,7 @@ class EmbeddingServer:
                                min_batch_tokens=cfg.min_batch_tokens, workers=cfg.workers,
                                max_wait_ms=cfg.max_wait_ms, max_queue_tokens=cfg.max_queue_tokens,
                                max_request_tokens=cfg.queue_tokens_for(info.max_length) // QUEUE_REQUESTS,
-                               max_failures=cfg.max_failures, quick_batch_tokens=cfg.quick_batch_tokens or None,
-                               on_batch=self.metrics.on_batch,
+                               max_failures=cfg.max_failures, on_batch=self.metrics.on_batch,
                                on_health=self._on_batch_health)
         self.metrics.watch_queue(self.batcher)
         self.batcher.start()

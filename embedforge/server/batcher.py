@@ -17,11 +17,6 @@ had equal service take turns (per-request round robin). Every AGEING_EVERY-th ba
 oldest request, so a long request finishes even under a flood of new ones. By design a short text waits for
 the first running batch to end, not for the queue (README: the measured table, on a contended host).
 
-The quick worker: with `quick_batch_tokens` set (and workers >= 2), one worker takes batches of at most that
-many padded tokens, so a short request waits at most for such a small batch even while the other workers run
-full ones (a batch of long texts slows to several times its quiet duration on a contended host). The quick
-worker still computes long texts, a few at a time, when no short work is queued: nothing is idle.
-
 Padding: the worker takes a window of queued texts (the chosen request's first, then the others' in the same
 order), sorts it by length and cuts it into chunks: a chunk ends where the budget would be exceeded, where it
 already holds min_batch_tokens real tokens and the next (longer) text would widen its padding, or where the next
@@ -34,9 +29,14 @@ min_batch_tokens are queued, the worker waits until the oldest text has waited `
 (or min_batch_tokens are queued) so that a busy server runs fuller batches.
 
 Backpressure: at most `max_queue_tokens` tokens wait in the queue and one request holds at most
-`max_request_tokens` of them; the last `reserved_tokens` (one batch) take only requests that fit in one batch,
-so large requests filling the queue never lock short ones out. `submit` raises QueueFull at once beyond that.
-Work whose caller is gone (cancelled) or whose deadline passed is dropped before it is computed.
+`max_request_tokens` of them; `submit` raises QueueFull at once beyond that. Work whose caller is gone
+(cancelled) or whose deadline passed is dropped before it is computed.
+
+Wait estimate (for deadline-aware admission, server/admission.py): the batcher keeps its recent throughput,
+an exponential average over batches of real tokens per second times the batches that ran at once. Under least
+attained service a request of n tokens finishes once every queued request has had up to n tokens of service,
+so `estimated_wait_s(n)` = (n + sum of min(queued tokens of each request, n)) / throughput, plus one batch's
+time while batches run.
 
 Health: after `max_failures` failed batches in a row `healthy` turns False (and `on_health(False)` is called);
 the next successful batch turns it back. A worker task that dies is logged and replaced. `stop(timeout)`
@@ -65,6 +65,12 @@ batch every core; False under load, where batches run side by side."""
 WINDOW_BATCHES = 4  # how many batches' worth of queued tokens are sorted together
 WIDEN_LIMIT = 4  # a chunk is closed before a text over 4x its longest (a short text does not wait for long ones)
 AGEING_EVERY = 4  # every 4th batch serves the oldest request (no request starves)
+RATE_SMOOTHING = 0.2  # weight of the newest batch in the throughput average
+
+
+def _smooth(average: float | None, sample: float) -> float:
+    """An exponential moving average (RATE_SMOOTHING), started by its first sample."""
+    return sample if average is None else average + RATE_SMOOTHING * (sample - average)
 
 
 class QueueFull(Exception):
@@ -140,15 +146,13 @@ class Batcher:
 
     def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int, min_batch_tokens: int, max_wait_ms: float,
                  max_queue_tokens: int, workers: int = 1, max_request_tokens: int | None = None,
-                 max_failures: int = 5, quick_batch_tokens: int | None = None,
-                 on_batch: Callable[[BatchStats], None] | None = None,
+                 max_failures: int = 5, on_batch: Callable[[BatchStats], None] | None = None,
                  on_health: Callable[[bool], None] | None = None) -> None:
         """The limits are explained above; the server takes them from `embedforge.server.config.ServeConfig`.
-        max_request_tokens: the most one request may queue (None: max_queue_tokens). quick_batch_tokens: the
-        quick worker's budget (None: no quick worker; ignored with one worker, which must run full batches)."""
+        max_request_tokens: the most one request may queue (None: max_queue_tokens)."""
         max_request_tokens = max_request_tokens or max_queue_tokens
         if min(max_batch_tokens, min_batch_tokens, max_queue_tokens, workers, max_request_tokens,
-               max_failures, quick_batch_tokens or 1) < 1 or max_wait_ms < 0:
+               max_failures) < 1 or max_wait_ms < 0:
             raise ValueError("token limits, workers and max_failures must be >= 1 and max_wait_ms >= 0")
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
@@ -156,15 +160,12 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
         self.max_request_tokens = min(max_request_tokens, max_queue_tokens)
-        # The last `reserved_tokens` of the queue take only requests that fit in one batch, so that large ones
-        # filling the queue never lock short ones out; a maximal request still fits when the queue is empty.
-        self.reserved_tokens = min(max_batch_tokens, max_queue_tokens - self.max_request_tokens)
         self.max_failures = max_failures
         self._on_batch = on_batch
         self._on_health = on_health
         self.workers = workers
-        self.quick_batch_tokens = min(quick_batch_tokens, max_batch_tokens) if quick_batch_tokens and workers > 1 \
-            else None
+        self.tokens_per_s: float | None = None  # recent throughput (see the module docstring); None: no batch yet
+        self._batch_s = 0.0  # recent seconds per batch
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedforge-infer")
         self._requests: list[_Request] = []  # requests with queued texts, in arrival order
         self._queued_tokens = 0
@@ -181,14 +182,13 @@ class Batcher:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    @property
-    def large_request_limit(self) -> int:
-        """Queued tokens beyond which a request larger than `reserved_tokens` is refused."""
-        return self.max_queue_tokens - self.reserved_tokens
-
-    def limit_for(self, tokens: int) -> int:
-        """The most tokens the queue may hold with a request of `tokens` in it."""
-        return self.max_queue_tokens if tokens <= self.reserved_tokens else self.large_request_limit
+    def estimated_wait_s(self, tokens: int) -> float | None:
+        """Seconds until a request of `tokens` tokens submitted now would be computed (module docstring); None
+        until a batch has been timed."""
+        if self.tokens_per_s is None:
+            return None
+        ahead = tokens + sum(min(request.queued_tokens, tokens) for request in self._requests)
+        return ahead / self.tokens_per_s + (self._batch_s if self._in_flight else 0.0)
 
     @property
     def queued_texts(self) -> int:
@@ -197,25 +197,21 @@ class Batcher:
     def start(self) -> None:
         """Start the worker tasks on the running event loop."""
         self._wakeup = asyncio.Event()
-        budgets = [self.max_batch_tokens] * self.workers
-        if self.quick_batch_tokens:
-            budgets[-1] = self.quick_batch_tokens
-        for budget in budgets:
-            self._spawn_worker(budget)
+        for _ in range(self.workers):
+            self._spawn_worker()
 
-    def _spawn_worker(self, budget: int) -> None:
-        """A worker task whose batches hold at most `budget` padded tokens."""
-        task = asyncio.get_running_loop().create_task(self._work(budget), name="embedforge-batcher")
+    def _spawn_worker(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._work(), name="embedforge-batcher")
         self._tasks.add(task)
-        task.add_done_callback(lambda done: self._worker_done(done, budget))
+        task.add_done_callback(self._worker_done)
 
-    def _worker_done(self, task: asyncio.Task, budget: int) -> None:
+    def _worker_done(self, task: asyncio.Task) -> None:
         """A worker returns only when stopping; one that died of an error is logged and replaced."""
         self._tasks.discard(task)
         if task.cancelled() or self._stopping:
             return
         log.error("event=worker_died error=%r detail=\"replaced by a new worker\"", task.exception())
-        self._spawn_worker(budget)
+        self._spawn_worker()
 
     async def stop(self, timeout: float | None = None) -> bool:
         """Refuse new work, let running batches finish, fail what is still queued with BatcherStopped.
@@ -252,11 +248,9 @@ class Batcher:
                            f"({self.max_request_tokens}); split it into smaller requests")
         if max(lengths) > self.max_batch_tokens:
             raise TooLarge(f"a text of {max(lengths)} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
-        limit = self.limit_for(total)
-        if self._queued_tokens + total > limit:
-            kept = "" if limit == self.max_queue_tokens else f" ({self.reserved_tokens} kept for small requests)"
+        if self._queued_tokens + total > self.max_queue_tokens:
             raise QueueFull(f"queue full: {self._queued_tokens} tokens queued, request needs {total}, "
-                            f"limit {limit}{kept}", tokens=total)
+                            f"limit {self.max_queue_tokens}", tokens=total)
         loop = asyncio.get_running_loop()
         request = _Request(loop.create_future(), deadline, request_id, len(payloads))
         items = [_Item(request, i, int(n), p) for i, (p, n) in enumerate(zip(payloads, lengths, strict=True))]
@@ -275,19 +269,21 @@ class Batcher:
 
     # ---- worker ----
 
-    async def _work(self, budget: int) -> None:
+    async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         idle = True
         while True:
-            batch = await self._next_batch(idle, budget)
+            batch = await self._next_batch(idle)
             if batch is None:
                 return
             self._in_flight += 1
+            running = self._in_flight
             try:
                 batch, vectors, seconds = await loop.run_in_executor(self._executor, self._compute, batch)
                 if batch:
                     self._deliver(batch, vectors, seconds)
                     self._on_outcome(ok=True)
+                    self._measure(sum(it.length for it in batch), seconds, running)
             except Exception as exc:  # one failing batch fails only its own requests
                 ids = sorted({it.request.request_id for it in batch})
                 log.error("event=batch_failed size=%d request_ids=%s error=%r", len(batch), ",".join(ids), exc)
@@ -301,6 +297,13 @@ class Batcher:
                 longest = max(it.length for it in batch)
                 self._on_batch(BatchStats(len(batch), sum(it.length for it in batch), len(batch) * longest, seconds))
             idle = not self._requests
+
+    def _measure(self, tokens: int, seconds: float, running: int) -> None:
+        """Fold one batch into the throughput average: its tokens per second times the batches running."""
+        if seconds <= 0:
+            return
+        self.tokens_per_s = _smooth(self.tokens_per_s, tokens / seconds * running)
+        self._batch_s = _smooth(self._batch_s or None, seconds)
 
     def _on_outcome(self, ok: bool) -> None:
         self._failures = 0 if ok else self._failures + 1
@@ -331,7 +334,7 @@ class Batcher:
             raise RuntimeError(f"run_batch returned {vectors.shape[0]} vectors for {len(live)} texts")
         return live, vectors, time.monotonic() - started
 
-    async def _next_batch(self, idle: bool, budget: int) -> list[_Item] | None:
+    async def _next_batch(self, idle: bool) -> list[_Item] | None:
         """Wait for work, then take the next batch (see the module docstring for the policy); None: stop."""
         while True:
             if self._stopping:
@@ -351,7 +354,7 @@ class Batcher:
                     except asyncio.TimeoutError:
                         idle = True  # waited long enough: run what is there
                     continue
-            return self._take_batch(budget)
+            return self._take_batch()
 
     def _drop_dead(self) -> None:
         """Remove queued requests that are finished (cancelled, failed) or past their deadline."""
@@ -367,7 +370,8 @@ class Batcher:
                 keep.append(request)
         self._requests = keep
 
-    def _take_batch(self, budget: int) -> list[_Item]:
+    def _take_batch(self) -> list[_Item]:
+        budget = self.max_batch_tokens
         self._batches += 1
         if self._batches % AGEING_EVERY == 0:
             order = list(self._requests)  # arrival order: the oldest first

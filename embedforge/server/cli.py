@@ -18,6 +18,7 @@ from embedforge.server.config import (
     MAX_CPU_WORKERS,
     MIN_BATCH_TOKENS_CPU,
     MIN_BATCH_TOKENS_CUDA,
+    PENDING_BODIES,
     QUEUE_REQUESTS,
     ServeConfig,
 )
@@ -66,10 +67,6 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @option("max_batch_tokens", type=click.IntRange(1), default=DEFAULTS.max_batch_tokens,
         help="Token budget of one model batch (batch size x longest text); its working memory grows with it "
         f"[default: {MAX_BATCH_TOKENS_CPU} on CPU, {MAX_BATCH_TOKENS_CUDA} on CUDA].")
-@option("quick_batch_tokens", type=click.IntRange(0), default=DEFAULTS.quick_batch_tokens,
-        help="One worker keeps to batches of at most this many tokens, so that a short request never waits "
-        "for a full batch of long texts; 0: none [default: an eighth of --max-batch-tokens on CPU with 2 or "
-        "more workers, else 0].")
 @option("min_batch_tokens", type=click.IntRange(1), default=DEFAULTS.min_batch_tokens,
         help="A batch with this many real tokens is closed rather than padded wider by a longer text "
         "(lower: less padding; higher: fewer, larger batches) "
@@ -82,18 +79,16 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @option("max_texts_per_request", type=click.IntRange(1), default=DEFAULTS.max_texts_per_request)
 @option("max_chars_per_text", type=click.IntRange(1), default=DEFAULTS.max_chars_per_text)
 @option("max_request_bytes", type=click.IntRange(1), default=DEFAULTS.max_request_bytes,
-        help="Largest gRPC message or HTTP body; a larger HTTP body gets 413 before it is parsed.")
-@option("max_concurrent_requests", type=click.IntRange(1), default=DEFAULTS.max_concurrent_requests,
-        help="Calls in progress at once (health checks included); more get RESOURCE_EXHAUSTED before their "
-        "bodies are read.")
+        help="Largest request body over either protocol (gRPC RESOURCE_EXHAUSTED, HTTP 413 beyond it).")
 @option("max_pending_bytes", type=click.IntRange(1), default=DEFAULTS.max_pending_bytes,
-        help="Request bytes held before tokenization; a call that would exceed it gets RESOURCE_EXHAUSTED at "
-        "once [default: the largest request the limits allow, (max-texts-per-request + 1) x "
-        "max-chars-per-text x 4 bytes]. The gRPC receive limit is that size too (at most --max-request-bytes).")
-@option("max_concurrent_reads", type=click.IntRange(1), default=DEFAULTS.max_concurrent_reads,
-        help="Request bodies being read at once (until counted in --max-pending-bytes); a call that finds no "
-        "free slot within 50 ms, or at once for a body known to be large, gets RESOURCE_EXHAUSTED (bodies in "
-        "memory: at most --max-pending-bytes + this x the receive limit).")
+        help="Bytes of request bodies held until their texts are tokens (a gRPC body counts at the largest size "
+        "until it has arrived); a call beyond it gets RESOURCE_EXHAUSTED / 429 at once "
+        f"[default: {PENDING_BODIES} of the largest bodies].")
+@option("body_timeout_s", type=click.FloatRange(0, min_open=True), default=DEFAULTS.body_timeout_s,
+        help="A request body must arrive within this; a stalled one is dropped (gRPC DEADLINE_EXCEEDED, HTTP 408).")
+@option("default_deadline_s", type=click.FloatRange(0, min_open=True), default=DEFAULTS.default_deadline_s,
+        help="Deadline of a call that brings none (HTTP, gRPC without a timeout): a call whose deadline cannot be "
+        "met behind the queued work is refused at once with a retry hint.")
 @option("tokenizer_threads", type=click.IntRange(1), default=DEFAULTS.tokenizer_threads,
         help="Threads tokenizing large requests (in slices of 32 texts).")
 @option("max_failures", type=click.IntRange(1), default=DEFAULTS.max_failures,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # On CPU, padding costs more than small batches do (STS-B, 16 callers x 8 texts: 15% padded tokens at 256,
@@ -21,15 +21,9 @@ MIN_BATCH_TOKENS_CUDA = 256
 # per text (benchmarks/batch_memory.py). A CPU runs `workers` batches at once, so it gets the smaller budget.
 MAX_BATCH_TOKENS_CPU = 4096
 MAX_BATCH_TOKENS_CUDA = 16384
-# On CPU one worker keeps to batches of an eighth of the budget (512 tokens: one text of 512, or 32 of 16), so
-# that a short request waits at most for such a batch while the others run full ones: the bystander's p99 under
-# the maximal flood fell from 4.0x a full batch to 0.54-0.83x (1.2-1.25x with a quarter; hostile_load.py).
-# Small batches cost nothing here: 1 x 512 tokens run at 0.81x the time per text of 8 x 512 on one thread
-# (batch_memory.py), and the server's texts/s stay within 2% (quick_worker.py).
-QUICK_BATCH_SHARE_CPU = 8
-MAX_CONCURRENT_READS = 2  # request bodies being read at once (their size is not known before)
 MAX_CPU_WORKERS = 4  # default workers on CPU: min(cores, 4)
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # as gRPC's own default receive limit; a larger request is refused: send parts
+PENDING_BODIES = 64  # default max_pending_bytes: this many of the largest bodies
 QUEUE_BATCHES = 32  # default max_queue_tokens without a known max_length: 32 x max_batch_tokens
 QUEUE_REQUESTS = 4  # default max_queue_tokens = 4 maximal requests, so one request holds at most a quarter of it
 UTF8_MAX_BYTES = 4  # bytes of one character in UTF-8, at most
@@ -49,22 +43,17 @@ class ServeConfig:
     max_batch_tokens: int | None = None  # token budget of one model batch (batch size x longest text); None:
     # MAX_BATCH_TOKENS_CPU or MAX_BATCH_TOKENS_CUDA
     min_batch_tokens: int | None = None  # None: MIN_BATCH_TOKENS_CPU or MIN_BATCH_TOKENS_CUDA
-    # The quick worker's budget (see server/batcher.py); 0: none. None: max_batch_tokens / QUICK_BATCH_SHARE_CPU
-    # on CPU with 2 or more workers, else 0 (a GPU runs one batch at a time, in milliseconds).
-    quick_batch_tokens: int | None = None
     max_wait_ms: float = 2.0  # longest wait to fill a batch while busy
     max_queue_tokens: int | None = None  # None: QUEUE_REQUESTS maximal requests (see queue_tokens_for)
     max_texts_per_request: int = 1024
     max_chars_per_text: int = 20000
-    max_request_bytes: int = MAX_REQUEST_BYTES  # largest gRPC message or HTTP body (HTTP 413 beyond it)
+    max_request_bytes: int = MAX_REQUEST_BYTES  # largest gRPC message or HTTP body (see max_receive_bytes)
     allow_any_dimensions: bool = False  # accept `dimensions` for a model not trained for it (lossy)
-    # Calls at once (health checks included), refused with RESOURCE_EXHAUSTED before their bodies are read:
-    # request bodies in memory <= max_concurrent_requests x max_receive_bytes.
-    max_concurrent_requests: int = 64
-    max_pending_bytes: int | None = None  # request bytes held before tokenization; None: max_receive_bytes
-    # Bodies being read at once (until counted in max_pending_bytes); see server/core.py ReadSlots.
-    # Bodies in memory <= (max_pending_bytes + max_concurrent_reads x max_receive_bytes), parsed copies aside.
-    max_concurrent_reads: int = MAX_CONCURRENT_READS
+    # Bytes of request bodies held until their texts are tokens (server/admission.py); None: PENDING_BODIES
+    # of the largest bodies.
+    max_pending_bytes: int | None = None
+    body_timeout_s: float = 5.0  # a request body must arrive within this, or the call is dropped
+    default_deadline_s: float = 30.0  # deadline of a call that brings none (HTTP calls, gRPC without one)
     tokenizer_threads: int = 2  # so that one huge request never holds up the others
     max_failures: int = 5  # batch failures in a row before health reports NOT_SERVING (back after a success)
     metrics_host: str = "127.0.0.1"
@@ -82,16 +71,18 @@ class ServeConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: require client certificates signed by this CA
     api_key_env: str = "EMBEDFORGE_API_KEY"  # where the command line reads api_key from
-    api_key: str | None = None  # None: no authentication; compared stripped of surrounding whitespace
+    api_key: str | None = field(default=None, repr=False)  # None: no authentication; compared stripped
     allow_insecure_key: bool = False  # allow an API key without TLS on a non-loopback address
     log_level: str = "info"
 
     @property
     def max_receive_bytes(self) -> int:
-        """The largest request body accepted: the largest within the limits (a Score: query +
-        max_texts_per_request documents of max_chars_per_text 4-byte characters), at most max_request_bytes."""
+        """The largest request body accepted over either protocol: the largest within the limits (a Score:
+        query + max_texts_per_request documents of max_chars_per_text 4-byte characters), at most
+        max_request_bytes, and at most max_pending_bytes (a body the byte budget could never take)."""
         per_text = self.max_chars_per_text * UTF8_MAX_BYTES + FIELD_OVERHEAD_BYTES
-        return min(self.max_request_bytes, (self.max_texts_per_request + 1) * per_text + MESSAGE_OVERHEAD_BYTES)
+        largest = min(self.max_request_bytes, (self.max_texts_per_request + 1) * per_text + MESSAGE_OVERHEAD_BYTES)
+        return largest if self.max_pending_bytes is None else min(largest, self.max_pending_bytes)
 
     def queue_tokens_for(self, max_length: int) -> int:
         """Default queue: QUEUE_REQUESTS maximal requests (max_texts_per_request + 1 texts of max_length)."""
@@ -104,14 +95,12 @@ class ServeConfig:
         batch_tokens = self.max_batch_tokens or (MAX_BATCH_TOKENS_CUDA if on_cuda else MAX_BATCH_TOKENS_CPU)
         queue = QUEUE_BATCHES * batch_tokens if max_length is None else self.queue_tokens_for(max_length)
         workers = self.workers or (1 if on_cuda else min(cores, MAX_CPU_WORKERS))
-        quick = 0 if on_cuda or workers < 2 else batch_tokens // QUICK_BATCH_SHARE_CPU
         return dataclasses.replace(
             self,
             threads=self.threads or cores,
             workers=workers,
             max_batch_tokens=batch_tokens,
-            quick_batch_tokens=quick if self.quick_batch_tokens is None else self.quick_batch_tokens,
             min_batch_tokens=self.min_batch_tokens or (MIN_BATCH_TOKENS_CUDA if on_cuda else MIN_BATCH_TOKENS_CPU),
             max_queue_tokens=self.max_queue_tokens or queue,
-            max_pending_bytes=self.max_pending_bytes or self.max_receive_bytes,
+            max_pending_bytes=self.max_pending_bytes or PENDING_BODIES * self.max_receive_bytes,
         )

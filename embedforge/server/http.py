@@ -10,9 +10,11 @@
 
 Errors are OpenAI's error JSON, {"error": {"message", "type", "param", "code"}}, with the HTTP status of the
 core's status name (400 INVALID_ARGUMENT, 429 RESOURCE_EXHAUSTED + Retry-After, 503 UNAVAILABLE, ...), 401 for
-a missing or wrong API key (`Authorization: Bearer KEY`, as gRPC) and 413 for a body over the limit: bodies are
-size-limited while they are read, before they are parsed. Each reply carries the server's split of the call
-in a standard `Server-Timing` header (queue, tokenize, inference, total, in ms). Knows no onnxruntime.
+a missing or wrong API key (`Authorization: Bearer KEY`, as gRPC; every path but /health needs it), 408 for a
+body that did not arrive within the body timeout and 413 for a body over the limit. Bodies follow
+server/admission.py: read chunk by chunk against the byte budget, their JSON items counted before they are
+parsed. Each reply carries the server's split of the call in a standard `Server-Timing` header (queue,
+tokenize, inference, total, in ms). Knows no onnxruntime.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import asyncio
 import base64
 import hmac
 import json
+import math
 import re
 import ssl
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,15 +35,36 @@ import prometheus_client as prom
 from aiohttp import web
 
 from embedforge import __version__
-from embedforge.server.core import CallObserver, EmbeddingCore, Held, Timing, status_of
+from embedforge.server.admission import BodyTooLarge, SlowBody, Ticket, retry_after_s
+from embedforge.server.core import CallObserver, EmbeddingCore, Timing, sanitize_request_id, status_of
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-              413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
-              504: "server_error"}
-RETRY_AFTER_S = 1
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # no API key, as gRPC health checks
+              408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+              500: "server_error", 503: "server_error", 504: "server_error"}
+OPEN_PATHS = frozenset({"/health"})  # no API key, as gRPC health checks
+READ_CHUNK_BYTES = 64 * 1024
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+"""A JSON string literal (escapes included), for counting a body's items without parsing it."""
+JSON_ITEMS_PER_TEXT = 2  # a document of /v1/rerank may be an object {"text": ...}
+JSON_OTHER_ITEMS = 64  # the request's other fields
+
+
+def parse_json(raw: bytes | bytearray, max_texts: int) -> Any:
+    """The body's JSON, refused (ApiError 400) before it is parsed when it holds more items than a request may
+    (its commas outside strings, counted on a copy with every string emptied), and when it nests too deeply."""
+    limit = JSON_ITEMS_PER_TEXT * (max_texts + 1) + JSON_OTHER_ITEMS
+    items = JSON_STRING.sub(b'""', raw).count(b",") + 1
+    if items > limit:
+        raise ApiError(400, f"request body holds {items} JSON items; a request may hold at most {limit} "
+                       f"({max_texts} texts)")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "request body nests JSON too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
 
 class ApiError(Exception):
@@ -56,8 +79,7 @@ class ApiError(Exception):
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
     error = {"message": message, "type": ERROR_TYPE.get(status, "invalid_request_error"), "param": param,
              "code": code}
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-    return web.json_response({"error": error}, status=status, headers=headers)
+    return web.json_response({"error": error}, status=status)
 
 
 def server_timing(timing: Timing) -> str:
@@ -90,18 +112,18 @@ def _optional_int(body: dict, field: str) -> int | None:
 class HttpApi:
     """The aiohttp application and its listening site; `start` binds, `drain` refuses new calls and stops."""
 
-    def __init__(self, core: EmbeddingCore, *, api_key: str | None, max_request_bytes: int,
-                 registry: prom.CollectorRegistry, on_call: CallObserver | None = None) -> None:
+    def __init__(self, core: EmbeddingCore, *, api_key: str | None, registry: prom.CollectorRegistry,
+                 on_call: CallObserver | None = None) -> None:
         self.core = core
         self._key = api_key.encode() if api_key else None
-        self._max_request_bytes = max_request_bytes
         self._registry = registry
         self._on_call = on_call
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._created = int(time.time())
-        self.app = web.Application(client_max_size=max_request_bytes, middlewares=[self._middleware])
+        self.app = web.Application(client_max_size=core.admission.limits.max_body_bytes,
+                                   middlewares=[self._middleware])
         self.app.router.add_post("/v1/embeddings", self._embeddings)
         self.app.router.add_post("/v1/rerank", self._rerank)
         self.app.router.add_get("/v1/models", self._models)
@@ -110,12 +132,17 @@ class HttpApi:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
-    async def start(self, host: str, port: int, tls_cert: Path | None = None, tls_key: Path | None = None) -> int:
-        """Listen on host:port (0: any free port), with TLS when a certificate and key are given; returns the port."""
+    async def start(self, host: str, port: int, tls_cert: Path | None = None, tls_key: Path | None = None,
+                    tls_client_ca: Path | None = None) -> int:
+        """Listen on host:port (0: any free port), with TLS when a certificate and key are given, requiring client
+        certificates signed by tls_client_ca when it is given (as gRPC does); returns the port."""
         ssl_context = None
         if tls_cert is not None:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(tls_cert, tls_key)
+            if tls_client_ca is not None:
+                ssl_context.load_verify_locations(cafile=tls_client_ca)
+                ssl_context.verify_mode = ssl.CERT_REQUIRED
         # handler_cancellation: a client that hangs up cancels its call, so the batcher drops its texts.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -157,20 +184,25 @@ class HttpApi:
         return hmac.compare_digest(sent.encode(), self._key)
 
     async def _call(self, rpc: str, request: web.Request,
-                    handler: Callable[[dict, str], Awaitable[web.Response]]) -> web.Response:
-        """Read and parse the body, run the handler, map errors, report (protocol, rpc, status, seconds)."""
+                    handler: Callable[[dict, Ticket | None, str], Awaitable[web.Response]]) -> web.Response:
+        """Admit the call and read its JSON body (POST), run the handler, map errors, report (protocol, rpc,
+        status, seconds)."""
         started = time.monotonic()
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
-        name, body, held = "OK", {}, None
+        request_id = sanitize_request_id(request.headers.get("X-Request-Id"))
+        name, body, ticket = "OK", {}, None
         self._in_flight += 1
         self._idle.clear()
         try:
             if request.method == "POST":
-                held, body = await self._json(request)
-            response = await handler(body, request_id)
+                self.core.check_ready()
+                ticket = self.core.admission.open(None)
+                body = await self._json(request, ticket)
+            response = await handler(body, ticket, request_id)
         except ApiError as exc:
             name = exc.name
             response = error_response(exc.status, exc.message, exc.param, exc.code)
+            if exc.status in (408, 413):
+                response.force_close()  # the rest of the body would arrive on a connection nobody reads
         except asyncio.CancelledError:
             name = "CANCELLED"
             raise
@@ -179,41 +211,38 @@ class HttpApi:
             field = re.match(r"\w+", message)  # the core's messages start with the field they name
             param = field.group() if field and field.group() in body else None
             response = error_response(HTTP_STATUS[name], message, param)
+            if name == "RESOURCE_EXHAUSTED":
+                response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s(exc))))
         finally:
-            if held is not None:
-                held.release()
+            if ticket is not None:
+                ticket.close()
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
             if self._on_call is not None:
                 self._on_call("http", rpc, name, time.monotonic() - started)
+        if name == "UNAVAILABLE":
+            response.headers["Retry-After"] = "1"
         response.headers["X-Request-Id"] = request_id
         return response
 
-    async def _json(self, request: web.Request) -> tuple[Held, dict]:
-        """The body as a JSON object, its bytes counted against the pending-bytes budget (released by the caller
-        when the call ends, or earlier once its texts are tokenized). Read on one of the core's read slots;
-        aiohttp stops reading at client_max_size (HTTP 413) before it is parsed."""
-        too_large = ApiError(413, f"request body too large: the limit is {self._max_request_bytes} bytes",
-                             code="request_too_large")
-        if (request.content_length or 0) > self._max_request_bytes:
-            raise too_large
-
-        async def read() -> bytes:
-            try:
-                return await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise too_large from None
-
-        held, raw = await self.core.read_body(read, content_length=request.content_length)
+    async def _json(self, request: web.Request, ticket: Ticket) -> dict:
+        """The body as a JSON object: read chunk by chunk within the body timeout, each chunk held against the
+        byte budget (given back when the texts are tokens, or when the call ends), its items counted before it
+        is parsed (off the event loop when large)."""
+        admission = self.core.admission
         try:
-            body = await self.core.parse_body(held, json.loads, raw)
-        except (ValueError, UnicodeDecodeError) as exc:  # parse_body gave the bytes back
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+            raw = await admission.read_chunks(ticket, request.content.iter_chunked(READ_CHUNK_BYTES),
+                                              request.content_length)
+        except BodyTooLarge as exc:
+            raise ApiError(413, str(exc), code="request_too_large") from None
+        except SlowBody as exc:
+            raise ApiError(408, str(exc), code="request_timeout", name="DEADLINE_EXCEEDED") from None
+        body = await self.core.parse(parse_json, raw, self.core.limits.max_texts_per_request)
+        del raw
         if not isinstance(body, dict):
-            held.release()
             raise ApiError(400, "request body must be a JSON object")
-        return held, body
+        return body
 
     def _check_model(self, body: dict) -> str:
         """The served model's id; a request naming another model gets 404 model_not_found, as OpenAI's API does."""
@@ -229,7 +258,7 @@ class HttpApi:
     async def _embeddings(self, request: web.Request) -> web.Response:
         return await self._call("Embed", request, self._embed)
 
-    async def _embed(self, body: dict, request_id: str) -> web.Response:
+    async def _embed(self, body: dict, ticket: Ticket, request_id: str) -> web.Response:
         model_id = self._check_model(body)
         if "input" not in body:
             raise ApiError(400, "input is required: a string or a list of strings", "input")
@@ -238,7 +267,8 @@ class HttpApi:
         if encoding not in ("float", "base64"):
             raise ApiError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}", "encoding_format")
         dimensions = _optional_int(body, "dimensions")
-        done = await self.core.embed(texts, dimensions=dimensions, request_id=request_id, field="input")
+        done = await self.core.embed(texts, dimensions=dimensions, ticket=ticket, request_id=request_id,
+                                     field="input")
         vectors = done.vectors.astype("<f4", copy=False)
         if encoding == "base64":
             encoded = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
@@ -252,7 +282,7 @@ class HttpApi:
     async def _rerank(self, request: web.Request) -> web.Response:
         return await self._call("Score", request, self._score)
 
-    async def _score(self, body: dict, request_id: str) -> web.Response:
+    async def _score(self, body: dict, ticket: Ticket, request_id: str) -> web.Response:
         model_id = self._check_model(body)
         query = body.get("query")
         if not isinstance(query, str):
@@ -269,7 +299,7 @@ class HttpApi:
         return_documents = body.get("return_documents", False)
         if not isinstance(return_documents, bool):
             raise ApiError(400, "return_documents must be true or false", "return_documents")
-        done = await self.core.score(query, documents, top_k=top_n or 0, request_id=request_id)
+        done = await self.core.score(query, documents, top_k=top_n or 0, ticket=ticket, request_id=request_id)
         results = []
         for i in done.ranking:
             result = {"index": i, "relevance_score": float(done.scores[i])}
@@ -283,7 +313,7 @@ class HttpApi:
     async def _models(self, request: web.Request) -> web.Response:
         return await self._call("Info", request, self._list_models)
 
-    async def _list_models(self, body: dict, request_id: str) -> web.Response:
+    async def _list_models(self, body: dict, ticket: Ticket | None, request_id: str) -> web.Response:
         info = self.core.check_ready()
         batcher, limits = self.core.batcher, self.core.limits
         model = {"id": info.model_name, "object": "model", "created": self._created, "owned_by": "embedforge",

@@ -5,20 +5,19 @@ Knows gRPC, never onnxruntime: each RPC is translated into a call of the protoco
 into status codes. Vectors go out as one packed little-endian float32 `bytes` field (see the .proto).
 Until a model is attached every call gets UNAVAILABLE.
 
-The handlers take the raw request body: its bytes count against the core's pending-bytes budget (a call over
-it gets RESOURCE_EXHAUSTED at once) before it is parsed; a body that does not parse, or a string field with
-invalid UTF-8, gets INVALID_ARGUMENT naming the field, with at most one log line per kind per 10 s. (The gRPC
-server refuses calls beyond max_concurrent_requests before reading them: see app.py.)
+The handlers take the raw request body and follow server/admission.py: admitted before it is read, read within
+the body timeout, its repeated fields counted on the wire before it is parsed; a body that does not parse, or
+a string field with invalid UTF-8, gets INVALID_ARGUMENT naming the field, with at most one log line per kind
+per 10 s. A refusal for load carries the retry hint as `grpc-retry-pushback-ms` trailing metadata, which gRPC
+clients' retry policies honour.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -27,21 +26,11 @@ from google.protobuf.message import DecodeError, Message
 from embedforge import __version__
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
-from embedforge.server.batcher import QueueFull
-from embedforge.server.core import (
-    CallObserver,
-    EmbeddingCore,
-    Held,
-    InvalidRequest,
-    Overloaded,
-    Timing,
-    status_of,
-)
+from embedforge.server.admission import Ticket, retry_after_s
+from embedforge.server.core import CallObserver, EmbeddingCore, InvalidRequest, Timing, sanitize_request_id, status_of
 
 log = logging.getLogger("embedforge.server.service")
 
-REQUEST_ID_MAX_CHARS = 64
-REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:/-]")
 LOG_EVERY_S = 10.0  # one log line per kind of bad input per 10 s (with the count of those not logged)
 
 
@@ -64,14 +53,6 @@ class RateLimitedLog:
         self._log.warning(message + " suppressed_since_last=%d", *args, skipped)
 
 
-def sanitize_request_id(value: str | None) -> str:
-    """The client's x-request-id, safe to log: at most 64 characters of [A-Za-z0-9._:/-] (others become "_");
-    a fresh id when it is missing or empty."""
-    if not value:
-        return uuid.uuid4().hex[:16]
-    return REQUEST_ID_UNSAFE.sub("_", value[:REQUEST_ID_MAX_CHARS])
-
-
 def _varint(raw: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -84,38 +65,67 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
+def _wire_fields(raw: bytes) -> Iterator[tuple[int, memoryview | None]]:
+    """The top-level fields of a protobuf message as (field number, value of a length-delimited field or None);
+    DecodeError where the wire format breaks off."""
+    view, pos = memoryview(raw), 0
+    while pos < len(raw):
+        key, pos = _varint(raw, pos)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, pos = _varint(raw, pos)
+            yield key >> 3, None
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+            yield key >> 3, None
+        elif wire_type == 2:
+            size, pos = _varint(raw, pos)
+            if pos + size > len(raw):
+                raise DecodeError("truncated field")
+            yield key >> 3, view[pos:pos + size]
+            pos += size
+        else:
+            raise DecodeError(f"unsupported wire type {wire_type}")
+
+
+def check_item_count(raw: bytes, descriptor: Descriptor, limit: int) -> None:
+    """InvalidRequest when a repeated field of the message in `raw` has more than `limit` items, found on the
+    wire before any of them becomes a Python object (a body of millions of tiny texts costs nothing to refuse)."""
+    counts: dict[int, int] = {}
+    try:
+        for number, _ in _wire_fields(raw):
+            counts[number] = counts.get(number, 0) + 1
+            if counts[number] > limit:
+                field = descriptor.fields_by_number.get(number)
+                name = f"field {number}" if field is None else field.name
+                raise InvalidRequest(f"{name} has more than {limit} items; the limit is {limit} per request")
+    except DecodeError:
+        return  # the parser names what is wrong with it
+
+
 def invalid_utf8_field(raw: bytes, descriptor: Descriptor) -> str | None:
     """The first top-level string field of `raw` holding invalid UTF-8 ("texts[3]", "query"); None if none
     (or if the wire format breaks off before one is found)."""
-    pos, seen = 0, {}
+    seen: dict[int, int] = {}
     try:
-        while pos < len(raw):
-            key, pos = _varint(raw, pos)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == 0:
-                _, pos = _varint(raw, pos)
-            elif wire_type in (1, 5):
-                pos += 8 if wire_type == 1 else 4
-            elif wire_type == 2:
-                size, pos = _varint(raw, pos)
-                value, pos = raw[pos:pos + size], pos + size
-                field = descriptor.fields_by_number.get(number)
-                if field is None or field.type != FieldDescriptor.TYPE_STRING:
-                    continue
-                index = seen[number] = seen.get(number, -1) + 1
-                try:
-                    value.decode("utf-8")
-                except UnicodeDecodeError:
-                    return f"{field.name}[{index}]" if field.is_repeated else field.name
-            else:
-                return None
+        for number, value in _wire_fields(raw):
+            field = descriptor.fields_by_number.get(number)
+            if value is None or field is None or field.type != FieldDescriptor.TYPE_STRING:
+                continue
+            index = seen[number] = seen.get(number, -1) + 1
+            try:
+                str(value, "utf-8")
+            except UnicodeDecodeError:
+                return f"{field.name}[{index}]" if field.is_repeated else field.name
     except DecodeError:
         return None
     return None
 
 
-def parse_request(raw: bytes, message_type: type[Message]) -> Message:
-    """Parse a request body; InvalidRequest names the field holding invalid UTF-8, or says the body is bad."""
+def parse_request(raw: bytes, message_type: type[Message], max_items: int) -> Message:
+    """Parse a request body whose repeated fields hold at most max_items items; InvalidRequest names the field
+    holding invalid UTF-8 or too many items, or says the body is bad."""
+    check_item_count(raw, message_type.DESCRIPTOR, max_items)
     try:
         return message_type.FromString(raw)
     except DecodeError:
@@ -150,7 +160,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
         def body_handler(rpc: str, handler: Callable[..., Awaitable[Message]], request_type: type[Message]):
             async def handle(requests: object, context: grpc.aio.ServicerContext) -> Message:
-                return await self._call(rpc, handler, None, context, request_type)
+                return await self._call(rpc, handler, context, request_type)
             return handle
 
         service = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
@@ -159,92 +169,81 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                                                       response_serializer=response_type.SerializeToString)
             for rpc, (handler, request_type, response_type) in rpcs.items()})
 
-    # ---- RPCs ----
-
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        return await self._call("Embed", self._embed_rpc, request, context)
-
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
-        return await self._call("Score", self._score_rpc, request, context)
-
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return await self._call("Info", self._info_rpc, request, context)
-
     # ---- implementations ----
 
-    async def _embed_rpc(self, box: _Once, deadline: float | None, request_id: str) -> pb.EmbedResponse:
+    async def _embed_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.EmbedResponse:
         request: pb.EmbedRequest = box.take()
         texts = list(request.texts)
         options = {"truncate": request.truncate if request.HasField("truncate") else True,
                    "normalize": request.normalize if request.HasField("normalize") else True,
                    "dimensions": request.dimensions if request.HasField("dimensions") else None}
         del request  # the message's memory goes now; the core empties texts once they are tokens
-        done = await self.core.embed(texts, **options, release_texts=True, deadline=deadline, request_id=request_id)
+        done = await self.core.embed(texts, **options, release_texts=True, ticket=ticket, request_id=request_id)
         vectors = done.vectors
         return pb.EmbedResponse(vectors=vectors.astype("<f4", copy=False).tobytes(), dim=vectors.shape[1],
                                 count=vectors.shape[0], usage=pb.Usage(tokens=done.tokens),
                                 timing=timing_message(done.timing))
 
-    async def _score_rpc(self, box: _Once, deadline: float | None, request_id: str) -> pb.ScoreResponse:
+    async def _score_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.ScoreResponse:
         request: pb.ScoreRequest = box.take()
         query, documents, top_k = request.query, list(request.documents), request.top_k
         truncate = request.truncate if request.HasField("truncate") else True
         del request
         done = await self.core.score(query, documents, top_k=top_k, truncate=truncate, release_texts=True,
-                                     deadline=deadline, request_id=request_id)
+                                     ticket=ticket, request_id=request_id)
         return pb.ScoreResponse(scores=done.scores.tolist(), top_indices=done.ranking if top_k else [],
                                 usage=pb.Usage(tokens=done.tokens), timing=timing_message(done.timing))
 
-    async def _info_rpc(self, box: _Once, deadline: float | None, request_id: str) -> pb.InfoResponse:
+    async def _info_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.InfoResponse:
         return info_message(self.core)
 
-    async def _call(self, rpc: str, handler: Callable[..., Awaitable[Message]], request: Message | None,
-                    context: grpc.aio.ServicerContext, request_type: type[Message] | None = None) -> Message:
-        """Run one RPC: for request None, admit, read and parse the body (request_type), then map errors to
-        status codes and report (protocol, rpc, code, seconds) to the observer."""
+    async def _call(self, rpc: str, handler: Callable[..., Awaitable[Message]], context: grpc.aio.ServicerContext,
+                    request_type: type[Message]) -> Message:
+        """Run one RPC: admit the call (Info is never refused for load), read and parse its body, run the
+        handler; map errors to status codes and report (protocol, rpc, code, seconds) to the observer."""
         started = time.monotonic()
         code = "OK"
         metadata = dict(context.invocation_metadata() or ())
         request_id = sanitize_request_id(metadata.get("x-request-id"))
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else started + remaining
-        held: Held | None = None
+        ticket: Ticket | None = None
+        trailers: tuple = ()
         try:
-            if request is None:
-                held, request = await self._read(context, request_type)
+            self.core.check_ready()
+            admission = self.core.admission
+            if rpc == "Info":
+                ticket = admission.exempt(context.time_remaining())
+            else:  # the body's size is known only once gRPC has all of it: the largest is held until then
+                ticket = admission.open(context.time_remaining(), reserve=admission.limits.max_body_bytes)
+            raw = await admission.read_message(ticket, self._reader(context))
+            request = await self.core.parse(parse_request, raw, request_type, self.core.limits.max_texts_per_request)
+            del raw
             box, request = _Once(request), None  # the handler takes it: nothing here keeps it alive
-            return await handler(box, deadline, request_id)
+            return await handler(box, ticket, request_id)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as exc:  # every failure becomes a status; status_of logs the unexpected ones
-            if isinstance(exc, (Overloaded, QueueFull)) and held is not None:  # read, then refused for room
-                self.core.remember_refused(context.peer(), held.body_bytes, getattr(exc, "tokens", 0))
             code, message = status_of(exc, request_id)
+            if code == "RESOURCE_EXHAUSTED":
+                trailers = (("grpc-retry-pushback-ms", str(round(retry_after_s(exc) * 1000))),)
             if code == "INVALID_ARGUMENT":
                 self.bad_input_log.warning(f"invalid:{rpc}", "event=invalid_request rpc=%s request_id=%s error=%r",
                                            rpc, request_id, message[:200])
         finally:
-            if held is not None:
-                held.release()
+            if ticket is not None:
+                ticket.close()
             if self._on_call is not None:
                 self._on_call("grpc", rpc, code, time.monotonic() - started)
-        await context.abort(grpc.StatusCode[code], message)
+        await context.abort(grpc.StatusCode[code], message, trailing_metadata=trailers)
 
-    async def _read(self, context: grpc.aio.ServicerContext, request_type: type[Message]) -> tuple[Held, Message]:
-        """Admit, read and parse one request body. Refused before reading while the byte budget or the queue is
-        full, or while it cannot take as many bytes as the connection's last body, which it refused; after
-        reading, its size is counted against the budget before it is parsed (refused if over)."""
-        self.core.check_ready()
-
+    @staticmethod
+    def _reader(context: grpc.aio.ServicerContext) -> Callable[[], Awaitable[bytes]]:
         async def read() -> bytes:
             raw = await context.read()
             if raw is grpc.aio.EOF:
                 raise InvalidRequest("the call carries no request message")
             return raw
-
-        held, raw = await self.core.read_body(read, connection=context.peer())
-        return held, await self.core.parse_body(held, parse_request, raw, request_type)
+        return read
 
 
 class _Once:
