@@ -23,14 +23,22 @@ def create_session(model_path: str | Path, threads: int, providers: list[str]) -
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # No CPU memory arena: it keeps the largest batch's working memory for good (per session, and the server
-    # holds up to four: +136 MB each after one 8 x 512-token batch of the bundled model), while without it
-    # the memory goes back after the batch; batch times were the same within this host's noise.
-    options.enable_cpu_mem_arena = False
+    # The CPU memory arena serves a run's many intermediate tensors without malloc/free (one thread, 4 texts of
+    # 256-640 tokens: 5.2 texts/s with it, 4.4 without); `shrinking_run` returns its unused memory at the end of
+    # each run, so the largest batch's working memory does not stay for good (RSS after 48 such batches: 354 MB
+    # against 477 MB without shrinking, 337 MB without an arena).
+    options.enable_cpu_mem_arena = True
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     disabled = list(CPU_DISABLED_OPTIMIZERS) if providers[0] == PROVIDERS["cpu"] else []
     return ort.InferenceSession(str(model_path), options, providers=providers, disabled_optimizers=disabled)
+
+
+def shrinking_run() -> ort.RunOptions:
+    """Run options that give the CPU arena's unused memory back when the run ends."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def pad_token_ids(batch: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

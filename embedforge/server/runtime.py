@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from embedforge.onnxrt import PROVIDERS, create_session, pad_token_ids
+from embedforge.onnxrt import PROVIDERS, create_session, pad_token_ids, shrinking_run
 from embedforge.server.embedder import ModelInfo, Tokenized
 from embedforge.tokenization import encode_truncated, load_tokenizer
 
@@ -105,6 +105,7 @@ class OnnxEmbedder:
         self.dim = int(manifest["dim"])
         self._input_names = list(manifest["inputs"])
         self._output_name = manifest.get("unnormalized_output") or manifest["output"]
+        self._run_options = shrinking_run()  # a run gives its arena memory back when it ends
         provider_name = choose_provider(provider)
         precision = choose_precision(precision, list(manifest["models"]), provider_name)
         model_path = model_dir / manifest["models"][precision]["file"]
@@ -179,7 +180,7 @@ class OnnxEmbedder:
             session = pair[0] if alone and self._running == 0 else pair[1]
             self._running += 1
         try:
-            (vectors,) = session.run([self._output_name], feeds)
+            (vectors,) = session.run([self._output_name], feeds, self._run_options)
         finally:
             with self._lock:
                 self._running -= 1
