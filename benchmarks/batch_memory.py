@@ -4,7 +4,8 @@
     python benchmarks/batch_memory.py --export-dir output/vector_model/export --threads 1
 
 Each shape (texts x tokens) runs in a fresh process on one ONNX Runtime session as the server makes it (CPU
-memory arena shrunk after each run, --threads intra-op threads: 1 is what each of a 2-core server's two workers uses under load):
+memory arena shrunk after each run, --threads intra-op threads: 1 is what each of a 2-core server's two workers
+uses under load):
 one warm-up batch of one short text, then --repeats batches of the shape. Printed per shape: the peak RSS
 growth over the warm process (the batch's working memory) and the best time per text, beside the ratios to the
 first shape of the same length. The server's CPU default (4096 tokens: 8 x 512) came from this table.
@@ -67,7 +68,8 @@ def main() -> None:
         model = export_dir / json.loads((export_dir / "manifest.json").read_text())["models"]["fp32"]["file"]
         rows = [(texts, length, measure(model, texts, length, args.threads, args.repeats))
                 for texts, length in shapes]
-    print(f"\nCPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} intra-op thread(s), memory arena shrunk after each run\n")
+    print(f"\nCPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} intra-op thread(s), "
+          "memory arena shrunk after each run\n")
     print("| batch | tokens | peak working memory | ms per text | memory / first of its length | time / first |")
     print("|---|---|---|---|---|---|")
     first: dict[int, dict] = {}
