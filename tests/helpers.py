@@ -137,8 +137,8 @@ class ServerThread:
 
 class HookedEmbedder:
     """Test hook around a real embedder: slows each batch (`delay_s`, plus `delay_per_text_s` per text) and
-    each tokenization (`tokenize_delay_s`), records what was computed, fails a batch that holds `fail_marker`
-    (or every batch while `fail_all`), blocks every batch while `hang` is set until `release` is."""
+    each tokenization (`tokenize_delay_s`), records what was tokenized and computed, fails a batch that holds
+    `fail_marker` (or every batch while `fail_all`), blocks every batch while `hang` is set until `release` is."""
 
     def __init__(self, inner, delay_s: float = 0.0, delay_per_text_s: float = 0.0,
                  fail_marker: str | None = None, tokenize_delay_s: float = 0.0) -> None:
@@ -147,6 +147,7 @@ class HookedEmbedder:
         self.delay_s = delay_s
         self.delay_per_text_s = delay_per_text_s
         self.tokenize_delay_s = tokenize_delay_s
+        self.tokenized: list[str] = []
         self.computed: list[tuple[int, ...]] = []
         self.fail_ids = None if fail_marker is None else tuple(inner.tokenize([fail_marker]).ids[0])
         self.fail_all = False  # every batch raises while True
@@ -155,6 +156,7 @@ class HookedEmbedder:
 
     def tokenize(self, texts):
         time.sleep(self.tokenize_delay_s)
+        self.tokenized.extend(texts)
         return self.inner.tokenize(texts)
 
     def run_batch(self, batch, alone=True):

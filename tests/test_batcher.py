@@ -199,10 +199,11 @@ def test_the_wait_estimate_shares_the_throughput_as_least_attained_service_does(
     every queued request gets up to n tokens of service before a new request of n tokens is done."""
     async def main():
         recorder = Recorder(gated=True)
-        batcher = await started(recorder, max_batch_tokens=64, workers=1)
+        batcher = await started(recorder, max_batch_tokens=64, min_batch_tokens=100, workers=1)
         assert batcher.estimated_wait_s(10) is None  # no batch timed yet
-        batcher._measure(tokens=300, seconds=0.5, running=2)  # 600 tokens/s per batch x 2 batches at once
-        batcher._measure(tokens=100, seconds=1.0, running=1)  # 100 tokens/s: the average moves a fifth of the way
+        batcher.record_batch(tokens=300, seconds=0.5, running=2)  # 600 tokens/s per batch x 2 batches at once
+        batcher.record_batch(tokens=300, seconds=3.0, running=1)  # 100 tokens/s: the average moves a fifth of the way
+        batcher.record_batch(tokens=10, seconds=1.0)  # under min_batch_tokens: mostly fixed cost, not counted
         rate = 1200 + 0.2 * (100 - 1200)
         assert batcher.tokens_per_s == pytest.approx(rate)
         first = asyncio.create_task(batcher.submit([0], [3]))  # runs: not queued
@@ -210,7 +211,7 @@ def test_the_wait_estimate_shares_the_throughput_as_least_attained_service_does(
         queued = [asyncio.create_task(batcher.submit([i] * 5, [40] * 5)) for i in (1, 2)]  # 200 tokens each
         small = asyncio.create_task(batcher.submit([3], [4]))
         await asyncio.sleep(0)
-        batch_s = 0.5 + 0.2 * (1.0 - 0.5)
+        batch_s = 0.5 + 0.2 * (3.0 - 0.5)
         estimates = (batcher.estimated_wait_s(10), batcher.estimated_wait_s(1000))
         recorder.gate.set()
         await asyncio.gather(first, *queued, small)

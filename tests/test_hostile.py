@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from embedforge._proto import embedding_pb2 as pb
 from embedforge.client import AsyncEmbedClient, EmbedClient, build_embed_request, build_score_request
+from embedforge.server.admission import Admission, AdmissionLimits, Overloaded
 from embedforge.server.app import InsecureKeyError, check_security
 from embedforge.server.cli import serve_command
 from embedforge.server.config import ServeConfig
@@ -222,7 +223,7 @@ def test_stalled_bodies_are_dropped_and_hold_no_one_up(embedder):
 
 def test_a_call_is_refused_at_once_only_when_the_byte_budget_is_spent(embedder):
     """gRPC bodies count at the largest size until they arrive: with room for two, a third stalled call is
-    refused at once; once they are dropped, calls are admitted again."""
+    refused at once (retry in 1 s); once they are dropped and the hint has passed, calls are admitted again."""
     largest = ServeConfig(**LIMITS).max_receive_bytes
     with ServerThread(embedder, body_timeout_s=1.0, max_pending_bytes=2 * largest, **LIMITS) as running:
         async def scenario():
@@ -235,6 +236,7 @@ def test_a_call_is_refused_at_once_only_when_the_byte_budget_is_spent(embedder):
                     await aclient.embed(["tea"])
                 took = time.monotonic() - started
                 await asyncio.gather(*stalled)
+                await asyncio.sleep(max(0.0, started + took + 1.05 - time.monotonic()))  # as the hint said
                 return refused.value, took, await aclient.embed(["tea"])
 
         refused, took, after = asyncio.run(scenario())
@@ -256,24 +258,41 @@ def test_items_are_counted_on_the_wire_before_parsing():
 
 def test_a_call_whose_deadline_cannot_be_met_is_refused_at_once_with_a_hint(embedder):
     """Behind queued work the server estimates a call's wait; a call that could not finish before its deadline
-    is refused at once (with grpc-retry-pushback-ms) instead of waiting for its deadline to lapse, while a call
-    with time enough is admitted and finishes in time."""
+    is refused at once (with grpc-retry-pushback-ms) instead of waiting for its deadline to lapse, before its
+    texts are tokenized (their tokens estimated from their characters), while a call with time enough is admitted
+    and finishes in time."""
     hooked = HookedEmbedder(embedder, delay_s=0.05)
     with ServerThread(hooked, **LIMITS) as running, EmbedClient(running.target, timeout=30, retries=False) as c:
-        c.embed(["warm up the throughput estimate"])
+        c.embed(["warm up the throughput estimate " * 8] * 4)  # a batch over min_batch_tokens is timed
         long = ["egg water salt " * 20] * 8
         hooked.hang.set()
         queued = [c._stub.Embed.future(build_embed_request(long), timeout=30) for _ in range(3)]
         time.sleep(0.3)
         wait = running.server.batcher.estimated_wait_s(8 * 60)
         started = time.monotonic()
-        code, details = status_of(lambda: c.embed(long, deadline_s=wait / 2))
+        hopeless = ["salt water egg " * 20] * 8
+        code, details = status_of(lambda: c.embed(hopeless, deadline_s=wait / 2))
         took = time.monotonic() - started
+        again, again_details = status_of(lambda: c.embed(["tea"]))  # the same connection, before the hint passed
         hooked.release.set()
         hooked.hang.clear()
         assert all(len(call.result().vectors) for call in queued)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "deadline" in details
     assert took < min(0.5, wait / 2)
+    assert again == grpc.StatusCode.RESOURCE_EXHAUSTED and "asked to retry" in again_details
+    assert hopeless[0] not in hooked.tokenized and long[0] in hooked.tokenized
+
+
+def test_a_retry_hint_holds_for_its_connection_until_it_passes():
+    admission = Admission(AdmissionLimits(max_body_bytes=100, max_pending_bytes=1000, body_timeout_s=1.0,
+                                          default_deadline_s=5.0))
+    assert admission.refused("ipv4:127.0.0.1:1000", Overloaded("busy", retry_after_s=0.3)) == 0.3
+    with pytest.raises(Overloaded, match="asked to retry") as refused:
+        admission.open(None, reserve=100, connection="ipv4:127.0.0.1:1000")
+    assert 0 < refused.value.retry_after_s <= 0.3 and admission.budget.taken == 0
+    admission.open(None, reserve=100, connection="ipv4:127.0.0.1:1001").close()  # other connections are not held
+    time.sleep(0.3)
+    admission.open(None, reserve=100, connection="ipv4:127.0.0.1:1000").close()
 
 
 def test_health_and_info_are_never_refused_for_load(embedder):

@@ -230,6 +230,21 @@ def test_a_stalled_http_body_is_dropped_and_holds_no_one_up(embedder):
     assert all(reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in reply for reply in replies)
 
 
+def test_a_client_that_leaves_mid_body_is_dropped_quietly(embedder, caplog):
+    """Closing the connection halfway through a body is the client's choice, not a server error: nothing is
+    logged as a failure and the bytes it held go back."""
+    with ServerThread(embedder, http_port=0) as running:
+        connection = socket.create_connection(("127.0.0.1", running.server.http.port), timeout=10)
+        connection.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                           b"\r\nContent-Length: 100\r\n\r\n{\"input\": ")
+        time.sleep(0.3)
+        connection.close()
+        time.sleep(0.3)
+        assert running.server.core.admission.budget.taken == 0
+        assert sdk(running).embeddings.create(input="tea", model=MODEL).data
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
 @pytest.mark.parametrize("body, message", [
     (b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nests JSON too deeply"),
     (b'{"input": ["fine", "\\ud800"]}', "input[1] holds a lone surrogate"),

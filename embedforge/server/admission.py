@@ -8,14 +8,19 @@ gRPC reveals only once all of it has arrived) at the largest size a body may hav
 body over `max_body_bytes` is refused (HTTP 413; gRPC refuses it itself). Items are counted on the wire
 before any Python object is built (`max_texts_per_request`). Every call has a deadline (the client's, or
 `default_deadline_s`); a call whose deadline cannot be met behind the work already queued is refused at once
-with a retry hint, before its body is read and again once its tokens are known: the batcher serves least
+with a retry hint, before its body is read, again once its texts are parsed (tokens estimated from their
+characters, so a hopeless call costs no tokenization) and once its tokens are known: the batcher serves least
 attained service first, so a short call waits for little even behind a long queue, and a long one is judged
-against all of it. RESOURCE_EXHAUSTED / 429 means that a byte or queue budget is spent or that the deadline
-cannot be met, nothing else. Health and Info are never admitted, so never refused for load.
+against all of it. A refusal's retry hint holds for its connection: a call that comes sooner on the same
+connection is refused at once, before its body is read (a client that ignores the hint costs the server no
+more than one header each time). RESOURCE_EXHAUSTED / 429 means that a byte or queue budget is spent, that the
+deadline cannot be met, or that the connection's retry hint has not passed, nothing else. Health and Info are
+never admitted, so never refused for load.
 
 Front ends call `open` (before reading), `read_message` (gRPC) or `read_chunks` (HTTP), hand the `Ticket` to
-`EmbeddingCore`, which calls `check_wait` once the tokens are known and `Ticket.tokenized` once the texts are
-tokens, and `Ticket.close` when the call ends.
+`EmbeddingCore`, which calls `check_texts_wait`, `check_wait` and `Ticket.tokenized` once the texts are
+tokens; the front ends call `refused` when they answer RESOURCE_EXHAUSTED / 429 and `Ticket.close` when the
+call ends.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ from dataclasses import dataclass
 WAIT_SAFETY = 1.5
 """A call is admitted only if its estimated wait, times this, fits in its deadline: the estimate assumes the
 recent throughput holds and no newer short calls overtake it."""
+
+CHARS_PER_TOKEN = 8
+"""For the estimate before tokenization: natural text has more tokens than one per 8 characters (the bundled
+tokenizer: at most one per 6.6 characters on the STS-B, SNLI and MRPC validation texts, specials included)."""
+
+REMEMBERED_CONNECTIONS = 4096
+"""Connections with a retry hint pending are forgotten once their hint has passed, checked when this many are
+remembered."""
 
 WaitEstimate = Callable[[int], "float | None"]
 """Seconds until a request of n tokens would be computed behind the queued work; None while unknown."""
@@ -113,10 +126,17 @@ class Admission:
         self.limits = limits
         self.budget = ByteBudget(limits.max_pending_bytes)
         self.wait_estimate: WaitEstimate | None = None
+        self._retry_at: dict[str, float] = {}  # connection -> time.monotonic() its retry hint passes
 
-    def open(self, timeout_s: float | None, reserve: int = 0) -> Ticket:
-        """Admit a call before its body is read: its deadline is `timeout_s` from now (None: the default) and
-        must allow for the smallest request behind the queued work; `reserve` bytes are held for its body."""
+    def open(self, timeout_s: float | None, reserve: int = 0, connection: str | None = None) -> Ticket:
+        """Admit a call before its body is read: its connection's retry hint (if any) must have passed, its
+        deadline is `timeout_s` from now (None: the default) and must allow for the smallest request behind the
+        queued work; `reserve` bytes are held for its body."""
+        retry_at = self._retry_at.get(connection, 0.0) if connection else 0.0
+        if retry_at > time.monotonic():
+            wait = retry_at - time.monotonic()
+            raise Overloaded(f"this connection was asked to retry after {wait:.2f} s more; calls before then are "
+                             "refused unread", retry_after_s=wait)
         ticket = self.exempt(timeout_s)
         self.check_wait(ticket, 1)
         if reserve:
@@ -139,6 +159,22 @@ class Admission:
             raise Overloaded(f"the queued work would take about {wait:.2f} s before this call's {tokens} tokens "
                              f"are computed, and its deadline is {max(remaining, 0.0):.2f} s away",
                              retry_after_s=wait)
+
+    def refused(self, connection: str | None, exc: Exception) -> float:
+        """A call on `connection` is answered RESOURCE_EXHAUSTED because of `exc`: its retry hint in seconds
+        (at most default_deadline_s), which then holds for the connection."""
+        hint = min(exc.retry_after_s if isinstance(exc, Overloaded) else 1.0, self.limits.default_deadline_s)
+        if connection:
+            now = time.monotonic()
+            if len(self._retry_at) >= REMEMBERED_CONNECTIONS:
+                self._retry_at = {key: at for key, at in self._retry_at.items() if at > now}
+            self._retry_at[connection] = max(self._retry_at.get(connection, 0.0), now + hint)
+        return hint
+
+    def check_texts_wait(self, ticket: Ticket, texts: list[str], max_length: int) -> None:
+        """check_wait before tokenization, for the tokens the texts will have at least: one per CHARS_PER_TOKEN
+        characters (at most max_length) plus the two specials, per text."""
+        self.check_wait(ticket, sum(min(max_length, 2 + len(text) // CHARS_PER_TOKEN) for text in texts))
 
     async def read_message(self, ticket: Ticket, read: Callable[[], Awaitable[bytes]]) -> bytes:
         """A gRPC body: read() within body_timeout_s, then the ticket's reservation trued up to its size."""
@@ -172,8 +208,3 @@ class Admission:
             ticket.hold(len(chunk))
             body += chunk
         return body
-
-
-def retry_after_s(exc: Exception) -> float:
-    """When to try a call refused for load again: the estimate an Overloaded carries, else a second."""
-    return exc.retry_after_s if isinstance(exc, Overloaded) else 1.0

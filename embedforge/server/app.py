@@ -292,8 +292,7 @@ class EmbeddingServer:
         if self.embedder is None:
             raise ValueError("no embedder: pass make_embedder or give one to the constructor")
         warmup = getattr(self.embedder, "warmup", None)
-        if warmup is not None:
-            await loop.run_in_executor(None, warmup)
+        warmup_batch = None if warmup is None else await loop.run_in_executor(None, warmup)  # (tokens, seconds)
         if self._draining:
             log.info("event=load_discarded detail=\"stopped while loading\"")
             return
@@ -307,6 +306,8 @@ class EmbeddingServer:
                                max_request_tokens=cfg.queue_tokens_for(info.max_length) // QUEUE_REQUESTS,
                                max_failures=cfg.max_failures, on_batch=self.metrics.on_batch,
                                on_health=self._on_batch_health)
+        if warmup_batch:
+            self.batcher.record_batch(*warmup_batch)
         self.metrics.watch_queue(self.batcher)
         self.batcher.start()
         self.core.attach(self.embedder, self.batcher)

@@ -33,7 +33,9 @@ Backpressure: at most `max_queue_tokens` tokens wait in the queue and one reques
 (cancelled) or whose deadline passed is dropped before it is computed.
 
 Wait estimate (for deadline-aware admission, server/admission.py): the batcher keeps its recent throughput,
-an exponential average over batches of real tokens per second times the batches that ran at once. Under least
+an exponential average over batches of real tokens per second times the batches that ran at once, counting
+batches of at least min_batch_tokens real tokens only (a lone short query is mostly fixed cost per batch and
+would make long work look several times slower than it runs); the server starts it from its warm-up batch. Under least
 attained service a request of n tokens finishes once every queued request has had up to n tokens of service,
 so `estimated_wait_s(n)` = (n + sum of min(queued tokens of each request, n)) / throughput, plus one batch's
 time while batches run.
@@ -283,7 +285,7 @@ class Batcher:
                 if batch:
                     self._deliver(batch, vectors, seconds)
                     self._on_outcome(ok=True)
-                    self._measure(sum(it.length for it in batch), seconds, running)
+                    self.record_batch(sum(it.length for it in batch), seconds, running)
             except Exception as exc:  # one failing batch fails only its own requests
                 ids = sorted({it.request.request_id for it in batch})
                 log.error("event=batch_failed size=%d request_ids=%s error=%r", len(batch), ",".join(ids), exc)
@@ -298,9 +300,10 @@ class Batcher:
                 self._on_batch(BatchStats(len(batch), sum(it.length for it in batch), len(batch) * longest, seconds))
             idle = not self._requests
 
-    def _measure(self, tokens: int, seconds: float, running: int) -> None:
-        """Fold one batch into the throughput average: its tokens per second times the batches running."""
-        if seconds <= 0:
+    def record_batch(self, tokens: int, seconds: float, running: int = 1) -> None:
+        """Fold a batch of `tokens` real tokens that took `seconds` while `running` batches ran (this one included)
+        into the throughput average; one under min_batch_tokens is not counted (module docstring)."""
+        if seconds <= 0 or tokens < self.min_batch_tokens:
             return
         self.tokens_per_s = _smooth(self.tokens_per_s, tokens / seconds * running)
         self._batch_s = _smooth(self._batch_s or None, seconds)

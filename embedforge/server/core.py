@@ -245,6 +245,7 @@ class EmbeddingCore:
         batcher, embedder = self.batcher, self.embedder
         if batcher.queued_tokens >= batcher.max_queue_tokens:  # refuse before paying for tokenization
             raise QueueFull(f"queue full: {batcher.queued_tokens} tokens queued")
+        self.admission.check_texts_wait(ticket, texts, embedder.info.max_length)
         deadline = ticket.deadline
         tokenized = await self._tokenize(embedder, texts, deadline)
         texts.clear()

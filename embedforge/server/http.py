@@ -35,7 +35,7 @@ import prometheus_client as prom
 from aiohttp import web
 
 from embedforge import __version__
-from embedforge.server.admission import BodyTooLarge, SlowBody, Ticket, retry_after_s
+from embedforge.server.admission import BodyTooLarge, SlowBody, Ticket
 from embedforge.server.core import CallObserver, EmbeddingCore, Timing, sanitize_request_id, status_of
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
@@ -65,6 +65,12 @@ def parse_json(raw: bytes | bytearray, max_texts: int) -> Any:
         raise ApiError(400, "request body nests JSON too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def connection_of(request: web.Request) -> str | None:
+    """The client's connection ("address:port"), as admission remembers retry hints by; None when unknown."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
 
 
 class ApiError(Exception):
@@ -195,7 +201,7 @@ class HttpApi:
         try:
             if request.method == "POST":
                 self.core.check_ready()
-                ticket = self.core.admission.open(None)
+                ticket = self.core.admission.open(None, connection=connection_of(request))
                 body = await self._json(request, ticket)
             response = await handler(body, ticket, request_id)
         except ApiError as exc:
@@ -212,7 +218,8 @@ class HttpApi:
             param = field.group() if field and field.group() in body else None
             response = error_response(HTTP_STATUS[name], message, param)
             if name == "RESOURCE_EXHAUSTED":
-                response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s(exc))))
+                hint = self.core.admission.refused(connection_of(request), exc)
+                response.headers["Retry-After"] = str(max(1, math.ceil(hint)))
         finally:
             if ticket is not None:
                 ticket.close()
@@ -238,6 +245,8 @@ class HttpApi:
             raise ApiError(413, str(exc), code="request_too_large") from None
         except SlowBody as exc:
             raise ApiError(408, str(exc), code="request_timeout", name="DEADLINE_EXCEEDED") from None
+        except ConnectionError:  # the client closed the connection mid-body: no one to answer, nothing to log
+            raise ApiError(400, "the connection closed before the body arrived", name="CANCELLED") from None
         body = await self.core.parse(parse_json, raw, self.core.limits.max_texts_per_request)
         del raw
         if not isinstance(body, dict):

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,10 +192,15 @@ class OnnxEmbedder:
         arrays = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
         return {name: arrays[name].astype(self._int_type[name], copy=False) for name in self._input_names}
 
-    def warmup(self) -> None:
-        """Run a few shapes once so that the first real call does not pay for allocation."""
+    def warmup(self) -> tuple[int, float]:
+        """Run a few shapes once so that the first real call does not pay for allocation; returns the tokens and
+        seconds of one more batch of the largest shape (8 texts of 32 words), as a batch runs alone: the
+        batcher's first measure of throughput."""
         for count, words in ((1, 4), (8, 32)):
             tokenized = self.tokenize([" ".join(["warmup"] * words)] * count)
             sessions = (self.session, self._shared_session, *(self._unpadded or ()))
             for session in {id(s): s for s in sessions}.values():
                 session.run([self._output_name], self._feeds(tokenized.ids))
+        started = time.perf_counter()
+        self.session.run([self._output_name], self._feeds(tokenized.ids))
+        return int(sum(tokenized.lengths)), time.perf_counter() - started

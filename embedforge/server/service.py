@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from embedforge import __version__
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
-from embedforge.server.admission import Ticket, retry_after_s
+from embedforge.server.admission import Ticket
 from embedforge.server.core import CallObserver, EmbeddingCore, InvalidRequest, Timing, sanitize_request_id, status_of
 
 log = logging.getLogger("embedforge.server.service")
@@ -213,7 +213,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             if rpc == "Info":
                 ticket = admission.exempt(context.time_remaining())
             else:  # the body's size is known only once gRPC has all of it: the largest is held until then
-                ticket = admission.open(context.time_remaining(), reserve=admission.limits.max_body_bytes)
+                ticket = admission.open(context.time_remaining(), reserve=admission.limits.max_body_bytes,
+                                        connection=context.peer())
             raw = await admission.read_message(ticket, self._reader(context))
             request = await self.core.parse(parse_request, raw, request_type, self.core.limits.max_texts_per_request)
             del raw
@@ -225,7 +226,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         except Exception as exc:  # every failure becomes a status; status_of logs the unexpected ones
             code, message = status_of(exc, request_id)
             if code == "RESOURCE_EXHAUSTED":
-                trailers = (("grpc-retry-pushback-ms", str(round(retry_after_s(exc) * 1000))),)
+                hint = self.core.admission.refused(context.peer(), exc)
+                trailers = (("grpc-retry-pushback-ms", str(round(hint * 1000))),)
             if code == "INVALID_ARGUMENT":
                 self.bad_input_log.warning(f"invalid:{rpc}", "event=invalid_request rpc=%s request_id=%s error=%r",
                                            rpc, request_id, message[:200])
