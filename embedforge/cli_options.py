@@ -1,8 +1,10 @@
-"""`option`: the click option every `embedforge` command declares, spelled with dashes and with underscores."""
+"""`option`: the click option every `embedforge` command declares, spelled with dashes and with underscores;
+`client_tls_options`: the TLS options of every command that calls a server."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -27,3 +29,20 @@ def option(name: str, dest: str | None = None, *, off: str | None = None, **kwar
 def _spellings(word: str) -> list[str]:
     """--some-name and --some_name (one spelling for a word without underscores)."""
     return list(dict.fromkeys((f"--{word.replace('_', '-')}", f"--{word}")))
+
+
+def client_tls_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--tls-root-cert, --tls-cert and --tls-key, for the commands that call a server."""
+    pem = click.Path(path_type=Path, dir_okay=False, exists=True)
+    for declare in reversed((
+        option("tls_root_cert", type=pem, default=None,
+               help="PEM root certificate that signed the server's: connect with TLS."),
+        option("tls_cert", type=pem, default=None,
+               help="PEM client certificate, for a server that requires one (mutual TLS); with --tls-key."),
+        option("tls_key", type=pem, default=None, help="PEM private key of --tls-cert."),
+    )):
+        command = declare(command)
+    return command
+
+
+ALLOW_INSECURE_KEY_HELP = "Send the API key without TLS to a non-loopback address (anyone on the path can read it)."

@@ -18,7 +18,8 @@ Calls are spread over the replicas with gRPC's `round_robin` policy, and the ser
 retries a call that failed with UNAVAILABLE (replica down or draining) or RESOURCE_EXHAUSTED (its queue is
 full) on the next replica, within the call's deadline.
 
-Failed calls raise `grpc.RpcError` (use `.code()` and `.details()`).
+Failed calls raise `grpc.RpcError` (use `.code()` and `.details()`). An API key is sent only over TLS or to a
+loopback address (`InsecureKeyError` otherwise, unless `allow_insecure_key`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
+from embedforge.net import InsecureKeyError, check_key_transport  # noqa: F401 (InsecureKeyError: for callers)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 # Embed, Score and Info are pure functions of the request, so any failed attempt may be sent again.
@@ -230,34 +232,47 @@ def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
-def _credentials(tls_root_cert: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
-    if tls_root_cert is None:
+PemSource = str | Path | bytes  # a PEM file's path, or its bytes
+
+
+def _pem(source: PemSource) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def channel_credentials(tls_root_cert: PemSource | None = None, tls_cert: PemSource | None = None,
+                        tls_key: PemSource | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for plaintext. TLS is on when a root certificate (to verify the server; without
+    it, the system's roots) or a client certificate is given; tls_cert + tls_key present the client's own
+    certificate to a server that requires one (mutual TLS)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+    if tls_root_cert is None and tls_cert is None:
         return None
-    pem = tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes()
-    return grpc.ssl_channel_credentials(root_certificates=pem)
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if tls_root_cert is None else _pem(tls_root_cert),
+        private_key=None if tls_key is None else _pem(tls_key),
+        certificate_chain=None if tls_cert is None else _pem(tls_cert))
 
 
-def create_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
+def create_channel(target: str, credentials: grpc.ChannelCredentials | None = None,
                    health_checked: bool | None = None, retries: bool = True) -> grpc.Channel:
-    """A blocking channel (round robin + retries, see `channel_target` for `target`); TLS when a root
-    certificate (path or PEM bytes) is given. health_checked None: for replica sets only."""
+    """A blocking channel (round robin + retries, see `channel_target` for `target`); TLS with `credentials`
+    (see `channel_credentials`). health_checked None: for replica sets only."""
     options = channel_options(is_replica_set(target) if health_checked is None else health_checked, retries)
     target = channel_target(target)
-    creds = _credentials(tls_root_cert)
-    if creds is None:
+    if credentials is None:
         return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, creds, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
-def create_aio_channel(target: str, tls_root_cert: str | Path | bytes | None = None,
+def create_aio_channel(target: str, credentials: grpc.ChannelCredentials | None = None,
                        health_checked: bool | None = None, retries: bool = True) -> grpc.aio.Channel:
     """An asyncio channel like `create_channel`'s (create it inside the running event loop)."""
     options = channel_options(is_replica_set(target) if health_checked is None else health_checked, retries)
     target = channel_target(target)
-    creds = _credentials(tls_root_cert)
-    if creds is None:
+    if credentials is None:
         return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, creds, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def create_stub(channel: grpc.Channel | grpc.aio.Channel) -> pb_grpc.EmbeddingServiceStub:
@@ -270,19 +285,25 @@ class EmbedClient:
     """Blocking client of one server or of replicas (`target`: see the module docstring).
 
     `timeout` (seconds) is the default deadline of each call (all its attempts); `api_key` is sent as
-    "authorization: Bearer KEY"; `tls_root_cert` (path or PEM bytes) switches the channel to TLS;
-    `retries=False` sends each call once (RETRY_POLICY is off)."""
+    "authorization: Bearer KEY"; `tls_root_cert` (path or PEM bytes) switches the channel to TLS, and
+    `tls_cert` + `tls_key` present a client certificate (mutual TLS); `retries=False` sends each call once
+    (RETRY_POLICY is off). An API key is never sent in clear text beyond loopback: without TLS to another
+    host the constructor raises InsecureKeyError, before any connection, unless `allow_insecure_key`."""
 
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
-                 tls_root_cert: str | Path | bytes | None = None, retries: bool = True) -> None:
+                 tls_root_cert: PemSource | None = None, retries: bool = True, *,
+                 tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
+                 allow_insecure_key: bool = False) -> None:
         self.target = target
         self.timeout = timeout
+        credentials = channel_credentials(tls_root_cert, tls_cert, tls_key)
+        check_key_transport(target, bool(api_key), credentials is not None, allow_insecure_key)
         self._metadata = call_metadata(api_key)
-        self._channel = create_channel(target, tls_root_cert, retries=retries)
+        self._channel = create_channel(target, credentials, retries=retries)
         self._stub = create_stub(self._channel)
         # Health questions go on a channel without health checking, which would not ask a replica that
         # is not SERVING (one HOST:PORT: the same channel).
-        self._health_channel = (create_channel(target, tls_root_cert, health_checked=False)
+        self._health_channel = (create_channel(target, credentials, health_checked=False)
                                 if is_replica_set(target) else self._channel)
         self._health = health_pb2_grpc.HealthStub(self._health_channel)
 
@@ -338,16 +359,21 @@ class EmbedClient:
 
 
 class AsyncEmbedClient:
-    """asyncio client with the same methods as EmbedClient (all `async`); create it inside the event loop."""
+    """asyncio client with the same methods and arguments as EmbedClient (all `async`); create it inside the
+    event loop."""
 
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
-                 tls_root_cert: str | Path | bytes | None = None, retries: bool = True) -> None:
+                 tls_root_cert: PemSource | None = None, retries: bool = True, *,
+                 tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
+                 allow_insecure_key: bool = False) -> None:
         self.target = target
         self.timeout = timeout
+        credentials = channel_credentials(tls_root_cert, tls_cert, tls_key)
+        check_key_transport(target, bool(api_key), credentials is not None, allow_insecure_key)
         self._metadata = call_metadata(api_key)
-        self._channel = create_aio_channel(target, tls_root_cert, retries=retries)
+        self._channel = create_aio_channel(target, credentials, retries=retries)
         self._stub = create_stub(self._channel)
-        self._health_channel = (create_aio_channel(target, tls_root_cert, health_checked=False)
+        self._health_channel = (create_aio_channel(target, credentials, health_checked=False)
                                 if is_replica_set(target) else self._channel)
         self._health = health_pb2_grpc.HealthStub(self._health_channel)
 

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own package and any lower layer, never a higher or equal one):
 
-    0  io, tokenization, onnxrt, data, devices, sample_data, cli_options, _proto
+    0  io, net, tokenization, onnxrt, data, devices, sample_data, cli_options, _proto
     1  checkpoints, model, client
     2  testing, evaluate, server
     3  train, export, loadtest, corpus
@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "embedforge"
 
 LAYERS = {
-    "io": 0, "tokenization": 0, "onnxrt": 0, "data": 0, "devices": 0, "sample_data": 0, "cli_options": 0,
+    "io": 0, "net": 0, "tokenization": 0, "onnxrt": 0, "data": 0, "devices": 0, "sample_data": 0, "cli_options": 0,
     "_proto": 0,
     "checkpoints": 1, "model": 1, "client": 1,
     "testing": 2, "evaluate": 2, "server": 2,
     "train": 3, "export": 3, "loadtest": 3, "corpus": 3,
     "cli": 4, "__main__": 5,
 }
-TORCH_FREE = {"io", "tokenization", "onnxrt", "data", "sample_data", "cli_options", "_proto", "client", "server",
+TORCH_FREE = {"io", "net", "tokenization", "onnxrt", "data", "sample_data", "cli_options", "_proto", "client", "server",
               "loadtest", "corpus", "cli", "__main__"}
 TORCH_LIBRARIES = {"torch", "transformers", "sentence_transformers", "safetensors"}
 

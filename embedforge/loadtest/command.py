@@ -10,11 +10,12 @@ import os
 import ssl
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from embedforge.cli_options import option
+from embedforge.cli_options import ALLOW_INSECURE_KEY_HELP, client_tls_options, option
 from embedforge.loadtest.engine import (
     Call,
     CallResult,
@@ -30,10 +31,24 @@ from embedforge.loadtest.engine import (
     run_sweep,
     synthetic_texts,
 )
+from embedforge.net import InsecureKeyError, check_key_transport
 
 DEFAULT_DURATION_S = 10.0
 DEFAULT_OPEN_LOOP_IN_FLIGHT = 256
 DEFAULT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The client's TLS files: a root certificate verifies the server, a certificate + key prove the client."""
+
+    root_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.root_cert is not None or self.cert is not None
 
 
 def make_grpc_call(client, rpc: str, deadline_s: float | None) -> Call:
@@ -157,13 +172,15 @@ async def _drive(call: Call, workload: Workload, spec: LoadSpec, sweep: list[int
     return await run_sweep(call, workload.next_texts, sweep, spec, on_step=progress)
 
 
-async def _run_grpc(target: str, rpc: str, deadline_s: float | None, api_key: str | None, tls_root_cert: str | None,
+async def _run_grpc(target: str, rpc: str, deadline_s: float | None, api_key: str | None, tls: TlsFiles,
                     wait_ready_s: float, workload: Workload, spec: LoadSpec,
                     sweep: list[int] | None) -> tuple[dict, list[RunResult]]:
     from embedforge.client import AsyncEmbedClient
 
     # timeout: the deadline of the Info/health calls; every load call carries --deadline-ms instead.
-    async with AsyncEmbedClient(target, timeout=5.0, api_key=api_key, tls_root_cert=tls_root_cert) as client:
+    # The command has checked where the key may go (allow_insecure_key stands for that check).
+    async with AsyncEmbedClient(target, timeout=5.0, api_key=api_key, tls_root_cert=tls.root_cert,
+                                tls_cert=tls.cert, tls_key=tls.key, allow_insecure_key=True) as client:
         info = await _server_info(client, target, wait_ready_s)
         runs = await _drive(make_grpc_call(client, rpc, deadline_s), workload, spec, sweep)
     server = {"model_name": info.model_name, "dim": info.dim, "max_length": info.max_length,
@@ -171,13 +188,17 @@ async def _run_grpc(target: str, rpc: str, deadline_s: float | None, api_key: st
     return server, runs
 
 
-async def _run_http(url: str, rpc: str, deadline_s: float | None, api_key: str | None, tls_root_cert: str | None,
+async def _run_http(url: str, rpc: str, deadline_s: float | None, api_key: str | None, tls: TlsFiles,
                     wait_ready_s: float, workload: Workload, spec: LoadSpec,
                     sweep: list[int] | None) -> tuple[dict, list[RunResult]]:
     import aiohttp
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    ssl_context = ssl.create_default_context(cafile=tls_root_cert) if tls_root_cert else None
+    ssl_context = None
+    if tls.root_cert is not None or tls.cert is not None:
+        ssl_context = ssl.create_default_context(cafile=tls.root_cert)
+        if tls.cert is not None:
+            ssl_context.load_cert_chain(tls.cert, tls.key)
     # One connection per concurrent caller, as each gRPC caller has its own stream.
     connector = aiohttp.TCPConnector(limit=spec.concurrency, ssl=ssl_context if ssl_context else True)
     async with aiohttp.ClientSession(headers=headers, connector=connector,
@@ -216,8 +237,8 @@ async def _run_http(url: str, rpc: str, deadline_s: float | None, api_key: str |
         help="Deadline of each call.")
 @option("api_key_env", metavar="NAME", default=None,
         help="Environment variable holding the server's API key.")
-@option("tls_root_cert", type=click.Path(exists=True, dir_okay=False), default=None,
-        help="PEM root certificate: connect with TLS.")
+@client_tls_options
+@option("allow_insecure_key", is_flag=True, help=ALLOW_INSECURE_KEY_HELP)
 @option("wait_ready", type=click.FloatRange(min=0), default=0.0,
         help="Seconds to wait for the server's health to report SERVING before starting.")
 @option("sweep", metavar="C1,C2,...", default=None,
@@ -229,8 +250,9 @@ async def _run_http(url: str, rpc: str, deadline_s: float | None, api_key: str |
         metavar="A.json B.json", help="Print two JSON reports side by side with ratios (no load is sent).")
 def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate: float | None,
                      duration: float | None, requests: int | None, warmup: float, batch: str, data: str | None,
-                     tokens: int | None, deadline_ms: float, api_key_env: str | None, tls_root_cert: str | None,
-                     wait_ready: float, sweep: str | None, seed: int, output: str | None, plot: str | None,
+                     tokens: int | None, deadline_ms: float, api_key_env: str | None, tls_root_cert: Path | None,
+                     tls_cert: Path | None, tls_key: Path | None, allow_insecure_key: bool, wait_ready: float,
+                     sweep: str | None, seed: int, output: str | None, plot: str | None,
                      compare: tuple[str, str] | None) -> None:
     """Load-test a running embedforge server over gRPC or HTTP: closed loop (--concurrency), open loop (--rate)
     or a --sweep.
@@ -278,17 +300,24 @@ def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise click.UsageError(f"--api-key-env: environment variable {api_key_env} is not set or empty")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("a client certificate needs both --tls-cert and --tls-key")
+    tls = TlsFiles(tls_root_cert, tls_cert, tls_key)
+    try:
+        check_key_transport(target, bool(api_key), tls.on or target.startswith("https://"), allow_insecure_key)
+    except InsecureKeyError as exc:
+        raise click.UsageError(str(exc)) from None
 
     protocol = "http" if target.startswith(("http://", "https://")) else "grpc"
     config = {
         "target": target, "protocol": protocol, "rpc": rpc, "batch": batch, "texts": texts_desc,
         "deadline_ms": deadline_ms,
-        "seed": seed, "tls": tls_root_cert is not None,
+        "seed": seed, "tls": tls.on or target.startswith("https://"), "client_cert": tls.cert is not None,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "client_cpus": os.cpu_count(), "python": sys.version.split()[0],
     }
     run = _run_http if protocol == "http" else _run_grpc
-    server, runs = asyncio.run(run(target.rstrip("/"), rpc, deadline_ms / 1000.0, api_key, tls_root_cert, wait_ready,
+    server, runs = asyncio.run(run(target.rstrip("/"), rpc, deadline_ms / 1000.0, api_key, tls, wait_ready,
                                    workload, spec, levels))
     config["server"] = server
     report = build_report(config, runs, sweep=levels is not None)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import signal
 import time
@@ -39,6 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedforge._proto import embedding_pb2 as pb
+from embedforge.net import InsecureKeyError, is_loopback
 from embedforge.server.admission import Admission, AdmissionLimits
 from embedforge.server.batcher import Batcher, BatchStats
 from embedforge.server.config import QUEUE_REQUESTS, ServeConfig
@@ -62,10 +62,6 @@ def server_options(config: ServeConfig) -> list[tuple[str, int]]:
             ("grpc.http2.bdp_probe", 0),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0)]
-
-
-class InsecureKeyError(ValueError):
-    """An API key would travel in clear text beyond this machine."""
 
 
 # Clients may ping as often as every 10 s (embedforge.client pings after 60 s without traffic); more
@@ -192,15 +188,6 @@ class UnknownMethodHandler(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
 
         return grpc.unary_unary_rpc_method_handler(unimplemented)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class EmbeddingServer:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from embedforge.cli_options import option
+from embedforge.cli_options import ALLOW_INSECURE_KEY_HELP, client_tls_options, option
 from embedforge.server.config import (
     MAX_BATCH_TOKENS_CPU,
     MAX_BATCH_TOKENS_CUDA,
@@ -182,13 +182,13 @@ TARGET_HELP = "Server HOST:PORT, replicas HOST:PORT,HOST:PORT,... (round robin, 
         help="Only the first N values of each vector, renormalised (a model trained for it: see Info).")
 @option("timeout", type=click.FloatRange(0, min_open=True), default=30.0)
 @option("api_key_env", default=DEFAULTS.api_key_env, help="Environment variable holding the API key to send, if set.")
-@option("tls_root_cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-        help="PEM root certificate: connect with TLS.")
+@client_tls_options
+@option("allow_insecure_key", is_flag=True, help=ALLOW_INSECURE_KEY_HELP)
 @option("wait_ready", type=click.FloatRange(0), default=0.0,
         help="Seconds to wait for the server's health to report SERVING first.")
 def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncate: bool, no_normalize: bool,
                   dimensions: int | None, timeout: float, api_key_env: str, tls_root_cert: Path | None,
-                  wait_ready: float) -> None:
+                  tls_cert: Path | None, tls_key: Path | None, allow_insecure_key: bool, wait_ready: float) -> None:
     """Embed TEXTS with a running server; prints one vector per line (space-separated floats)."""
     import grpc
 
@@ -196,7 +196,8 @@ def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncat
 
     try:
         with EmbedClient(target, timeout=timeout, api_key=os.environ.get(api_key_env) or None,
-                         tls_root_cert=tls_root_cert) as client:
+                         tls_root_cert=tls_root_cert, tls_cert=tls_cert, tls_key=tls_key,
+                         allow_insecure_key=allow_insecure_key) as client:
             if wait_ready > 0:
                 client.wait_until_serving(wait_ready)
             result = client.embed(list(texts), truncate=not no_truncate, normalize=not no_normalize,
@@ -217,9 +218,9 @@ def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncat
         help="Server HOST:PORT; with a list HOST:PORT,HOST:PORT,... every one of them is asked.")
 @option("service", default="", show_default=False, help="Service to ask about [default: the whole server].")
 @option("timeout", type=click.FloatRange(0, min_open=True), default=3.0, help="Deadline of each check in seconds.")
-@option("tls_root_cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-        help="PEM root certificate: connect with TLS.")
-def health_command(target: str, service: str, timeout: float, tls_root_cert: Path | None) -> None:
+@client_tls_options
+def health_command(target: str, service: str, timeout: float, tls_root_cert: Path | None, tls_cert: Path | None,
+                   tls_key: Path | None) -> None:
     """Ask the gRPC health service; exit 0 only when every server asked reports SERVING, else 1.
 
     Meant for container health checks and scripts: prints "TARGET STATUS" per server.
@@ -233,12 +234,13 @@ def health_command(target: str, service: str, timeout: float, tls_root_cert: Pat
     healthy = True
     for one in targets:
         try:
-            with EmbedClient(one, timeout=timeout, tls_root_cert=tls_root_cert) as client:
+            with EmbedClient(one, timeout=timeout, tls_root_cert=tls_root_cert, tls_cert=tls_cert,
+                             tls_key=tls_key) as client:
                 status = client.health(service)
         except grpc.RpcError as exc:
             status = f"{exc.code().name}: {exc.details()}"
-        except ValueError as exc:
-            raise click.UsageError(f"--target: {exc}") from exc
+        except ValueError as exc:  # a bad target, or a client certificate without its key
+            raise click.UsageError(str(exc)) from exc
         click.echo(f"{one} {status}")
         healthy = healthy and status == "SERVING"
     if not healthy:
