@@ -32,14 +32,16 @@ def _spellings(word: str) -> list[str]:
 
 
 def client_tls_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--tls-root-cert, --tls-cert and --tls-key, for the commands that call a server."""
+    """--tls-root-cert, --tls-cert and --tls-key, for the commands that call a server; each may also come from
+    an environment variable (EMBEDFORGE_TLS_ROOT_CERT, ...), so that a container's HEALTHCHECK finds them."""
     pem = click.Path(path_type=Path, dir_okay=False, exists=True)
     for declare in reversed((
-        option("tls_root_cert", type=pem, default=None,
+        option("tls_root_cert", type=pem, default=None, envvar="EMBEDFORGE_TLS_ROOT_CERT", show_envvar=True,
                help="PEM root certificate that signed the server's: connect with TLS."),
-        option("tls_cert", type=pem, default=None,
+        option("tls_cert", type=pem, default=None, envvar="EMBEDFORGE_TLS_CERT", show_envvar=True,
                help="PEM client certificate, for a server that requires one (mutual TLS); with --tls-key."),
-        option("tls_key", type=pem, default=None, help="PEM private key of --tls-cert."),
+        option("tls_key", type=pem, default=None, envvar="EMBEDFORGE_TLS_KEY", show_envvar=True,
+               help="PEM private key of --tls-cert."),
     )):
         command = declare(command)
     return command

@@ -136,6 +136,10 @@ def test_mutual_tls_client_health_and_loadtest(embedder, tmp_path, monkeypatch):
         assert without.exit_code == 1 and "UNAVAILABLE" in without.output
         half = CliRunner().invoke(health_command, ["--target", running.target, *tls[:4]])
         assert half.exit_code == 2 and "--tls-key" in half.output
+        # A container's HEALTHCHECK runs the plain command: the files come from the environment.
+        env = {"EMBEDFORGE_TLS_ROOT_CERT": str(cert), "EMBEDFORGE_TLS_CERT": str(cert), "EMBEDFORGE_TLS_KEY": str(key)}
+        from_env = CliRunner().invoke(health_command, ["--target", running.target], env=env)
+        assert from_env.exit_code == 0 and "SERVING" in from_env.output, from_env.output
         monkeypatch.setenv("LOADTEST_KEY", "s3cret")
         for target in (running.target, f"https://127.0.0.1:{running.server.http.port}"):
             report = tmp_path / "report.json"
