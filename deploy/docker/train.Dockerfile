@@ -6,14 +6,15 @@
 #   docker run --gpus all --network host --entrypoint torchrun ... embedforge:train \
 #       --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id job1 \
 #       -m embedforge train ...
-FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+# torch from PyPI (its Linux wheel brings CUDA as nvidia-* packages) at TORCH_VERSION, everything else at its
+# version in requirements.lock, which was resolved against that torch (its CUDA packages are locked too).
+FROM python:3.11-slim
+ARG TORCH_VERSION=2.13.0
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY embedforge ./embedforge
-# torch comes with the base image (the train extra's torch range is already satisfied). DL3013: this
-# installs the project itself; its dependencies are pinned to ranges in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[train]" \
+RUN pip install --no-cache-dir -c requirements.lock "torch==${TORCH_VERSION}" ".[train]" \
+    && pip check \
     && rm -rf /src
 WORKDIR /work
 # HF_HUB_OFFLINE and TOKENIZERS_PARALLELISM are set by the `embedforge` entry point itself.
