@@ -10,24 +10,30 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+LOCK := requirements.lock
+LOCK_VENV := .venv-lock
+PIP_TOOLS_SPEC ?= pip-tools==7.7.0
+
 MIN_VENV := .venv-min
 MIN_PY := $(MIN_VENV)/bin/python
 
-.PHONY: setup setup-bench test test-quick test-min lint demo bench proto clean
+.PHONY: setup setup-bench test test-quick test-min lint lock demo bench proto clean
 
-$(VENV)/.installed: pyproject.toml
+# Installs come from requirements.lock (exact versions, `make lock`), as constraints: each target installs
+# the extras it needs at the locked versions. A failed install stops here with pip's message.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip 2>/dev/null || true
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import torch"
-	$(PIP) install -e ".[train,serve,cluster,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -c $(LOCK) -e ".[train,serve,cluster,dev]"
+	$(PY) -m pip check
 	$(PY) -c "import embedforge, onnxruntime, grpc, transformers, pytest, pyarrow, ray.data"
 	touch $@
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PIP) install -e ".[bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install -c $(LOCK) -e ".[bench]"
+	$(PY) -m pip check
 	$(PY) -c "import sentence_transformers"
 	touch $@
 
@@ -45,13 +51,23 @@ test-quick: setup lint
 # The suite on the lowest supported library versions (constraints-min.txt), in a venv of its own. Not in CI.
 $(MIN_VENV)/.installed: pyproject.toml constraints-min.txt
 	$(PYTHON) -m venv $(MIN_VENV)
-	$(MIN_PY) -c "import torch" 2>/dev/null || $(MIN_PY) -m pip install --quiet "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
-	$(MIN_PY) -m pip install --quiet -c constraints-min.txt -e ".[train,serve,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(MIN_PY) -c "import torch" 2>/dev/null || $(MIN_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(MIN_PY) -m pip install --quiet -c constraints-min.txt -e ".[train,serve,dev]"
 	$(MIN_PY) -c "import embedforge, onnxruntime, grpc, transformers, pytest"
 	touch $@
 
 test-min: $(MIN_VENV)/.installed
 	$(MIN_PY) -m pytest -q
+
+# requirements.lock: every package of every extra at one exact version, resolved by pip-tools from
+# pyproject.toml. Existing pins are kept; `make lock LOCK_FLAGS=--upgrade` moves them all to the newest
+# releases within the ranges. torch is left out: TORCH_SPEC (or a GPU base image) chooses its build.
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(PIP_TOOLS_SPEC)"
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra train,serve,cluster,dev,bench,gpu --unsafe-package torch \
+		$(LOCK_FLAGS) --output-file $(LOCK) pyproject.toml
 
 demo: setup
 	bash scripts/demo.sh
@@ -63,4 +79,4 @@ proto: setup
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) output .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) $(LOCK_VENV) output .pytest_cache .ruff_cache
