@@ -10,7 +10,19 @@ import time
 import numpy as np
 import pytest
 
-from embedforge.server.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull, TooLarge
+from embedforge.server.batcher import (
+    Batcher,
+    BatcherStopped,
+    BatchFailed,
+    DeadlineExceeded,
+    QueuedRequest,
+    QueuedText,
+    QueueFull,
+    TooLarge,
+    cut_chunk,
+    fill_window,
+    service_order,
+)
 
 
 class Recorder:
@@ -465,3 +477,40 @@ def test_stop_gives_up_on_a_hanging_batch_within_its_timeout():
     finally:
         hang.set()
     assert finished is False and took < 1.0
+
+
+# ---- the four steps of choosing a batch, one by one ----
+
+def queued(name: str, lengths: list[int], served: int = 0) -> QueuedRequest:
+    request = QueuedRequest(None, None, name, len(lengths))
+    request.queue = [QueuedText(request, i, length, f"{name}{i}") for i, length in enumerate(sorted(lengths))]
+    request.queued_tokens, request.served = sum(lengths), served
+    return request
+
+
+def test_service_order_is_least_attained_service_then_fewest_left_then_oldest():
+    old, short, served, tie = queued("old", [50]), queued("short", [5]), queued("served", [1], 99), queued("tie", [5])
+    requests = [old, short, served, tie]
+    assert service_order(requests, oldest_first=False) == [short, tie, old, served]
+    assert service_order(requests, oldest_first=True) == requests
+
+
+def test_fill_window_takes_texts_in_service_order_up_to_its_limit():
+    a, b = queued("a", [4, 6]), queued("b", [3, 20])
+    assert [it.payload for it in fill_window([a, b], 13)] == ["a0", "a1", "b0"]  # b1 (20) would pass 13
+    assert [it.payload for it in fill_window([b, a], 100)] == ["b0", "b1", "a0", "a1"]
+    assert [it.payload for it in fill_window([queued("big", [900])], 10)] == ["big0"]  # the first always
+
+
+def test_cut_chunk_returns_the_chunk_holding_the_first_text():
+    request = queued("r", [2, 2, 3, 3, 40, 40])
+    window = request.queue
+    # budget 12: [2,2,3,3] pads to 4 x 3 = 12; 40 is over 4 x 3 (WIDEN_LIMIT) and starts its own chunk
+    assert [it.length for it in cut_chunk(window, window[0], 12, 1000)] == [2, 2, 3, 3]
+    assert [it.length for it in cut_chunk(window, window[4], 100, 1000)] == [40, 40]
+    # a chunk holding min_batch_tokens real tokens is closed before a longer text would widen its padding
+    assert [it.length for it in cut_chunk(window, window[0], 1000, 4)] == [2, 2]
+    assert [it.length for it in cut_chunk(window, window[2], 1000, 4)] == [3, 3]
+    # the budget counts padding: 3 texts of 40 are 120 tokens
+    three = queued("t", [40, 40, 40]).queue
+    assert len(cut_chunk(three, three[0], 100, 1)) == 2

@@ -114,7 +114,7 @@ class BatchResult:
     inference_s: float  # summed wall time of the batches that carried its texts
 
 
-class _Request:
+class QueuedRequest:
     __slots__ = ("future", "deadline", "request_id", "submitted", "first_batch", "inference_s", "count",
                  "remaining", "vectors", "queue", "queued_tokens", "served")
 
@@ -128,19 +128,65 @@ class _Request:
         self.count = count
         self.remaining = count
         self.vectors: np.ndarray | None = None
-        self.queue: list[_Item] = []  # its texts still waiting, shortest first
+        self.queue: list[QueuedText] = []  # its texts still waiting, shortest first
         self.queued_tokens = 0
         self.served = 0  # tokens of its texts taken into batches so far
 
 
-class _Item:
+class QueuedText:
     __slots__ = ("request", "index", "length", "payload")
 
-    def __init__(self, request: _Request, index: int, length: int, payload: Any) -> None:
+    def __init__(self, request: QueuedRequest, index: int, length: int, payload: Any) -> None:
         self.request = request
         self.index = index
         self.length = length
         self.payload = payload
+
+
+def service_order(requests: list[QueuedRequest], oldest_first: bool) -> list[QueuedRequest]:
+    """Least attained service first (ties: fewest tokens left, then the oldest), or arrival order when
+    `oldest_first` (every AGEING_EVERY-th batch)."""
+    if oldest_first:
+        return list(requests)
+    return sorted(requests, key=lambda r: (r.served, r.queued_tokens))  # stable: ties keep arrival order
+
+
+def fill_window(order: list[QueuedRequest], max_tokens: int) -> list[QueuedText]:
+    """Queued texts in service order (each request's shortest first) up to `max_tokens`; the first text
+    always, whatever its length. Stops at the first text that would not fit."""
+    window: list[QueuedText] = []
+    tokens = 0
+    for item in (item for request in order for item in request.queue):
+        if window and tokens + item.length > max_tokens:
+            break
+        window.append(item)
+        tokens += item.length
+    return window
+
+
+def closes_chunk(chunk: list[QueuedText], chunk_tokens: int, item: QueuedText, budget: int,
+                 min_batch_tokens: int) -> bool:
+    """Whether `item` (no shorter than any text in the chunk) must start a new chunk: it would exceed the
+    budget, widen the padding of a chunk that already holds min_batch_tokens, or be over WIDEN_LIMIT times
+    the chunk's longest text."""
+    longest = chunk[-1].length
+    over_budget = (len(chunk) + 1) * item.length > budget
+    widens = item.length > longest and chunk_tokens >= min_batch_tokens
+    return over_budget or widens or item.length > WIDEN_LIMIT * longest
+
+
+def cut_chunk(window: list[QueuedText], first: QueuedText, budget: int, min_batch_tokens: int) -> list[QueuedText]:
+    """Cut the window (sorted by length) into chunks (`closes_chunk`) and return the one holding `first`."""
+    chunk: list[QueuedText] = []
+    chunk_tokens = 0
+    for item in window:
+        if chunk and closes_chunk(chunk, chunk_tokens, item, budget, min_batch_tokens):
+            if first in chunk:
+                break
+            chunk, chunk_tokens = [], 0
+        chunk.append(item)
+        chunk_tokens += item.length
+    return chunk
 
 
 class Batcher:
@@ -169,7 +215,7 @@ class Batcher:
         self.tokens_per_s: float | None = None  # recent throughput (see the module docstring); None: no batch yet
         self._batch_s = 0.0  # recent seconds per batch
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedforge-infer")
-        self._requests: list[_Request] = []  # requests with queued texts, in arrival order
+        self._requests: list[QueuedRequest] = []  # requests with queued texts, in arrival order
         self._queued_tokens = 0
         self._queued_texts = 0
         self._in_flight = 0  # batches taken from the queue and not yet delivered
@@ -254,8 +300,8 @@ class Batcher:
             raise QueueFull(f"queue full: {self._queued_tokens} tokens queued, request needs {total}, "
                             f"limit {self.max_queue_tokens}", tokens=total)
         loop = asyncio.get_running_loop()
-        request = _Request(loop.create_future(), deadline, request_id, len(payloads))
-        items = [_Item(request, i, int(n), p) for i, (p, n) in enumerate(zip(payloads, lengths, strict=True))]
+        request = QueuedRequest(loop.create_future(), deadline, request_id, len(payloads))
+        items = [QueuedText(request, i, int(n), p) for i, (p, n) in enumerate(zip(payloads, lengths, strict=True))]
         request.queue = sorted(items, key=lambda it: it.length)
         request.queued_tokens = total
         self._requests.append(request)
@@ -320,7 +366,7 @@ class Batcher:
             if self._on_health is not None:
                 self._on_health(healthy)
 
-    def _compute(self, batch: list[_Item]) -> tuple[list[_Item], np.ndarray | None, float]:
+    def _compute(self, batch: list[QueuedText]) -> tuple[list[QueuedText], np.ndarray | None, float]:
         """In a worker thread: drop texts whose caller left or whose deadline passed while the batch waited
         for a thread, then run the rest. Returns (computed items, their vectors, seconds)."""
         started = time.monotonic()
@@ -337,7 +383,7 @@ class Batcher:
             raise RuntimeError(f"run_batch returned {vectors.shape[0]} vectors for {len(live)} texts")
         return live, vectors, time.monotonic() - started
 
-    async def _next_batch(self, idle: bool) -> list[_Item] | None:
+    async def _next_batch(self, idle: bool) -> list[QueuedText] | None:
         """Wait for work, then take the next batch (see the module docstring for the policy); None: stop."""
         while True:
             if self._stopping:
@@ -362,7 +408,7 @@ class Batcher:
     def _drop_dead(self) -> None:
         """Remove queued requests that are finished (cancelled, failed) or past their deadline."""
         now = time.monotonic()
-        keep: list[_Request] = []
+        keep: list[QueuedRequest] = []
         for request in self._requests:
             if not request.future.done() and request.deadline is not None and now >= request.deadline:
                 self._fail(request, DeadlineExceeded("deadline passed while queued"))
@@ -373,66 +419,39 @@ class Batcher:
                 keep.append(request)
         self._requests = keep
 
-    def _take_batch(self) -> list[_Item]:
-        budget = self.max_batch_tokens
+    def _take_batch(self) -> list[QueuedText]:
+        """The next batch, in four steps: the order requests are served in, a window of their queued texts,
+        the chunk of the sorted window that holds the first text in that order, and its dequeueing."""
         self._batches += 1
-        if self._batches % AGEING_EVERY == 0:
-            order = list(self._requests)  # arrival order: the oldest first
-        else:
-            order = sorted(self._requests, key=lambda r: (r.served, r.queued_tokens))  # stable: then oldest
-        first = order[0].queue[0]
-        window: list[_Item] = []
-        tokens = 0
-        for request in order:
-            for item in request.queue:
-                if window and tokens + item.length > WINDOW_BATCHES * budget:
-                    break
-                window.append(item)
-                tokens += item.length
-            else:
-                continue
-            break
-        window.sort(key=lambda it: it.length)
-        batch: list[_Item] = []
-        batch_tokens = 0
-        has_first = False
-        for item in window:  # cut the sorted window into chunks; keep the chunk that holds `first`
-            if batch:
-                longest = batch[-1].length
-                over_budget = (len(batch) + 1) * item.length > budget
-                widens = item.length > longest and batch_tokens >= self.min_batch_tokens
-                if over_budget or widens or item.length > WIDEN_LIMIT * longest:
-                    if has_first:
-                        break
-                    batch, batch_tokens = [], 0
-            batch.append(item)
-            batch_tokens += item.length
-            has_first = has_first or item is first
-        taken: dict[int, set[int]] = {}
-        for item in batch:
-            taken.setdefault(id(item.request), set()).add(id(item))
-        for request in order:
-            ids = taken.get(id(request))
-            if ids:
-                kept = [it for it in request.queue if id(it) not in ids]
-                kept_tokens = sum(it.length for it in kept)
-                request.served += request.queued_tokens - kept_tokens
-                request.queue, request.queued_tokens = kept, kept_tokens
-        self._requests = [r for r in self._requests if r.queue]
-        self._queued_tokens -= batch_tokens
-        self._queued_texts -= len(batch)
+        order = service_order(self._requests, oldest_first=self._batches % AGEING_EVERY == 0)
+        window = fill_window(order, WINDOW_BATCHES * self.max_batch_tokens)
+        batch = cut_chunk(sorted(window, key=lambda it: it.length), order[0].queue[0], self.max_batch_tokens,
+                          self.min_batch_tokens)
+        self._dequeue(batch)
         return batch
 
-    def _deliver(self, batch: list[_Item], vectors: np.ndarray, seconds: float) -> None:
-        seen: set[int] = set()
+    def _dequeue(self, batch: list[QueuedText]) -> None:
+        """Take the batch's texts off their requests' queues, counting them as service those requests had."""
+        taken = set(batch)
+        for request in {item.request for item in batch}:
+            kept = [it for it in request.queue if it not in taken]
+            kept_tokens = sum(it.length for it in kept)
+            request.served += request.queued_tokens - kept_tokens
+            request.queue, request.queued_tokens = kept, kept_tokens
+        self._requests = [r for r in self._requests if r.queue]
+        self._queued_tokens -= sum(it.length for it in batch)
+        self._queued_texts -= len(batch)
+
+    def _deliver(self, batch: list[QueuedText], vectors: np.ndarray, seconds: float) -> None:
+        seen: set[QueuedRequest] = set()
         for row, item in enumerate(batch):
             request = item.request
             if request.future.done():
                 continue
             if request.vectors is None:
                 request.vectors = np.empty((request.count, vectors.shape[1]), dtype=np.float32)
-            if id(request) not in seen:
-                seen.add(id(request))
+            if request not in seen:
+                seen.add(request)
                 request.inference_s += seconds
             request.vectors[item.index] = vectors[row]
             request.remaining -= 1
@@ -441,6 +460,6 @@ class Batcher:
                                                       request.inference_s))
 
     @staticmethod
-    def _fail(request: _Request, exc: Exception) -> None:
+    def _fail(request: QueuedRequest, exc: Exception) -> None:
         if not request.future.done():
             request.future.set_exception(exc)

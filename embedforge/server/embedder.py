@@ -1,4 +1,4 @@
-"""The narrow interface between the gRPC servicer and a model backend (runtime.py implements it)."""
+"""The narrow interface between the serving core (core.py) and a model backend (runtime.py implements it)."""
 
 from __future__ import annotations
 
