@@ -38,7 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
-from embedforge.net import InsecureKeyError, check_key_transport  # noqa: F401 (InsecureKeyError: for callers)
+from embedforge.net import MAX_REPLY_BYTES, InsecureKeyError, check_key_transport  # noqa: F401 (InsecureKeyError: for callers)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 # Embed, Score and Info are pure functions of the request, so any failed attempt may be sent again.
@@ -66,8 +66,8 @@ SERVICE_CONFIG = {
 # One HOST:PORT goes without it, so that a server that is not SERVING answers for itself ("model is loading").
 HEALTH_CHECK_CONFIG = {"serviceName": SERVICE_NAME}
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+    ("grpc.max_send_message_length", MAX_REPLY_BYTES),
     ("grpc.enable_retries", 1),
     # A replica that is down (or not started yet) is tried again at most every 2 s instead of gRPC's
     # default 120 s, so a replica that (re)starts at a listed address gets calls within about 2 s.

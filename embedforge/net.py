@@ -11,6 +11,7 @@ import ipaddress
 from urllib.parse import urlsplit
 
 LOCAL_SCHEMES = ("unix:", "unix-abstract:")  # gRPC targets that never leave the machine
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # the largest gRPC reply a server sends and a client takes (vectors are big)
 
 
 class InsecureKeyError(ValueError):

@@ -55,7 +55,8 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-LIMITS = {"max_batch_tokens": 16384, "min_batch_tokens": 256, "max_wait_ms": 2.0, "max_queue_tokens": 524288}
+LIMITS = {"max_batch_tokens": 16384, "min_batch_tokens": 256, "max_wait_ms": 2.0, "max_queue_tokens": 524288,
+          "max_failures": 5}
 
 
 async def started(recorder: Recorder, **kwargs) -> Batcher:

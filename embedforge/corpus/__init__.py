@@ -1,5 +1,8 @@
 """`embedforge embed-corpus`: a corpus of texts -> Parquet shards of vectors (torch-free; Ray optional)."""
 
-MAX_BATCH_TOKENS = 4096
-"""Default padded tokens per batch: 8 x 512 tokens ran 16-18% faster per text than 16 or 32 x 512 (short texts
-likewise) on 1 and 2 threads, in a third of the working memory (benchmarks/batch_memory.py)."""
+from embedforge.server.config import MAX_BATCH_TOKENS_CPU
+
+MAX_BATCH_TOKENS = MAX_BATCH_TOKENS_CPU
+"""Default padded tokens per batch: the serving default on CPU, for the same reason (server/config.py)."""
+MAX_BATCH_SIZE = 128
+"""Default texts per batch (short texts: 128 x 32 tokens fill the token budget)."""

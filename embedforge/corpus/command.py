@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from embedforge.cli_options import option
-from embedforge.corpus import MAX_BATCH_TOKENS
+from embedforge.corpus.job import CorpusJob
 
 EPILOG = """Examples:
 
@@ -45,11 +45,11 @@ EPILOG = """Examples:
 @option("dimensions", type=click.IntRange(1), default=None, show_default=False,
         help="Write the first N dimensions, renormalised (Matryoshka; only for exports that declare "
         "matryoshka_dims) [default: the model's dim].")
-@option("shard_size", type=click.IntRange(1), default=4096,
+@option("shard_size", type=click.IntRange(1), default=CorpusJob.shard_size,
         help="Texts per Parquet shard; also the chunk sorted by length, and what a restart may redo.")
-@option("max_batch_tokens", type=click.IntRange(1), default=MAX_BATCH_TOKENS,
+@option("max_batch_tokens", type=click.IntRange(1), default=CorpusJob.max_batch_tokens,
         help="Padded tokens per model batch (texts x longest text).")
-@option("max_batch_size", type=click.IntRange(1), default=128, help="Texts per model batch.")
+@option("max_batch_size", type=click.IntRange(1), default=CorpusJob.max_batch_size, help="Texts per model batch.")
 @option("ray", "ray_address", default=None, show_default=False, metavar="auto|ADDRESS",
         help="Run with Ray Data: auto = RAY_ADDRESS or a running local instance, else a new local one; or a "
         "cluster address (head:6379, ray://head:10001).")

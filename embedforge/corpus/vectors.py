@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedforge.corpus import MAX_BATCH_TOKENS
+from embedforge.corpus import MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 from embedforge.server.embedder import l2_normalize
 from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_manifest
 
@@ -61,7 +61,7 @@ class CorpusEmbedder:
 
     def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
                  threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                 max_batch_size: int = 128) -> None:
+                 max_batch_size: int = MAX_BATCH_SIZE) -> None:
         manifest = read_manifest(Path(model_dir))
         self.dims = output_dims(manifest, dimensions)
         self.runtime = OnnxEmbedder(model_dir, precision=precision, provider=provider, threads=threads, workers=1)

@@ -38,7 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedforge._proto import embedding_pb2 as pb
-from embedforge.net import InsecureKeyError, is_loopback
+from embedforge.net import MAX_REPLY_BYTES, InsecureKeyError, is_loopback
 from embedforge.server.admission import Admission, AdmissionLimits
 from embedforge.server.batcher import Batcher, BatchStats
 from embedforge.server.config import QUEUE_REQUESTS, ServeConfig
@@ -60,7 +60,7 @@ def server_options(config: ServeConfig) -> list[tuple[str, int]]:
     no handler reads yet (calls waiting for admission); with it off a stream buffers 64 KB until it is read."""
     return [("grpc.max_receive_message_length", config.max_receive_bytes),
             ("grpc.http2.bdp_probe", 0),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
             ("grpc.so_reuseport", 0)]
 
 
@@ -222,7 +222,7 @@ class EmbeddingServer:
                                               body_timeout_s=cfg.body_timeout_s,
                                               default_deadline_s=cfg.default_deadline_s))
         self.core = EmbeddingCore(Limits(cfg.max_texts_per_request, cfg.max_chars_per_text), admission,
-                                  cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
+                                  allow_any_dimensions=cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
                                   tokenizer_threads=cfg.tokenizer_threads)
         self.servicer = EmbeddingServicer(self.core, on_call=self.metrics.on_call)
         self.health = health.aio.HealthServicer()

@@ -193,8 +193,8 @@ class Batcher:
     """Merge concurrent requests into token-budget batches and run them through `run_batch`."""
 
     def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int, min_batch_tokens: int, max_wait_ms: float,
-                 max_queue_tokens: int, workers: int = 1, max_request_tokens: int | None = None,
-                 max_failures: int = 5, on_batch: Callable[[BatchStats], None] | None = None,
+                 max_queue_tokens: int, max_failures: int, workers: int = 1, max_request_tokens: int | None = None,
+                 on_batch: Callable[[BatchStats], None] | None = None,
                  on_health: Callable[[bool], None] | None = None) -> None:
         """The limits are explained above; the server takes them from `embedforge.server.config.ServeConfig`.
         max_request_tokens: the most one request may queue (None: max_queue_tokens)."""

@@ -20,6 +20,7 @@ from embedforge.server.config import (
     MIN_BATCH_TOKENS_CUDA,
     PENDING_BODIES,
     QUEUE_REQUESTS,
+    TOKENIZE_SLICE_TEXTS,
     ServeConfig,
 )
 
@@ -90,7 +91,7 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
         help="Deadline of a call that brings none (HTTP, gRPC without a timeout): a call whose deadline cannot be "
         "met behind the queued work is refused at once with a retry hint.")
 @option("tokenizer_threads", type=click.IntRange(1), default=DEFAULTS.tokenizer_threads,
-        help="Threads tokenizing large requests (in slices of 32 texts).")
+        help=f"Threads tokenizing large requests (in slices of {TOKENIZE_SLICE_TEXTS} texts).")
 @option("max_failures", type=click.IntRange(1), default=DEFAULTS.max_failures,
         help="Failed model batches in a row before health reports NOT_SERVING (SERVING again after a success).")
 @option("metrics_host", default=DEFAULTS.metrics_host, help="Address of the metrics endpoint.")

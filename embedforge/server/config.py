@@ -11,14 +11,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# On CPU, padding costs more than small batches do (STS-B, 16 callers x 8 texts: 15% padded tokens at 256,
-# 4% at 128, under 1% at 64; but one thread embeds a text in 2.76 ms in batches of 4 against 2.42 ms in
-# batches of 16): 128 served the most texts/s.
+# On CPU, padding costs more than small batches save: a batch is closed at fewer real tokens than on CUDA
+# (chosen with benchmarks/serve_throughput.py on short STS-B texts).
 MIN_BATCH_TOKENS_CPU = 128
 MIN_BATCH_TOKENS_CUDA = 256
-# A batch's working memory grows with its tokens and, through attention, with batch x length^2: 32 x 512 tokens
-# of the bundled fp32 model peak at +860 MB on one ORT thread, 8 x 512 at +229 MB, and 8 x 512 is also 16% faster
-# per text (benchmarks/batch_memory.py). A CPU runs `workers` batches at once, so it gets the smaller budget.
+# A batch's working memory grows with its tokens and, through attention, with batch x length^2; a CPU runs
+# `workers` batches at once, so it gets the smaller budget (8 x 512 tokens: faster per text than wider batches,
+# in a fraction of the memory; benchmarks/batch_memory.py).
 MAX_BATCH_TOKENS_CPU = 4096
 MAX_BATCH_TOKENS_CUDA = 16384
 MAX_CPU_WORKERS = 4  # default workers on CPU: min(cores, 4)
@@ -29,6 +28,8 @@ QUEUE_REQUESTS = 4  # default max_queue_tokens = 4 maximal requests, so one requ
 UTF8_MAX_BYTES = 4  # bytes of one character in UTF-8, at most
 FIELD_OVERHEAD_BYTES = 16  # protobuf tag + length of one string field, with room to spare
 MESSAGE_OVERHEAD_BYTES = 1024  # the request's other (small) fields
+TOKENIZE_SLICE_TEXTS = 32  # a large request is tokenized this many texts at a time (a few ms), so that other
+# requests' slices run in between
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 
 from embedforge.server.admission import Admission, Overloaded, SlowBody, Ticket
 from embedforge.server.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull, TooLarge
+from embedforge.server.config import TOKENIZE_SLICE_TEXTS
 from embedforge.server.embedder import Embedder, ModelInfo, Tokenized, l2_normalize
 
 log = logging.getLogger("embedforge.server.core")
@@ -38,11 +39,6 @@ TimingObserver = Callable[[float, float, float], None]
 """(queue_s, tokenize_s, inference_s) for every successful Embed/Score call."""
 CallObserver = Callable[[str, str, str, float], None]
 """(protocol, rpc name, status name, seconds) for every finished call of either protocol, e.g. to update metrics."""
-
-
-TOKENIZE_SLICE_TEXTS = 32
-"""A large request is tokenized 32 texts at a time (a few milliseconds each), so that other requests' slices
-run in between."""
 
 
 REQUEST_ID_MAX_CHARS = 64
@@ -118,8 +114,8 @@ class EmbeddingCore:
     `admission` (server/admission.py) decides which calls are taken on; the front ends ask it before reading a
     body and hand its Ticket to `embed` / `score`."""
 
-    def __init__(self, limits: Limits, admission: Admission, allow_any_dimensions: bool = False,
-                 on_timing: TimingObserver | None = None, tokenizer_threads: int = 2) -> None:
+    def __init__(self, limits: Limits, admission: Admission, *, allow_any_dimensions: bool, tokenizer_threads: int,
+                 on_timing: TimingObserver | None = None) -> None:
         self.limits = limits
         self.admission = admission
         self.allow_any_dimensions = allow_any_dimensions
