@@ -29,7 +29,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedforge.io import recover_directory, write_dir_atomic, write_file_atomic, write_json_atomic
+from embedforge.io import (
+    UnsafeFileNameError,
+    plain_file_name,
+    recover_directory,
+    write_dir_atomic,
+    write_file_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger("embedforge.checkpoints")
 
@@ -76,6 +83,13 @@ def missing_files(path: Path) -> list[str]:
         sizes = json.loads(listed.read_text())
     except ValueError:
         return [f"{FILE_LIST} (not valid JSON)"]
+    if not isinstance(sizes, dict):
+        return [f"{FILE_LIST} (not a JSON object of file sizes)"]
+    try:
+        for name in sizes:
+            plain_file_name(name, listed, "file name")
+    except UnsafeFileNameError as error:
+        return [f"{FILE_LIST} (unusable: {error})"]
     return [f"{name} (size {(path / name).stat().st_size}, recorded {size})" if (path / name).is_file() else name
             for name, size in sizes.items()
             if not (path / name).is_file() or (path / name).stat().st_size != size]
@@ -140,9 +154,17 @@ def read_best_record(save_path: str | Path) -> CheckpointInfo | None:
     record_path = Path(save_path) / BEST_RECORD
     if not record_path.is_file():
         return None
-    record = json.loads(record_path.read_text())
     try:
-        return read_checkpoint(Path(save_path) / record["checkpoint"])
+        record = json.loads(record_path.read_text())
+    except ValueError as error:
+        raise CheckpointError(f"{record_path}: not valid JSON ({error})") from error
+    try:  # a checkpoint directory beside the record, never a path elsewhere
+        name = plain_file_name(record.get("checkpoint") if isinstance(record, dict) else None, record_path,
+                               "checkpoint")
+    except UnsafeFileNameError as error:
+        raise CheckpointError(str(error)) from error
+    try:
+        return read_checkpoint(Path(save_path) / name)
     except CheckpointError as error:
         raise CheckpointError(f"{record_path} names a checkpoint that cannot be used: {error}") from error
 
@@ -195,8 +217,18 @@ def _recorded_files(record_path: Path) -> list[str]:
         files = json.loads(record_path.read_text()).get("files", [])
     except (OSError, ValueError, AttributeError):
         return []
-    return [name for name in files if isinstance(name, str) and name == Path(name).name
-            and name not in ("", ".", "..", *_NOT_MODEL_FILES)]
+    if not isinstance(files, list):
+        return []
+    names = []
+    for name in files:
+        try:
+            plain_file_name(name, record_path, "files")
+        except UnsafeFileNameError as error:
+            log.warning("not removing %r: %s", name, error)
+            continue
+        if name not in _NOT_MODEL_FILES:
+            names.append(name)
+    return names
 
 
 def remove_stale_temporaries(save_path: Path) -> None:

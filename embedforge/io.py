@@ -5,6 +5,9 @@ that a run killed at any moment leaves either the old file or the new one, never
 cut does not either: each file and its directory are fsynced before the rename (the data is on disk) and
 the directory again after it (the rename is).
 
+File names read back from a record (a manifest, a checkpoint list) pass :func:`plain_file_name` before they
+are joined to the record's directory, so that a record cannot point outside it.
+
 Temporaries carry the writer's pid (`.tmp-NAME-PID-*`, `.old-NAME-PID`, `.NAME.PID.*`): the cleanup of
 temporaries (:func:`recover_directory`) leaves alone those of a live process, and restores a `.old-` dir that
 a writer killed between its two renames left in place of NAME.
@@ -19,11 +22,29 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 log = logging.getLogger("embedforge.io")
 _TEMPORARY = re.compile(r"^\.(tmp|old)-(.+)-(\d+)(-[^-]*)?$")
+
+
+class UnsafeFileNameError(ValueError):
+    """A file name read from a record that is not a plain name inside the record's directory."""
+
+
+def plain_file_name(value: object, record: str | Path, field: str) -> str:
+    """`value` if it is a plain file name (to join to the directory of `record`), else UnsafeFileNameError.
+
+    A plain name is a non-empty str without a path separator ("/" or "\\"), a NUL or a drive, that is not
+    "." or ".." and not absolute. The error names the record file, the field and the value.
+    """
+    if (not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value
+            or PurePosixPath(value).is_absolute() or PureWindowsPath(value).anchor):
+        raise UnsafeFileNameError(f"{record}: field {field!r} must be a plain file name inside "
+                                  f"{Path(record).parent} (no path separator, not '.' or '..', not absolute), "
+                                  f"got {value!r}")
+    return value
 
 
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -5,7 +5,8 @@
 Any BERT-family encoder that `transformers.AutoModel` loads works (BERT, RoBERTa, MiniLM, ...).
 A saved model directory holds the encoder (safetensors + config.json), `projection.safetensors` when
 there is a projection, the tokenizer files and `embedforge.json` with pooling, projection size,
-max_length and the base model. Usage::
+max_length and the base model. Weights load from safetensors only: a directory whose weights are pickles
+(pytorch_model.bin, *.pt), which can run code when loaded, is refused (see `require_safetensors`). Usage::
 
     model = BertVectorModel.from_pretrained("output/vector_model")   # the best checkpoint, copied by train
     query, document = model.encode(["how to boil an egg", "Boil eggs for 7 minutes."])   # numpy [2, dim]
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from embedforge.io import UnsafeFileNameError, plain_file_name
 from embedforge.onnxrt import pad_token_ids
 
 # Loading drops the unused pooler head, which transformers would otherwise report on every load;
@@ -73,6 +75,30 @@ def resolve_model_name(model_name: str | None) -> str:
     return str(Path(model_name).expanduser()) if looks_like_path else model_name
 
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+"""Weight files that torch reads by unpickling: refused (a pickle can run code), only safetensors load."""
+
+
+def require_safetensors(source: str | Path) -> None:
+    """Refuse a local model directory whose weights are pickles only (pytorch_model.bin, *.pt, ...).
+
+    Every encoder loads with `use_safetensors=True`; this check turns the directory that would fail that
+    (or, without it, run code from its pickle) into a clear ModelError saying how to convert it. A hub id
+    (not a directory) is left to `use_safetensors=True`.
+    """
+    path = Path(source)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(child.name for child in path.iterdir()
+                     if child.is_file() and child.suffix in PICKLE_WEIGHT_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{path}: its weights are pickle files only ({', '.join(pickles)}), which can run code when loaded; "
+            "embedforge loads safetensors weights only. Convert it once in a trusted environment: load it with "
+            f"transformers.AutoModel.from_pretrained({str(path)!r}) and save it with "
+            f"`model.save_pretrained({str(path)!r}, safe_serialization=True)` (writes model.safetensors)")
+
+
 def position_limit(config) -> int:
     """The longest input (in tokens) the encoder's position embeddings allow."""
     limit = int(getattr(config, "max_position_embeddings", 512))
@@ -92,8 +118,12 @@ def detect_pooling(model_dir: str | Path) -> str:
     modules = model_dir / "modules.json"
     if modules.is_file():
         for module in json.loads(modules.read_text()):
-            if module.get("type", "").endswith("Pooling"):
-                pooling_configs.append(model_dir / module.get("path", "") / "config.json")
+            if module.get("type", "").endswith("Pooling") and module.get("path"):
+                try:
+                    name = plain_file_name(module.get("path"), modules, "path")
+                except UnsafeFileNameError as error:
+                    raise ModelError(str(error)) from error
+                pooling_configs.append(model_dir / name / "config.json")
     pooling_configs.append(model_dir / "1_Pooling" / "config.json")
     for path in pooling_configs:
         if path.is_file():
@@ -175,12 +205,13 @@ class BertVectorModel(nn.Module):
         `attention_dropout` replaces the encoder's dropout on attention probabilities (None keeps it).
         """
         source = resolve_model_name(model_name_or_path)
+        require_safetensors(source)
         try:
             config = AutoConfig.from_pretrained(source)
             if attention_dropout is not None and hasattr(config, "attention_probs_dropout_prob"):
                 config.attention_probs_dropout_prob = attention_dropout
             encoder = AutoModel.from_pretrained(source, config=config, attn_implementation=attn_implementation,
-                                                **FLOAT32)
+                                                use_safetensors=True, **FLOAT32)
             tokenizer = load_hf_tokenizer(source)
         except OSError as error:
             raise ModelError(f"cannot load model {source!r}: {error}") from error
@@ -197,8 +228,10 @@ class BertVectorModel(nn.Module):
         if not config_file.is_file():
             raise ModelError(f"{path}: not an embedforge model directory ({CONFIG_FILE} is missing)")
         settings = json.loads(config_file.read_text())
+        require_safetensors(path)
         try:
-            encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, **FLOAT32)
+            encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, use_safetensors=True,
+                                                **FLOAT32)
             tokenizer = load_hf_tokenizer(path)
         except OSError as error:
             raise ModelError(f"{path}: cannot load the encoder or tokenizer: {error}") from error

@@ -14,6 +14,7 @@ from helpers import SAMPLE_PAIRS, make_checkpoint, write_jsonl
 from transformers import AutoModel, AutoTokenizer, BertTokenizer
 
 from embedforge import checkpoints
+from embedforge.io import UnsafeFileNameError, plain_file_name
 from embedforge.model import BertVectorModel, ModelError
 from embedforge.testing import build_tiny_model
 from embedforge.train.config import TrainConfig
@@ -151,3 +152,50 @@ def test_a_crash_while_copying_never_leaves_a_mix_that_loads(tmp_path, monkeypat
     checkpoints.copy_best_model(root, second)
     assert BertVectorModel.from_pretrained(root).dim == 32
     assert not (root / ".model.safetensors.killed.safetensors").exists()
+
+
+# ---- file names read from records stay inside their directory ----
+
+@pytest.mark.parametrize("value", ["model.onnx", "checkpoint-step-3", "model_int8_unpadded.onnx", ".hidden", "a b",
+                                   "..x", "x.."])
+def test_plain_file_name_accepts_plain_names(value):
+    assert plain_file_name(value, Path("/run/manifest.json"), "models.fp32.file") == value
+
+
+@pytest.mark.parametrize("value", ["", ".", "..", "../x.onnx", "../elsewhere", "/etc/passwd", "a/b", "a/", "a\\b",
+                                   "..\\x.onnx", "C:x.onnx", "C:\\x.onnx", "x\0y", None, 3, ["x.onnx"]])
+def test_plain_file_name_refuses_paths_naming_record_field_and_value(value):
+    with pytest.raises(UnsafeFileNameError) as info:
+        plain_file_name(value, Path("/run/manifest.json"), "models.fp32.file")
+    assert isinstance(info.value, ValueError)
+    assert str(info.value).startswith("/run/manifest.json: field 'models.fp32.file' must be a plain file name")
+    assert str(info.value).endswith(f"got {value!r}")
+
+
+@pytest.mark.parametrize("value", ["../elsewhere", "ABSOLUTE"])
+def test_a_best_checkpoint_record_naming_a_directory_outside_the_save_path_is_refused(tmp_path, value):
+    save_path = tmp_path / "run"
+    build_tiny_model(save_path / "checkpoint-step-1")
+    make_checkpoint(save_path / "checkpoint-step-1", step=1)
+    build_tiny_model(tmp_path / "elsewhere", seed=3)
+    make_checkpoint(tmp_path / "elsewhere", step=9, val_loss=0.1)  # complete: only its place is wrong
+    value = str(tmp_path / "elsewhere") if value == "ABSOLUTE" else value
+    record = save_path / checkpoints.BEST_RECORD
+    record.write_text(json.dumps({"checkpoint": value, "step": 9, "val_loss": 0.1, "selected_by": "val_loss"}))
+    for read in (checkpoints.read_best_record, lambda path: checkpoints.resolve_checkpoint(save_path=path)):
+        with pytest.raises(checkpoints.CheckpointError) as info:
+            read(save_path)
+        assert str(info.value).startswith(f"{record}: field 'checkpoint' must be a plain file name")
+        assert repr(value) in str(info.value)
+
+
+def test_a_checkpoint_file_list_naming_a_file_outside_the_checkpoint_makes_it_unusable(tmp_path):
+    save_path = tmp_path / "run"
+    build_tiny_model(save_path / "checkpoint-step-1")
+    checkpoint = make_checkpoint(save_path / "checkpoint-step-1")
+    (tmp_path / "outside.bin").write_bytes(b"1234")
+    (checkpoint / checkpoints.FILE_LIST).write_text(json.dumps({"../../outside.bin": 4}))
+    with pytest.raises(checkpoints.CheckpointError, match=r"field 'file name' must be a plain file name.*"
+                                                          r"'\.\./\.\./outside\.bin'"):
+        checkpoints.read_checkpoint(checkpoint)
+    assert checkpoints.list_checkpoints(save_path) == []

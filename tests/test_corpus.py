@@ -260,6 +260,28 @@ def test_restart_after_sigkill_continues_and_matches_an_uninterrupted_run(tiny_e
     assert changed.exit_code == 1 and "changed (size or sha256)" in changed.output
 
 
+@pytest.mark.parametrize("value", ["../x.onnx", "ABSOLUTE"])
+def test_a_model_manifest_naming_a_file_outside_the_export_is_refused(tiny_export_dir, tmp_path, value):
+    from embedforge.corpus.job import CorpusJob
+    from embedforge.server.runtime import RuntimeConfigError
+
+    export = shutil.copytree(tiny_export_dir, tmp_path / "export")
+    manifest = json.loads((export / "manifest.json").read_text())
+    shutil.copyfile(export / manifest["models"]["fp32"]["file"], tmp_path / "x.onnx")  # a real graph outside
+    value = str(tmp_path / "x.onnx") if value == "ABSOLUTE" else value
+    manifest["models"]["fp32"]["file"] = value
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    path = write_corpus(tmp_path / "docs.jsonl", ["boil an egg", "bake bread"])
+    expected = f"{export / 'manifest.json'}: field 'models.fp32.file' must be a plain file name"
+    with pytest.raises(RuntimeConfigError) as info:
+        CorpusJob(export, [path], tmp_path / "direct", provider="cpu", precision="fp32").identity("local")
+    assert str(info.value).startswith(expected) and repr(value) in str(info.value)
+    result = run_cli("--model-dir", export, "--input", path, "--output", tmp_path / "out", "--provider", "cpu",
+                     expect_ok=False)
+    assert result.exit_code == 1 and expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out" / JOB_FILE).exists()
+
+
 def test_output_dir_with_other_files_is_refused(tiny_export_dir, corpus, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     result = run_cli("--model-dir", tiny_export_dir, "--input", corpus[0], "--output", tmp_path, expect_ok=False)

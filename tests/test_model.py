@@ -133,6 +133,64 @@ def test_loading_a_directory_that_is_not_a_model(tmp_path):
         BertVectorModel.from_pretrained(tmp_path)
 
 
+def pickled_model_dir(path, weights_file: str = "pytorch_model.bin") -> tuple:
+    """The tiny model with its weights in a pickle (what safe_serialization=False writes), no safetensors."""
+    model = build_tiny_model(path, pooling="mean")
+    torch.save(model.encoder.state_dict(), path / weights_file)
+    (path / "model.safetensors").unlink()
+    return path, model
+
+
+@pytest.mark.parametrize("weights_file", ["pytorch_model.bin", "model.pt"])
+def test_a_model_directory_with_only_pickle_weights_is_refused_with_how_to_convert(tmp_path, weights_file):
+    """Pickle weights can run code when loaded: only safetensors load, and the error says how to convert."""
+    model_dir, _ = pickled_model_dir(tmp_path / "pickled", weights_file)
+    for load in (BertVectorModel.from_pretrained, BertVectorModel.from_base):
+        with pytest.raises(ModelError) as info:
+            load(str(model_dir))
+        message = str(info.value)
+        assert str(model_dir) in message and weights_file in message
+        assert "trusted environment" in message and "safe_serialization=True" in message
+
+
+def test_a_pickled_model_converted_as_the_error_says_loads_with_the_same_weights(tmp_path):
+    from transformers import AutoModel
+
+    model_dir, model = pickled_model_dir(tmp_path / "pickled")
+    AutoModel.from_pretrained(model_dir).save_pretrained(model_dir, safe_serialization=True)
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "pytorch_model.bin").is_file()
+    np.testing.assert_allclose(BertVectorModel.from_pretrained(model_dir).encode(TEXTS), model.encode(TEXTS),
+                               atol=1e-6)
+
+
+def test_encoders_load_with_use_safetensors(tmp_path, monkeypatch):
+    """Every encoder load asks transformers for safetensors only (a hub id has no directory to check)."""
+    import embedforge.model as model_module
+
+    build_tiny_model(tmp_path / "m")
+    calls = []
+    real = model_module.AutoModel.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("use_safetensors"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.AutoModel, "from_pretrained", spy)
+    BertVectorModel.from_pretrained(tmp_path / "m")
+    BertVectorModel.from_base(str(tmp_path / "m"))
+    assert calls == [True, True]
+
+
+def test_a_sentence_transformers_pooling_path_outside_the_model_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    modules = [{"idx": 1, "name": "1", "path": "../1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "model" / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ModelError, match=r"modules.json: field 'path' must be a plain file name.*'\.\./1_Pooling'"):
+        detect_pooling(tmp_path / "model")
+
+
 def test_the_bundled_default_model_loads_offline_with_mean_pooling():
     model = BertVectorModel.from_base(None)
     assert (model.pooling, model.dim) == ("mean", 384)

@@ -472,6 +472,32 @@ def test_runtime_config_errors(tiny_export_dir, tmp_path):
         OnnxEmbedder(tmp_path)
 
 
+def export_with_model_file(tiny_export_dir: Path, tmp_path: Path, value: str, unpadded: bool = False) -> Path:
+    """A copy of the export whose manifest names `value` as the fp32 (or unpadded fp32) graph's file."""
+    export = shutil.copytree(tiny_export_dir, tmp_path / "export")
+    manifest = json.loads((export / "manifest.json").read_text())
+    entry = manifest["models"]["fp32"]["unpadded"] if unpadded else manifest["models"]["fp32"]
+    shutil.copyfile(export / entry["file"], tmp_path / "x.onnx")  # a real graph waits outside the export
+    entry["file"] = value
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    return export
+
+
+@pytest.mark.parametrize("unpadded", [False, True], ids=["model", "unpadded"])
+@pytest.mark.parametrize("value", ["../x.onnx", "ABSOLUTE"])
+def test_a_manifest_naming_a_model_file_outside_the_export_is_refused(tiny_export_dir, tmp_path, value, unpadded):
+    value = str(tmp_path / "x.onnx") if value == "ABSOLUTE" else value
+    export = export_with_model_file(tiny_export_dir, tmp_path, value, unpadded)
+    field = "models.fp32.unpadded.file" if unpadded else "models.fp32.file"
+    with pytest.raises(RuntimeConfigError) as info:
+        OnnxEmbedder(export, provider="cpu", threads=1)
+    assert str(info.value).startswith(f"{export / 'manifest.json'}: field {field!r} must be a plain file name")
+    assert repr(value) in str(info.value)
+    result = CliRunner().invoke(serve_command, ["--model-dir", str(export), "--port", "0", "--provider", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert f"field {field!r} must be a plain file name" in result.output and "Traceback" not in result.output
+
+
 def test_serve_config_resolves_automatic_settings_per_provider():
     cpu = ServeConfig().resolved(on_cuda=False, cores=8)
     assert (cpu.workers, cpu.threads, cpu.min_batch_tokens, cpu.max_queue_tokens) == (4, 8, 128, 32 * 4096)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from embedforge.corpus import MAX_BATCH_TOKENS
+from embedforge.corpus import MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 from embedforge.corpus.output import shard_stats
 from embedforge.corpus.reader import Problem, describe_file, file_sha256, read_records
 from embedforge.corpus.vectors import output_dims
 from embedforge.onnxrt import PROVIDERS
-from embedforge.server.runtime import choose_precision, choose_provider, read_manifest
+from embedforge.server.runtime import choose_precision, choose_provider, model_file_name, read_manifest
 
 
 @dataclass
@@ -33,9 +33,9 @@ class CorpusJob:
     provider: str = "auto"
     threads: int | None = None
     dimensions: int | None = None
-    shard_size: int = 8192
+    shard_size: int = 4096  # texts per Parquet shard: also the chunk sorted by length, and what a restart redoes
     max_batch_tokens: int = MAX_BATCH_TOKENS
-    max_batch_size: int = 128
+    max_batch_size: int = MAX_BATCH_SIZE
     progress: bool = True
     model_manifest: dict = field(init=False)
 
@@ -49,7 +49,8 @@ class CorpusJob:
 
     def identity(self, runner: str) -> dict:
         """Everything that decides the output's bytes: a restart must match it (_job.json)."""
-        model_file = self.model_dir / self.model_manifest["models"][self.precision_name]["file"]
+        model_file = self.model_dir / model_file_name(self.model_manifest, self.model_dir / "manifest.json",
+                                                      self.precision_name)
         return {
             "runner": runner,
             "model_dir": str(self.model_dir.resolve()),

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from embedforge.io import UnsafeFileNameError, plain_file_name
 from embedforge.onnxrt import PROVIDERS, create_session, pad_token_ids, shrinking_run
 from embedforge.server.embedder import ModelInfo, Tokenized
 from embedforge.tokenization import encode_truncated, load_tokenizer
@@ -54,9 +55,27 @@ def read_manifest(model_dir: Path) -> dict:
     for field in ("dim", "max_length", "inputs", "output", "models"):
         if field not in manifest:
             raise RuntimeConfigError(f"{path}: missing field {field!r}")
-    if not manifest["models"]:
+    if not isinstance(manifest["models"], dict) or not manifest["models"]:
         raise RuntimeConfigError(f"{path}: field 'models' lists no model file")
+    for precision, entry in manifest["models"].items():
+        model_file_name(manifest, path, precision)
+        if isinstance(entry, dict) and entry.get("unpadded") is not None:
+            model_file_name(manifest, path, precision, unpadded=True)
     return manifest
+
+
+def model_file_name(manifest: dict, path: Path, precision: str, unpadded: bool = False) -> str:
+    """The file name of `precision`'s graph (or of its unpadded graph) in the manifest at `path`: a plain name
+    inside the export directory, else RuntimeConfigError naming the manifest, the field and the value."""
+    entry = manifest["models"][precision]
+    field = f"models.{precision}.file"
+    if unpadded:
+        entry = entry.get("unpadded") if isinstance(entry, dict) else None
+        field = f"models.{precision}.unpadded.file"
+    try:
+        return plain_file_name(entry.get("file") if isinstance(entry, dict) else None, path, field)
+    except UnsafeFileNameError as exc:
+        raise RuntimeConfigError(str(exc)) from exc
 
 
 def read_matryoshka_dims(manifest: dict, model_dir: Path) -> tuple[int, ...]:
@@ -109,7 +128,8 @@ class OnnxEmbedder:
         self._run_options = shrinking_run()  # a run gives its arena memory back when it ends
         provider_name = choose_provider(provider)
         precision = choose_precision(precision, list(manifest["models"]), provider_name)
-        model_path = model_dir / manifest["models"][precision]["file"]
+        manifest_path = model_dir / "manifest.json"
+        model_path = model_dir / model_file_name(manifest, manifest_path, precision)
 
         providers = [provider_name] if provider_name == PROVIDERS["cpu"] else [provider_name, PROVIDERS["cpu"]]
         self.threads = threads or os.cpu_count() or 1
@@ -117,7 +137,8 @@ class OnnxEmbedder:
         unpadded = manifest["models"][precision].get("unpadded")
         self._unpadded = None
         if unpadded is not None and provider_name == PROVIDERS["cpu"]:
-            self._unpadded = self._session_pair(model_dir / unpadded["file"], workers, providers)
+            self._unpadded = self._session_pair(model_dir / model_file_name(manifest, manifest_path, precision,
+                                                                            unpadded=True), workers, providers)
         self.unpadded_min_tokens = unpadded_min_tokens
         self._running = 0
         self._lock = threading.Lock()

@@ -403,8 +403,9 @@ class Position:
 def restore(learner: Learner, checkpoint: checkpoints.CheckpointInfo, total_steps: int) -> Position:
     """Load the optimizer, schedule, scaler and RNG states saved with `checkpoint`; returns where it stopped.
 
-    The file is read with `weights_only=True`: tensors, numbers, strings and containers only, so a checkpoint
-    from elsewhere cannot run code. A run extended past its recorded length (a larger --max-steps or
+    The file is read with `weights_only=True`: tensors, numbers, strings and containers only, so from torch 2.6
+    on (which embedforge requires) a checkpoint from elsewhere cannot run code; before 2.6, `weights_only=True`
+    could be bypassed to run code (CVE-2025-32434). A run extended past its recorded length (a larger --max-steps or
     --num-epochs) follows the schedule of the new length from the step it stopped at: no second warmup, the
     learning rate continues on the linear decay that now ends at the new last step.
     """
