@@ -39,9 +39,9 @@ MATRYOSHKA = ["--matryoshka-dims", "384,256,128,64"]
 RUNS = {  # name -> extra `embedforge train` options; "st-*" runs train sentence-transformers instead
     "weighted-mse": ["--loss", "weighted-mse"],
     "in-batch": ["--loss", "in-batch"],
-    "mse+in-batch": ["--loss", "weighted-mse+in-batch", "--symmetric"],  # the README's for calibrated correlation
+    "mse+in-batch": ["--loss", "weighted-mse+in-batch", "--symmetric"],  # docs/training.md's for calibrated correlation
     "mse+in-batch matryoshka": ["--loss", "weighted-mse+in-batch", "--symmetric", *MATRYOSHKA],
-    # the README's recommended recipe: every related pair a positive, weighing rel^2, a softer scale and a higher
+    # docs/training.md's recommended recipe: every related pair a positive, weighing rel^2, a softer scale and a higher
     # learning rate (given after the shared recipe's, so it wins)
     "mse+in-batch graded": ["--loss", "weighted-mse+in-batch", "--symmetric", "--positive-threshold", "0.01",
                             "--negative-threshold", "0", "--rel-power", "2", "--scale", "10",

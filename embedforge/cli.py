@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("embedforge.train.cli", "train_command", "Fine-tune an encoder on query-document pairs."),
     "evaluate": ("embedforge.evaluate.cli", "evaluate_command", "Score checkpoints; pick the best one."),
     "export": ("embedforge.export.cli", "export_command", "Export a checkpoint to optimized ONNX."),
-    "serve": ("embedforge.server.cli", "serve_command", "Serve an ONNX export over gRPC."),
+    "serve": ("embedforge.server.cli", "serve_command", "Serve an ONNX export over gRPC (and HTTP, --http-port)."),
     "embed": ("embedforge.server.cli", "embed_command", "Embed texts with a running server."),
     "embed-corpus": ("embedforge.corpus.command", "embed_corpus_command",
                      "Embed a corpus into Parquet shards (one machine or Ray)."),

@@ -2,7 +2,7 @@
 #   docker build -f deploy/docker/train.Dockerfile -t embedforge:train .
 #   docker run --gpus all -v "$PWD/data:/data:ro" -v "$PWD/output:/output" embedforge:train \
 #       train --train-path /data/train.jsonl --val-path /data/val.jsonl --save-path /output/vector_model
-# Several GPUs or machines: the same image under torchrun (README, "Scaling out"):
+# Several GPUs or machines: the same image under torchrun (docs/scaling.md):
 #   docker run --gpus all --network host --entrypoint torchrun ... embedforge:train \
 #       --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id job1 \
 #       -m embedforge train ...

@@ -42,7 +42,7 @@ MANIFEST_FILE = "manifest.json"
 MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.95}
 """Default parity floors: the lowest min cosine (PyTorch vs ONNX Runtime, over the parity texts) each precision
 may show. fp32 differs from PyTorch only by kernel rounding; fp16 (CUDA) by half-precision rounding; int8 by
-per-channel weight quantization, for which the floor comes from measurement (README, "Export")."""
+per-channel weight quantization, for which the floor comes from measurement (docs/export.md)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt")
 

@@ -1,6 +1,6 @@
 """Admission: which Embed and Score calls the server takes on, one policy for gRPC and HTTP.
 
-The policy, in one paragraph (the README states it too). Everything a client controls is bounded by bytes
+The policy, in one paragraph (docs/admission.md states it too). Everything a client controls is bounded by bytes
 and by time, never by a count of slots. A call's body must arrive within `body_timeout_s`; a stalled body is
 dropped and what it held is given back. Bodies count against one byte budget, `max_pending_bytes`, from the
 moment they are read until their texts are tokens: an HTTP body as its bytes arrive, a gRPC body (whose size

@@ -15,7 +15,7 @@ whose texts have had the fewest tokens computed so far goes first (ties: the one
 then the oldest); so a short request that just arrived is next, whatever is queued, and requests that have
 had equal service take turns (per-request round robin). Every AGEING_EVERY-th batch instead serves the
 oldest request, so a long request finishes even under a flood of new ones. By design a short text waits for
-the first running batch to end, not for the queue (README: the measured table, on a contended host).
+the first running batch to end, not for the queue.
 
 Padding: the worker takes a window of queued texts (the chosen request's first, then the others' in the same
 order), sorts it by length and cuts it into chunks: a chunk ends where the budget would be exceeded, where it

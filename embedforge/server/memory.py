@@ -4,8 +4,8 @@ to the system instead of staying in the process.
 glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB on 64-bit), so after the
 first 20 MB request body is freed, later bodies, parsed messages and batch tensors come from the heap and
 per-thread arenas, which keep what is freed. A fixed threshold (which also turns the raising off) and few
-arenas keep blocks of a MB or more in mmap, returned on free. Measured with benchmarks/hostile_load.py
-(48 clients sending maximal requests, 15 s): peak RSS +2.4 GB -> +1.5 GB (figures in README).
+arenas keep blocks of a MB or more in mmap, returned on free (measured with benchmarks/hostile_load.py:
+docs/admission.md).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -
         help="In-batch: pairs with rel at least this are positives.")
 @option("rel_power", type=click.FloatRange(min=0), default=DEFAULTS.rel_power,
         help="In-batch: each positive pair weighs rel^this (0: all alike; 2 with --positive-threshold 0.01: "
-        "graded positives, which rank better at some cost in Spearman, see README).")
+        "graded positives, which rank better at some cost in Spearman, see docs/training.md).")
 @option("negative_threshold", type=click.FloatRange(0, 1), default=DEFAULTS.negative_threshold,
         help="In-batch: a document of the same query with rel below this joins the batch as a hard negative.")
 @option("symmetric", is_flag=True, help="In-batch: also rank the queries for each document.")

@@ -36,10 +36,10 @@ class TrainConfig:
     frozen_layers: int = 0
     eval_batch_size: int = 64
     loss: str = "weighted-mse"
-    in_batch_weight: float = 1.0  # measured on STS-B (README): 1.0 ranks best at the same Spearman as 0.1 or 0.3
+    in_batch_weight: float = 1.0  # weight of the in-batch term beside MSE (docs/training.md)
     scale: float = 20.0
     positive_threshold: float = 0.5
-    rel_power: float = 0.0  # in-batch anchors weigh rel^rel_power (README: the graded recipe uses 2)
+    rel_power: float = 0.0  # in-batch anchors weigh rel^rel_power (docs/training.md: the graded recipe uses 2)
     negative_threshold: float | None = 0.2
     symmetric: bool = False
     gather_across_ranks: bool = False
