@@ -3,7 +3,8 @@
 Every file the project writes for users (checkpoints, reports, exports, plots) goes through here, so
 that a run killed at any moment leaves either the old file or the new one, never half of one, and a power
 cut does not either: each file and its directory are fsynced before the rename (the data is on disk) and
-the directory again after it (the rename is).
+the directory again after it (the rename is). A log that grows by records (`metrics.jsonl`) is appended with
+:func:`append_line_durable`, each record on disk before the call returns.
 
 File names read back from a record (a manifest, a checkpoint list) pass :func:`plain_file_name` before they
 are joined to the record's directory, so that a record cannot point outside it.
@@ -64,6 +65,14 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def append_line_durable(path: str | Path, line: str) -> None:
+    """Append one line (a newline is added) and fsync the file before returning."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -70,6 +70,21 @@ def test_training_writes_complete_checkpoints_logs_and_a_plot(base_model, pairs,
     assert log[-1]["val_loss"] < log[0]["val_loss"]
 
 
+def logged_steps(save_path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (save_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_rewrites_its_log_from_the_checkpoint(base_model, pairs, tmp_path):
+    """Killed after a checkpoint was written but before its record was appended (or with a stray record of a
+    checkpoint that never landed), the resumed run's log matches its checkpoints."""
+    run = tmp_path / "run"
+    train(config(base_model, pairs, run, max_steps=3, save_steps=3))
+    (run / "metrics.jsonl").write_text('{"step": 6, "stray": true}\n')
+    train(config(base_model, pairs, run, max_steps=6, save_steps=3, resume="latest"))
+    assert logged_steps(run) == [3, 6]
+    assert all("stray" not in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
 @pytest.mark.slow
 def test_resume_after_a_crash_ends_with_the_same_weights(base_model, pairs, tmp_path, monkeypatch):
     reference = train(config(base_model, pairs, tmp_path / "reference", save_steps=3))
@@ -88,9 +103,11 @@ def test_resume_after_a_crash_ends_with_the_same_weights(base_model, pairs, tmp_
         train(config(base_model, pairs, tmp_path / "crashed", save_steps=3))
     monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     assert [info.step for info in checkpoints.list_checkpoints(tmp_path / "crashed")] == [3]
+    assert logged_steps(tmp_path / "crashed") == [3]  # no record of the checkpoint that was never written
 
     resumed = train(config(base_model, pairs, tmp_path / "crashed", save_steps=3, resume="latest"))
     assert resumed.global_step == reference.global_step == 12
+    assert logged_steps(tmp_path / "crashed") == logged_steps(tmp_path / "reference") == [3, 6, 9, 12]
     final_reference, final_resumed = weights(reference.best_checkpoint.parent / "checkpoint-step-12"), \
         weights(tmp_path / "crashed" / "checkpoint-step-12")
     for name, tensor in final_reference.items():

@@ -1,7 +1,9 @@
 """The checkpointer: at each checkpoint, validate, write `checkpoint-step-N/`, log, prune, and judge early stopping.
 
 Files under the save path: `checkpoint-step-N/` (embedforge/checkpoints.py), `metrics.jsonl` (one record per
-checkpoint) and `loss.png` (train and validation loss so far). Rank 0 alone validates and writes; every
+checkpoint, appended once its checkpoint is on disk; a resumed run rewrites it from the checkpoint's own
+history, so it never holds a record without a checkpoint or the same step twice) and `loss.png` (train and
+validation loss so far). Rank 0 alone validates and writes; every
 rank learns whether to stop, and whether rank 0 failed (then every rank raises instead of waiting). A
 checkpoint is never written with non-finite weights or a non-finite validation loss.
 """
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from embedforge import checkpoints
 from embedforge.data import Pair
 from embedforge.devices import rng_state
-from embedforge.io import new_figure, save_figure
+from embedforge.io import append_line_durable, new_figure, save_figure, write_text_atomic
 from embedforge.model import BertVectorModel
 from embedforge.train.batching import duplicate_free_batches
 from embedforge.train.config import TrainConfig
@@ -89,6 +91,8 @@ class Checkpointer:
         for record in history:
             if record.get("val_loss") is not None:
                 self._score(record["val_loss"])
+        if is_main and history:  # resumed: the log says what the checkpoint it resumes from says
+            write_text_atomic(self.save_path / METRICS_LOG, "".join(json.dumps(r) + "\n" for r in history))
 
     def save(self, step: int, epoch: int, batches_done: int, train_loss: float | None, samples: int,
              train_seconds: float) -> bool:
@@ -127,10 +131,9 @@ class Checkpointer:
         record = {"step": step, "epoch": epoch, "train_loss": train_loss, **val,
                   "learning_rate": self.learner.learning_rate, "time": time.time(), "train_samples": samples,
                   "train_seconds": round(train_seconds, 3), "skipped_steps": self.skipped_steps}
-        self.history.append(record)
-        with open(self.save_path / METRICS_LOG, "a") as log:
-            log.write(json.dumps(record) + "\n")
+        self.history.append(record)  # the checkpoint carries the history, this record included
         info = self._write_checkpoint(step, epoch, batches_done, train_loss, val)
+        append_line_durable(self.save_path / METRICS_LOG, json.dumps(record))
         self.saved.append(info.path)
         self._score(val["val_loss"])
         if config.save_total_limit:
