@@ -311,7 +311,7 @@ def test_clip_gradients_matches_torch_clip_grad_norm(scale):
     for model in models:
         (model(x).sum() * scale).backward()
     before = [p.grad.clone() for p in models[0].parameters()]
-    clip_gradients(models[0], max_norm=1.0)
+    clip_gradients(models[0], max_norm=1.0, step_loss=torch.zeros((), dtype=torch.float64))
     torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm=1.0)
     for ours, theirs in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad)
@@ -548,7 +548,7 @@ def test_sigkill_during_checkpoint_writes_always_leaves_a_resumable_run(base_mod
     import signal
     import time
 
-    from embedforge.train.trainer import _find_resume_checkpoint
+    from embedforge.train.resume import find_resume_checkpoint
 
     run = tmp_path / "run"
     cfg = config(base_model, pairs, run, max_steps=2, save_steps=1)
@@ -573,7 +573,7 @@ def test_sigkill_during_checkpoint_writes_always_leaves_a_resumable_run(base_mod
             # What `train --resume latest` does first: clean up, then pick the latest complete checkpoint.
             checkpoints.remove_stale_temporaries(run)
             assert not [child.name for child in run.iterdir() if child.name.startswith((".tmp-", ".old-"))]
-            latest = _find_resume_checkpoint(TrainConfig(save_path=str(run), resume="latest"), run)
+            latest = find_resume_checkpoint(TrainConfig(save_path=str(run), resume="latest"), run)
             assert latest.step in (1, 2, 3) and not checkpoints.missing_files(latest.path)
             assert weights(latest.path) and torch.load(latest.path / "training_state.pt", weights_only=True)
             assert {info.step for info in checkpoints.list_checkpoints(run)} >= {1, 2}

@@ -211,6 +211,24 @@ async def _run_http(url: str, rpc: str, deadline_s: float | None, api_key: str |
     return server, runs
 
 
+def _credentials(target: str, api_key_env: str | None, tls: TlsFiles,
+                 allow_insecure_key: bool) -> tuple[str | None, TlsFiles]:
+    """The API key to send (from --api-key-env) and the TLS files, once checked: a key goes in clear text only
+    to loopback, unless allowed."""
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise click.UsageError(f"--api-key-env: environment variable {api_key_env} is not set or empty")
+    if (tls.cert is None) != (tls.key is None):
+        raise click.UsageError("a client certificate needs both --tls-cert and --tls-key")
+    try:
+        check_key_transport(target, bool(api_key), tls.on or target.startswith("https://"), allow_insecure_key)
+    except InsecureKeyError as exc:
+        raise click.UsageError(str(exc)) from None
+    return api_key, tls
+
+
 @click.command(name="loadtest")
 @option("target", metavar="HOST:PORT", help="Address of a running `embedforge serve`: HOST:PORT (gRPC), "
         "replicas HOST:PORT,HOST:PORT,... or dns:///NAME:PORT (gRPC round robin, failed calls retried on another), "
@@ -295,18 +313,7 @@ def loadtest_command(target: str | None, rpc: str, concurrency: int | None, rate
     except LoadTestError as exc:
         raise click.ClickException(str(exc)) from None
 
-    api_key = None
-    if api_key_env is not None:
-        api_key = os.environ.get(api_key_env)
-        if not api_key:
-            raise click.UsageError(f"--api-key-env: environment variable {api_key_env} is not set or empty")
-    if (tls_cert is None) != (tls_key is None):
-        raise click.UsageError("a client certificate needs both --tls-cert and --tls-key")
-    tls = TlsFiles(tls_root_cert, tls_cert, tls_key)
-    try:
-        check_key_transport(target, bool(api_key), tls.on or target.startswith("https://"), allow_insecure_key)
-    except InsecureKeyError as exc:
-        raise click.UsageError(str(exc)) from None
+    api_key, tls = _credentials(target, api_key_env, TlsFiles(tls_root_cert, tls_cert, tls_key), allow_insecure_key)
 
     protocol = "http" if target.startswith(("http://", "https://")) else "grpc"
     config = {

@@ -57,7 +57,7 @@ class Learner:
 
     @property
     def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -87,7 +87,6 @@ class Checkpointer:
         self.total_steps = total_steps  # the schedule's length, recorded with each checkpoint
         self.saved: list[Path] = []
         self.best_val_loss, self.bad_evals = math.inf, 0
-        self.skipped_steps = history[-1].get("skipped_steps", 0) if history else 0  # non-finite steps so far
         for record in history:
             if record.get("val_loss") is not None:
                 self._score(record["val_loss"])
@@ -95,16 +94,17 @@ class Checkpointer:
             write_text_atomic(self.save_path / METRICS_LOG, "".join(json.dumps(r) + "\n" for r in history))
 
     def save(self, step: int, epoch: int, batches_done: int, train_loss: float | None, samples: int,
-             train_seconds: float) -> bool:
+             train_seconds: float, skipped_steps: int) -> bool:
         """Validate and checkpoint at `step`. Returns True, on every rank, when early stopping says stop.
 
-        `batches_done` counts the batches of `epoch` already trained on: a resumed run skips them. A failure on
+        `batches_done` counts the batches of `epoch` already trained on: a resumed run skips them; `skipped_steps`
+        counts the steps skipped so far for a non-finite loss or gradient norm. A failure on
         rank 0 is broadcast before it is raised, so that the other ranks raise too instead of waiting.
         """
         stop, failure = False, None
         if self.is_main:
             try:
-                stop = self._save(step, epoch, batches_done, train_loss, samples, train_seconds)
+                stop = self._save(step, epoch, batches_done, train_loss, samples, train_seconds, skipped_steps)
             except BaseException as error:
                 failure = error
         self.last_saved_step = step
@@ -120,7 +120,7 @@ class Checkpointer:
         return stop
 
     def _save(self, step: int, epoch: int, batches_done: int, train_loss: float | None, samples: int,
-              train_seconds: float) -> bool:
+              train_seconds: float, skipped_steps: int) -> bool:
         model, config = self.learner.model, self.config
         # rank 0 alone validates: the loss gathers nothing from the other ranks
         loss_fn = loss_for(config, gather_across_ranks=False)
@@ -130,7 +130,7 @@ class Checkpointer:
         _check_finite(model, val, step)
         record = {"step": step, "epoch": epoch, "train_loss": train_loss, **val,
                   "learning_rate": self.learner.learning_rate, "time": time.time(), "train_samples": samples,
-                  "train_seconds": round(train_seconds, 3), "skipped_steps": self.skipped_steps}
+                  "train_seconds": round(train_seconds, 3), "skipped_steps": skipped_steps}
         self.history.append(record)  # the checkpoint carries the history, this record included
         info = self._write_checkpoint(step, epoch, batches_done, train_loss, val)
         append_line_durable(self.save_path / METRICS_LOG, json.dumps(record))

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class TrainError(ValueError):
+    """A training setup that cannot run; the message says which option or file is wrong."""
+
+
 @dataclass
 class TrainConfig:
     train_path: str | None = None

@@ -5,8 +5,10 @@ pass -> the --loss (train/losses/: weighted MSE of cosine against rel, in-batch 
 Every `grad_accum_steps` batches: clip gradients at 1.0, AdamW step, linear warmup/decay schedule step.
 Every `save_steps` optimizer steps (and at the end): validation loss, validation NDCG@10 and an atomic checkpoint.
 
-`_train` reads as the run: read the data, `load_model`, `build_learner` (AdamW, schedule, scaler), `restore`
-a resumed state, then `run_loop`; its `Checkpointer` (train/checkpointer.py) validates and writes.
+`_train` reads as the run: read the data (train/pairs.py), `load_model`, `build_learner` (AdamW, schedule,
+scaler), `restore` a resumed state (train/resume.py), then `run_loop`: `step_batches` yields what each optimizer
+step consumes, `optimizer_step` clips and steps (one host sync per step), and the `Checkpointer`
+(train/checkpointer.py) validates and writes.
 
 Multi-GPU / multi-node: run under `torchrun`; each rank trains on its shard (DistributedSampler-style
 sharding of the same seeded permutation), DDP averages gradients, rank 0 alone writes files.
@@ -14,14 +16,12 @@ sharding of the same seeded permutation), DDP averages gradients, rank 0 alone w
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import pickle
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +32,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from embedforge import checkpoints
-from embedforge.data import DataError, Pair, read_pairs
-from embedforge.devices import resolve_amp, resolve_device, seed_everything, set_rng_state
-from embedforge.io import write_json_atomic
-from embedforge.model import BertVectorModel, pad_batch
-from embedforge.train.batching import duplicate_free_batches, hard_negatives, pick_hard_negatives
+from embedforge.data import DataError
+from embedforge.devices import resolve_amp, resolve_device, seed_everything
+from embedforge.model import BertVectorModel
 from embedforge.train.checkpointer import Checkpointer, Learner
-from embedforge.train.config import TrainConfig
+from embedforge.train.config import TrainConfig, TrainError
 from embedforge.train.dropout import replace_dropout
 from embedforge.train.losses import LOSSES, loss_for, uses_in_batch
 from embedforge.train.packing import choose_packing, packed_hidden_states
+from embedforge.train.pairs import TokenizedPairs, read_data
+from embedforge.train.resume import (
+    Position,
+    check_resumed_config,
+    find_resume_checkpoint,
+    record_config,
+    refuse_existing_run,
+    restore,
+)
 
 
 @dataclass
@@ -52,10 +59,6 @@ class TrainResult:
     best_checkpoint: Path | None = None
     stopped_early: bool = False
     model: BertVectorModel | None = None
-
-
-class TrainError(ValueError):
-    """A training setup that cannot run; the message says which option or file is wrong."""
 
 
 # -- setup helpers -------------------------------------------------------------------------
@@ -78,17 +81,19 @@ def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Scale all gradients by max_norm / ||g|| when their global L2 norm ||g|| exceeds max_norm.
+def clip_gradients(model: nn.Module, max_norm: float, step_loss: torch.Tensor) -> tuple[float, float]:
+    """Scale all gradients by max_norm / ||g|| when their global L2 norm ||g|| exceeds max_norm; returns the
+    step's loss and ||g|| as host floats, read in one transfer.
 
     The same as nn.utils.clip_grad_norm_, which also multiplies every gradient by 1.0 when the norm is
     within bounds: fine-tuning norms here sit around 0.1, so that pass over all gradients is skipped.
     """
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     norm = nn.utils.get_total_norm(gradients, foreach=True)
-    if not norm <= max_norm:  # also true for a non-finite norm, which clipping turns into nan as torch does
+    loss_value, norm_value = torch.stack([step_loss.to(norm.device, torch.float64), norm.double()]).tolist()
+    if not norm_value <= max_norm:  # also true for a non-finite norm, which clipping turns into nan as torch does
         nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm, foreach=True)
-    return float(norm)
+    return loss_value, norm_value
 
 
 def freeze_bottom_layers(model: BertVectorModel, count: int) -> None:
@@ -116,80 +121,6 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# -- data ----------------------------------------------------------------------------------
-
-
-class TokenizedPairs:
-    """Pairs with both texts tokenized once up front (unique texts only); batches pad dynamically."""
-
-    def __init__(self, pairs: Sequence[Pair], model: BertVectorModel, unique_texts: bool = False,
-                 positive_threshold: float = 0.5, negative_threshold: float | None = None) -> None:
-        """unique_texts: no text twice in a batch (for in-batch losses). negative_threshold: each positive
-        pair brings one document of its query with a lower rel as a hard negative (train/batching.py)."""
-        texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
-        index = {text: i for i, text in enumerate(texts)}
-        self.token_ids = model.tokenize(texts)
-        self.query = np.array([index[p.query] for p in pairs])
-        self.document = np.array([index[p.document] for p in pairs])
-        self.rel = torch.tensor([p.rel for p in pairs], dtype=torch.float32)
-        self.weight = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
-        self.length = np.array([max(len(self.token_ids[q]), len(self.token_ids[d]))
-                                for q, d in zip(self.query, self.document, strict=True)])
-        self.pad_id = model.tokenizer.pad_token_id or 0
-        self.unique_texts = unique_texts
-        self.negatives = None if negative_threshold is None else hard_negatives(
-            self.query, self.document, self.rel.tolist(), positive_threshold, negative_threshold)
-
-    def __len__(self) -> int:
-        return len(self.rel)
-
-    def batches(self, batch_size: int, seed: int, epoch: int, group_by_length: bool, rank: int = 0,
-                world_size: int = 1) -> list[np.ndarray]:
-        """This rank's batches of pair indices for one epoch; the same on every call with the same arguments.
-
-        With group_by_length, each window of 50 batches is sorted by length before cutting, so a
-        batch holds texts of similar length (less padding); batch order is then shuffled.
-        """
-        generator = np.random.default_rng(seed + epoch)
-        order = generator.permutation(len(self))
-        if self.unique_texts:
-            return self._unique_batches(order, generator, batch_size, group_by_length, rank, world_size)
-        per_rank = math.ceil(len(order) / world_size)
-        order = np.resize(order, per_rank * world_size)[rank::world_size]  # pad by wrapping, like DistributedSampler
-        if group_by_length:
-            window = batch_size * 50
-            order = np.concatenate([chunk[np.argsort(-self.length[chunk], kind="stable")]
-                                    for chunk in np.array_split(order, max(1, math.ceil(len(order) / window)))])
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        if group_by_length:
-            batches = [batches[i] for i in generator.permutation(len(batches))]
-        return batches
-
-    def _unique_batches(self, order: np.ndarray, generator: np.random.Generator, batch_size: int,
-                        group_by_length: bool, rank: int, world_size: int) -> list[np.ndarray]:
-        """`batches` without a text twice in the global batch (all ranks' batches together)."""
-        global_size = batch_size * world_size
-        if group_by_length:
-            window = global_size * 50
-            order = np.concatenate([chunk[np.argsort(-self.length[chunk], kind="stable")]
-                                    for chunk in np.array_split(order, max(1, math.ceil(len(order) / window)))])
-        texts = list(zip(self.query.tolist(), self.document.tolist(), strict=True))
-        batches = duplicate_free_batches(order, texts, global_size)
-        if group_by_length:
-            batches = [batches[i] for i in generator.permutation(len(batches))]
-        return [batch[rank::world_size] for batch in batches if len(batch) >= world_size]
-
-    def collate(self, batch: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-        """Queries, documents, then any hard negatives as one padded [2B + H, T] batch, with rel and weight [B]."""
-        text_ids = [*self.query[batch].tolist(), *self.document[batch].tolist()]
-        if self.negatives is not None:
-            text_ids += pick_hard_negatives(batch, self.negatives, set(text_ids))
-        texts = [self.token_ids[i] for i in text_ids]
-        input_ids, attention_mask = pad_batch(texts, self.pad_id, device)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "rel": self.rel[batch].to(device), "weight": self.weight[batch].to(device)}
-
-
 class PairVectors(nn.Module):
     """The L2-normalised vectors of a collated batch: queries, documents, then any hard negatives.
 
@@ -209,14 +140,6 @@ class PairVectors(nn.Module):
             hidden = packed_hidden_states(self.model.encoder, input_ids, attention_mask)
             return F.normalize(self.model.pooled(hidden, attention_mask), p=2, dim=-1)
         return self.model(input_ids, attention_mask)
-
-
-def load_pairs(path: str | None, what: str) -> list[Pair]:
-    if path is None:
-        from embedforge.sample_data import sample_path
-
-        path = str(sample_path(what))
-    return read_pairs(path)
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -276,15 +199,15 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
     save_path = Path(config.save_path)
     with _all_ranks_agree(device, world_size):  # every check that can stop the run, on every rank, before training
         _check_config(config)
-        train_pairs, val_pairs = _read_data(config)
+        train_pairs, val_pairs = read_data(config)
         if is_main:  # a killed run's temporaries go, a checkpoint it moved aside comes back (before listing)
             checkpoints.remove_stale_temporaries(save_path)
     with _all_ranks_agree(device, world_size):
         if config.resume is None:
-            _refuse_existing_run(save_path)
+            refuse_existing_run(save_path)
         else:
-            _check_resumed_config(config, save_path if config.resume == "latest" else Path(config.resume).parent)
-        resume_from = _find_resume_checkpoint(config, save_path)
+            check_resumed_config(config, save_path if config.resume == "latest" else Path(config.resume).parent)
+        resume_from = find_resume_checkpoint(config, save_path)
     seed_everything(config.seed)
     model = load_model(config, device, resume_from)
     in_batch = uses_in_batch(config.loss)
@@ -295,7 +218,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
     learner = build_learner(config, model, device, total_steps)
     start = Position() if resume_from is None else restore(learner, resume_from, total_steps)
     if is_main:
-        _prepare_save_path(config, save_path)
+        record_config(config, save_path)
     checkpointer = Checkpointer(config, learner, val_pairs, start.history,
                                 last_saved_step=-1 if resume_from is None else start.global_step,
                                 device=device, world_size=world_size, is_main=is_main, total_steps=total_steps)
@@ -325,29 +248,6 @@ def _all_ranks_agree(device: torch.device, world_size: int) -> Iterator[None]:
             raise TrainError("another rank refused to start (its log says why); this rank stops too")
     if failure is not None:
         raise failure
-
-
-def _read_data(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
-    """Training and validation pairs. Read and checked before anything heavy loads: a bad file stops the run at once."""
-    try:
-        train_pairs = load_pairs(config.train_path, "train")
-        val_pairs = load_pairs(config.val_path, "valid")
-    except DataError as error:
-        raise TrainError(str(error)) from error
-    if sum(p.weight for p in train_pairs) == 0:
-        raise TrainError(f"{config.train_path}: every record has weight 0; nothing to learn from")
-    return train_pairs, val_pairs
-
-
-def _find_resume_checkpoint(config: TrainConfig, save_path: Path) -> checkpoints.CheckpointInfo | None:
-    if config.resume is None:
-        return None
-    if config.resume != "latest":
-        return checkpoints.read_checkpoint(config.resume)
-    found = checkpoints.list_checkpoints(save_path)
-    if not found:
-        raise TrainError(f"--resume: {save_path} holds no complete checkpoint to resume from")
-    return found[-1]
 
 
 def load_model(config: TrainConfig, device: torch.device,
@@ -390,80 +290,30 @@ def build_learner(config: TrainConfig, model: BertVectorModel, device: torch.dev
     return Learner(model, optimizer, scheduler, scaler, amp_dtype)
 
 
-@dataclass
-class Position:
-    """Where training starts: the beginning, or where the resumed checkpoint was written."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_done: int = 0  # batches of `epoch` trained on before the checkpoint; a resumed run skips them
-    history: list[dict] = field(default_factory=list)  # the metrics record of every checkpoint so far
-
-
-def restore(learner: Learner, checkpoint: checkpoints.CheckpointInfo, total_steps: int) -> Position:
-    """Load the optimizer, schedule, scaler and RNG states saved with `checkpoint`; returns where it stopped.
-
-    The file is read with `weights_only=True`: tensors, numbers, strings and containers only, so from torch 2.6
-    on (which embedforge requires) a checkpoint from elsewhere cannot run code; before 2.6, `weights_only=True`
-    could be bypassed to run code (CVE-2025-32434). A run extended past its recorded length (a larger --max-steps or
-    --num-epochs) follows the schedule of the new length from the step it stopped at: no second warmup, the
-    learning rate continues on the linear decay that now ends at the new last step.
-    """
-    path = checkpoint.path / checkpoints.TRAINING_STATE_FILE
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as error:
-        raise checkpoints.CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values "
-                                          f"(was it written by this version of embedforge?): {error}") from error
-    learner.load_state_dict(state)
-    for group, base_lr, factor in zip(learner.optimizer.param_groups, learner.scheduler.base_lrs,
-                                      learner.scheduler.lr_lambdas, strict=True):
-        group["lr"] = base_lr * factor(learner.scheduler.last_epoch)  # this run's schedule (total_steps), not the saved
-    learner.scheduler._last_lr = [group["lr"] for group in learner.optimizer.param_groups]
-    set_rng_state(state["rng"])
-    if state.get("total_steps", total_steps) != total_steps:
-        tqdm.write(f"resuming at step {state['global_step']} of a run now {total_steps} steps long "
-                   f"(was {state['total_steps']}): the learning rate decays to 0 at step {total_steps}")
-    return Position(state["global_step"], state["epoch"], state["batches_done_in_epoch"], state.get("history", []))
-
-
-CONFIG_RECORD = "train_config.json"
-RESUME_MUST_MATCH = ("train_path", "val_path", "batch_size", "seed", "group_by_length", "grad_accum_steps",
-                     "max_length", "model_name", "pooling", "projection_dim", "freeze_word_embeddings",
-                     "frozen_layers", "attention_dropout")
-"""Data and model options a resumed run must share with the run it continues (the data order and the model)."""
-
-
-def _refuse_existing_run(save_path: Path) -> None:
-    if save_path.is_dir() and checkpoints.list_checkpoints(save_path):
-        raise TrainError(f"{save_path} already holds checkpoints: pass --resume to continue that run, "
-                         "or choose another --save-path")
-
-
-def _check_resumed_config(config: TrainConfig, run_path: Path) -> None:
-    """Refuse to resume with other data or model options than the run recorded in its train_config.json."""
-    record = run_path / CONFIG_RECORD
-    if not record.is_file():
-        return
-    try:
-        recorded = json.loads(record.read_text())
-    except ValueError as error:
-        raise TrainError(f"{record}: not valid JSON ({error}); cannot check the resumed options") from error
-    current = asdict(config)
-    changed = [f"--{name.replace('_', '-')} {recorded[name]!r} -> {current[name]!r}"
-               for name in RESUME_MUST_MATCH if name in recorded and recorded[name] != current[name]]
-    if changed:
-        raise TrainError(f"--resume: {', '.join(changed)}: these data/model options differ from the run in "
-                         f"{run_path} ({record}); resume with the same ones, or start a new --save-path")
-
-
-def _prepare_save_path(config: TrainConfig, save_path: Path) -> None:
-    """Create the save path; record the config."""
-    save_path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(save_path / CONFIG_RECORD, asdict(config))
-
-
 # -- the loop ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """What one optimizer step consumes: grad_accum_steps batches (fewer at an epoch's end), and where the
+    data stands after them (the epoch, and the batches of it trained on)."""
+
+    batches: list[np.ndarray]
+    epoch: int
+    batches_done: int
+
+
+def step_batches(config: TrainConfig, data: TokenizedPairs, start: Position, rank: int,
+                 world_size: int) -> Iterator[StepBatches]:
+    """Every optimizer step's batches from `start` on, epoch after epoch (a resumed run skips those done)."""
+    skip = start.batches_done
+    for epoch in range(start.epoch, config.num_epochs):
+        batches = data.batches(config.batch_size, config.seed, epoch, config.group_by_length, rank, world_size)
+        for first in range(skip, len(batches), config.grad_accum_steps):
+            end = min(first + config.grad_accum_steps, len(batches))
+            after = (epoch, end) if end < len(batches) else (epoch + 1, 0)
+            yield StepBatches(batches[first:end], *after)
+        skip = 0
 
 
 def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start: Position, total_steps: int,
@@ -472,85 +322,98 @@ def run_loop(config: TrainConfig, learner: Learner, data: TokenizedPairs, start:
 
     A step whose loss or gradient norm is not finite is skipped (see BadSteps).
     """
-    model, optimizer, scheduler, scaler, amp_dtype = (learner.model, learner.optimizer, learner.scheduler,
-                                                      learner.scaler, learner.amp_dtype)
-    pair_vectors, loss_fn = _pair_vectors(model, config.pack_tokens, device, world_size), loss_for(config)
-    global_step, epoch, skip_batches = start.global_step, start.epoch, start.batches_done
-    position = (epoch, skip_batches)  # (epoch, batches of it trained on) after the last step
-    progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",
+    pair_vectors, loss_fn = _pair_vectors(learner.model, config.pack_tokens, device, world_size), loss_for(config)
+    steps = step_batches(config, data, start, rank, world_size)
+    step, position, stopped_early = start.global_step, (start.epoch, start.batches_done), False
+    bad_steps, window = BadSteps(config.max_bad_steps, skipped=start.skipped_steps), LossWindow()
+    progress = tqdm(total=total_steps, initial=step, desc="training", unit="step",
                     disable=not (rank == 0 and config.show_progress), dynamic_ncols=True)
     clock = Stopwatch()  # throughput counts training only, not validating and checkpointing
-    running_loss, running_count, samples, window_loss = 0.0, 0, 0, None
-    step_loss, step_count = 0.0, 0
-    bad_steps = BadSteps(config.max_bad_steps)
-    model.train()
-    stopped_early, done = False, global_step >= total_steps
-    while not done and epoch < config.num_epochs:
-        batches = data.batches(config.batch_size, config.seed, epoch, config.group_by_length, rank, world_size)
-        for batch_index, batch in enumerate(batches[skip_batches:], start=skip_batches):
+    samples = 0
+    learner.model.train()
+    while step < total_steps and not stopped_early:
+        planned = next(steps, None)
+        if planned is None:
+            break
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed over the step's batches
+        for batch in planned.batches:
             inputs = data.collate(batch, device)
             # forward: queries and documents in one encoder pass
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.autocast(device.type, dtype=learner.amp_dtype or torch.float32,
+                                enabled=learner.amp_dtype is not None):
                 vectors = pair_vectors(inputs["input_ids"], inputs["attention_mask"])
-            # loss
             loss = loss_fn(vectors, inputs["rel"], inputs["weight"])
-            # backward: gradients add up over grad_accum_steps batches (or to the end of the epoch)
-            scaler.scale(loss / config.grad_accum_steps).backward()
-            step_loss, step_count = step_loss + loss.item(), step_count + 1
+            # backward: gradients add up over the step's batches
+            learner.scaler.scale(loss / config.grad_accum_steps).backward()
+            step_loss += loss.detach().double()
             samples += len(batch) * world_size
-            if (batch_index + 1) % config.grad_accum_steps and batch_index < len(batches) - 1:
-                continue
-            # clip
-            scaler.unscale_(optimizer)
-            norm = clip_gradients(model, max_norm=1.0)
-            # step, unless the loss or the gradients are not finite (on any rank)
-            if _finite_step(step_loss, norm if not scaler.is_enabled() else 0.0, device, world_size):
-                scaler.step(optimizer)
-                scaler.update()
-                running_loss, running_count = running_loss + step_loss, running_count + step_count
-                bad_steps.in_a_row = 0
-            else:
-                checkpointer.skipped_steps += 1
-                bad_steps.count(global_step + 1, step_loss, norm)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, step_count = 0.0, 0
-            # schedule
-            scheduler.step()
-            global_step += 1
-            position = (epoch, batch_index + 1) if batch_index + 1 < len(batches) else (epoch + 1, 0)
-            window_loss = running_loss / running_count if running_count else None
-            _show_progress(progress, window_loss, learner.learning_rate, samples / clock.seconds(),
-                           checkpointer.skipped_steps)
-            # save: validate and checkpoint every save_steps steps
-            if global_step % config.save_steps == 0:
-                running_loss, running_count = 0.0, 0
-                with clock.paused():
-                    stopped_early = checkpointer.save(global_step, *position, window_loss, samples, clock.seconds())
-            done = stopped_early or global_step >= total_steps
-            if done:
-                break
-        skip_batches = 0
-        if not done:
-            epoch += 1
+        taken, loss_value, norm = optimizer_step(learner, step_loss, device, world_size)
+        step += 1
+        position = (planned.epoch, planned.batches_done)
+        bad_steps.record(step, taken, loss_value, norm)
+        if taken:
+            window.add(loss_value, len(planned.batches))
+        _show_progress(progress, window.mean, learner.learning_rate, samples / clock.seconds(), bad_steps.skipped)
+        if step % config.save_steps == 0:  # validate and checkpoint every save_steps steps
+            with clock.paused():
+                stopped_early = checkpointer.save(step, *position, window.mean, samples, clock.seconds(),
+                                                  bad_steps.skipped)
+            window = LossWindow()
     progress.close()
-    if checkpointer.last_saved_step != global_step:  # the last step, unless it was just saved
-        checkpointer.save(global_step, *position, window_loss, samples, clock.seconds())
-    return global_step, stopped_early
+    if checkpointer.last_saved_step != step:  # the last step, unless it was just saved
+        checkpointer.save(step, *position, window.mean, samples, clock.seconds(), bad_steps.skipped)
+    return step, stopped_early
+
+
+def optimizer_step(learner: Learner, step_loss: torch.Tensor, device: torch.device,
+                   world_size: int) -> tuple[bool, float, float]:
+    """Clip the gradients at 1.0 and step AdamW, unless the loss or the gradient norm is not finite on some rank;
+    then zero the gradients and move the schedule on either way.
+
+    Returns (whether the step was taken, the step's loss, the gradient norm); reading the last two is the step's
+    one host sync (two more with several ranks: agreeing to step).
+    """
+    learner.scaler.unscale_(learner.optimizer)
+    loss, norm = clip_gradients(learner.model, max_norm=1.0, step_loss=step_loss)
+    # fp16's scaler skips steps of non-finite gradients itself (lowering its scale): only the loss counts there
+    taken = _finite_on_every_rank(loss, norm if not learner.scaler.is_enabled() else 0.0, device, world_size)
+    if taken:
+        learner.scaler.step(learner.optimizer)
+        learner.scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.scheduler.step()
+    return taken, loss, norm
+
+
+class LossWindow:
+    """The mean training loss per batch over the steps taken since the last checkpoint (None before any)."""
+
+    def __init__(self) -> None:
+        self.total, self.batches = 0.0, 0
+
+    def add(self, step_loss: float, batches: int) -> None:
+        self.total, self.batches = self.total + step_loss, self.batches + batches
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.batches if self.batches else None
 
 
 class BadSteps:
-    """Counts optimizer steps skipped in a row for a non-finite loss or gradient norm; stops the run at the limit.
+    """Counts optimizer steps skipped for a non-finite loss or gradient norm (in all, and in a row); stops the
+    run when `limit` come in a row.
 
-    A skipped step's batches count as trained and the schedule moves on, but the optimizer does not step. fp16's
-    gradient scaler skips steps of non-finite gradients itself (lowering its scale), so there only a non-finite
-    loss counts as bad.
+    A skipped step's batches count as trained and the schedule moves on, but the optimizer does not step.
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.in_a_row = limit, 0
+    def __init__(self, limit: int, skipped: int = 0) -> None:
+        self.limit, self.skipped, self.in_a_row = limit, skipped, 0
 
-    def count(self, step: int, loss: float, norm: float) -> None:
-        self.in_a_row += 1
+    def record(self, step: int, taken: bool, loss: float, norm: float) -> None:
+        if taken:
+            self.in_a_row = 0
+            return
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
         if self.in_a_row >= self.limit:
             raise TrainError(
                 f"step {step}: the loss or the gradient norm was not finite in {self.in_a_row} "
@@ -567,7 +430,7 @@ def _show_progress(progress: tqdm, window_loss: float | None, learning_rate: flo
                          samples_s=f"{samples_s:.1f}", skipped=skipped)
 
 
-def _finite_step(loss: float, norm: float, device: torch.device, world_size: int) -> bool:
+def _finite_on_every_rank(loss: float, norm: float, device: torch.device, world_size: int) -> bool:
     """Whether this step's loss and gradient norm are finite on every rank (ranks must agree to step)."""
     finite = math.isfinite(loss) and math.isfinite(norm)
     if world_size > 1:
