@@ -35,3 +35,24 @@ def test_every_option_default_is_its_config_fields(command: click.Command, confi
     differ = {p.name: (p.get_default(context), defaults[p.name]) for p in mirrored
               if p.name not in exceptions and p.get_default(context) != defaults[p.name]}
     assert not differ, f"{command.name}: option default != {config.__name__} field default: {differ}"
+
+
+@pytest.mark.parametrize("function", ["build_loss", "InBatchLoss", "TokenizedPairs", "CorpusEmbedder"])
+def test_inner_defaults_are_the_config_fields(function: str):
+    """Library entry points that take a config field as a keyword default to that field's value."""
+    import inspect
+
+    from embedforge.corpus.vectors import CorpusEmbedder
+    from embedforge.train.losses import InBatchLoss, build_loss
+    from embedforge.train.pairs import TokenizedPairs
+
+    target, config = {"build_loss": (build_loss, TrainConfig), "InBatchLoss": (InBatchLoss, TrainConfig),
+                      "TokenizedPairs": (TokenizedPairs, TrainConfig),
+                      "CorpusEmbedder": (CorpusEmbedder, CorpusJob)}[function]
+    defaults = field_defaults(config)
+    by_design = {"negative_threshold"}  # TokenizedPairs: None = no hard negatives (the trainer passes the field)
+    parameters = inspect.signature(target).parameters.values()
+    shared = {p.name: (p.default, defaults[p.name]) for p in parameters
+              if p.name in defaults and p.name not in by_design and p.default is not inspect.Parameter.empty}
+    assert shared, f"{function} shares no defaulted keyword with {config.__name__}"
+    assert all(ours == theirs for ours, theirs in shared.values()), shared

@@ -40,7 +40,8 @@ class TokenizedPairs:
     """Pairs with both texts tokenized once up front (unique texts only); batches pad dynamically."""
 
     def __init__(self, pairs: Sequence[Pair], model: BertVectorModel, unique_texts: bool = False,
-                 positive_threshold: float = 0.5, negative_threshold: float | None = None) -> None:
+                 positive_threshold: float = TrainConfig.positive_threshold,
+                 negative_threshold: float | None = None) -> None:
         """unique_texts: no text twice in a batch (for in-batch losses). negative_threshold: each positive
         pair brings one document of its query with a lower rel as a hard negative (train/batching.py)."""
         texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))

@@ -31,10 +31,13 @@ def uses_in_batch(loss: str) -> bool:
     return "in-batch" in loss
 
 
-def build_loss(loss: str, scale: float = 20.0, positive_threshold: float = 0.5, symmetric: bool = False,
-               in_batch_weight: float = 1.0, matryoshka_dims: tuple[int, ...] | None = None,
-               gather_across_ranks: bool = False, rel_power: float = 0.0) -> nn.Module:
-    """The loss module named by `loss` (one of LOSSES), wrapped for Matryoshka training if dims are given."""
+def build_loss(loss: str, scale: float = TrainConfig.scale, positive_threshold: float = TrainConfig.positive_threshold,
+               symmetric: bool = TrainConfig.symmetric, in_batch_weight: float = TrainConfig.in_batch_weight,
+               matryoshka_dims: tuple[int, ...] | None = None,
+               gather_across_ranks: bool = TrainConfig.gather_across_ranks,
+               rel_power: float = TrainConfig.rel_power) -> nn.Module:
+    """The loss module named by `loss` (one of LOSSES), wrapped for Matryoshka training if dims are given; the
+    defaults are TrainConfig's."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     in_batch = InBatchLoss(scale, positive_threshold, symmetric, gather_across_ranks, rel_power)

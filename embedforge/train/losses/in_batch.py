@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedforge.train.config import TrainConfig
 from embedforge.train.losses.gather import gather_rows
 
 
@@ -29,8 +30,9 @@ class InBatchLoss(nn.Module):
     batch as negatives, and every rank computes the same loss.
     """
 
-    def __init__(self, scale: float = 20.0, positive_threshold: float = 0.5, symmetric: bool = False,
-                 gather_across_ranks: bool = False, rel_power: float = 0.0) -> None:
+    def __init__(self, scale: float = TrainConfig.scale, positive_threshold: float = TrainConfig.positive_threshold,
+                 symmetric: bool = TrainConfig.symmetric, gather_across_ranks: bool = TrainConfig.gather_across_ranks,
+                 rel_power: float = TrainConfig.rel_power) -> None:
         super().__init__()
         self.scale, self.positive_threshold, self.rel_power = scale, positive_threshold, rel_power
         self.symmetric, self.gather_across_ranks = symmetric, gather_across_ranks
