@@ -151,6 +151,7 @@ class EmbedResult:
     vectors: np.ndarray  # float32 [len(texts), dim], row i belongs to texts[i]
     tokens: int  # tokens the model processed (after truncation, no padding)
     timing: Timing
+    embedding_space: str = ""  # the space the vectors belong to (ServerInfo.embedding_space)
 
     @property
     def dim(self) -> int:
@@ -163,6 +164,7 @@ class ScoreResult:
     top_indices: list[int]  # best first, at most top_k
     tokens: int
     timing: Timing
+    embedding_space: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class ServerInfo:
     server_version: str
     matryoshka_dims: tuple[int, ...]  # vector sizes the model was trained for; empty: full vectors only
     any_dimensions: bool  # the server accepts any `dimensions` (lossy for a model not trained for it)
+    embedding_space: str = ""  # id of what decides a vector: equal ids give comparable vectors
 
 
 # ---- building requests and decoding responses (shared by the sync and async clients) ----
@@ -210,12 +213,13 @@ def decode_timing(timing: pb.Timing) -> Timing:
 
 
 def decode_embed_response(response: pb.EmbedResponse) -> EmbedResult:
-    return EmbedResult(decode_vectors(response), response.usage.tokens, decode_timing(response.timing))
+    return EmbedResult(decode_vectors(response), response.usage.tokens, decode_timing(response.timing),
+                       response.embedding_space)
 
 
 def decode_score_response(response: pb.ScoreResponse) -> ScoreResult:
     return ScoreResult(np.asarray(response.scores, dtype=np.float32), list(response.top_indices),
-                       response.usage.tokens, decode_timing(response.timing))
+                       response.usage.tokens, decode_timing(response.timing), response.embedding_space)
 
 
 def decode_info_response(r: pb.InfoResponse) -> ServerInfo:
@@ -223,7 +227,7 @@ def decode_info_response(r: pb.InfoResponse) -> ServerInfo:
     return ServerInfo(r.model_name, r.dim, r.max_length, r.precision, r.provider, r.pooling,
                       lim.max_texts_per_request, lim.max_chars_per_text, lim.max_batch_tokens,
                       lim.max_queue_tokens, lim.max_wait_ms, lim.min_batch_tokens, r.server_version,
-                      tuple(r.matryoshka_dims), r.any_dimensions)
+                      tuple(r.matryoshka_dims), r.any_dimensions, r.embedding_space)
 
 
 # ---- channels ----
@@ -279,6 +283,45 @@ def create_stub(channel: grpc.Channel | grpc.aio.Channel) -> pb_grpc.EmbeddingSe
     return pb_grpc.EmbeddingServiceStub(channel)
 
 
+# ---- one embedding space per client ----
+
+SPACE_ATTEMPTS = 8  # sends of one call, at most, looking for a replica of the pinned space (or one per replica)
+
+
+class SpaceMismatchError(RuntimeError):
+    """No replica of the client's embedding space answered: the ones left serve another model."""
+
+
+class SpacePin:
+    """The embedding space a client keeps to: the one given, else that of its first Embed/Score reply.
+
+    Vectors of two spaces are not comparable, so a reply from another space (a replica of the other model,
+    during a rolling update) is not returned: the call is sent again, and round robin takes it to the next
+    replica, up to `attempts` times in all; then SpaceMismatchError names both spaces."""
+
+    def __init__(self, target: str, space: str | None, enabled: bool) -> None:
+        self.target, self.space, self.enabled = target, space, enabled
+        self.attempts = max(SPACE_ATTEMPTS, len(target.split(","))) if enabled else 1
+
+    def accepts(self, space: str) -> bool:
+        if not self.enabled:
+            return True
+        if self.space is None:
+            self.space = space
+        return space == self.space
+
+    def mismatch(self, seen: set[str]) -> SpaceMismatchError:
+        return SpaceMismatchError(
+            f"{self.target}: no replica of embedding space {self.space!r} answered in {self.attempts} attempts "
+            f"(replies came from {', '.join(sorted(repr(s) for s in seen))}); the replicas left serve another "
+            "model: its vectors are not comparable with this client's")
+
+
+def remaining_s(give_up: float | None) -> float | None:
+    """Seconds left before `give_up` (time.monotonic), at least 1 ms (gRPC then answers DEADLINE_EXCEEDED)."""
+    return None if give_up is None else max(0.001, give_up - time.monotonic())
+
+
 # ---- clients ----
 
 class EmbedClient:
@@ -288,13 +331,16 @@ class EmbedClient:
     "authorization: Bearer KEY"; `tls_root_cert` (path or PEM bytes) switches the channel to TLS, and
     `tls_cert` + `tls_key` present a client certificate (mutual TLS); `retries=False` sends each call once
     (RETRY_POLICY is off). An API key is never sent in clear text beyond loopback: without TLS to another
-    host the constructor raises InsecureKeyError, before any connection, unless `allow_insecure_key`."""
+    host the constructor raises InsecureKeyError, before any connection, unless `allow_insecure_key`.
+    Embed and Score keep to one embedding space (SpacePin): `space`, else that of the first reply;
+    `pin_space=False` takes replies of any space."""
 
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
                  tls_root_cert: PemSource | None = None, retries: bool = True, *,
                  tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
-                 allow_insecure_key: bool = False) -> None:
+                 allow_insecure_key: bool = False, space: str | None = None, pin_space: bool = True) -> None:
         self.target = target
+        self.pin = SpacePin(target, space, pin_space)
         self.timeout = timeout
         credentials = channel_credentials(tls_root_cert, tls_cert, tls_key)
         check_key_transport(target, bool(api_key), credentials is not None, allow_insecure_key)
@@ -314,14 +360,24 @@ class EmbedClient:
               deadline_s: float | None = None, dimensions: int | None = None) -> EmbedResult:
         """dimensions: the first d values of each vector, renormalised (for a model trained for it)."""
         request = build_embed_request(texts, truncate, normalize, dimensions)
-        response = self._stub.Embed(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
-        return decode_embed_response(response)
+        return decode_embed_response(self._pinned(self._stub.Embed, request, deadline_s))
 
     def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
               deadline_s: float | None = None) -> ScoreResult:
         request = build_score_request(query, documents, top_k, truncate)
-        response = self._stub.Score(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
-        return decode_score_response(response)
+        return decode_score_response(self._pinned(self._stub.Score, request, deadline_s))
+
+    def _pinned(self, method, request, deadline_s: float | None):
+        """The reply of `method` from a replica of the pinned space, all attempts within the call's deadline."""
+        deadline = self._deadline(deadline_s)
+        give_up = None if deadline is None else time.monotonic() + deadline
+        seen = set()
+        for _ in range(self.pin.attempts):
+            response = method(request, timeout=remaining_s(give_up), metadata=self._metadata)
+            if self.pin.accepts(response.embedding_space):
+                return response
+            seen.add(response.embedding_space)
+        raise self.pin.mismatch(seen)
 
     def info(self) -> ServerInfo:
         return decode_info_response(self._stub.Info(pb.InfoRequest(), timeout=self.timeout,
@@ -365,8 +421,9 @@ class AsyncEmbedClient:
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
                  tls_root_cert: PemSource | None = None, retries: bool = True, *,
                  tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
-                 allow_insecure_key: bool = False) -> None:
+                 allow_insecure_key: bool = False, space: str | None = None, pin_space: bool = True) -> None:
         self.target = target
+        self.pin = SpacePin(target, space, pin_space)
         self.timeout = timeout
         credentials = channel_credentials(tls_root_cert, tls_cert, tls_key)
         check_key_transport(target, bool(api_key), credentials is not None, allow_insecure_key)
@@ -383,14 +440,24 @@ class AsyncEmbedClient:
     async def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
                     deadline_s: float | None = None, dimensions: int | None = None) -> EmbedResult:
         request = build_embed_request(texts, truncate, normalize, dimensions)
-        response = await self._stub.Embed(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
-        return decode_embed_response(response)
+        return decode_embed_response(await self._pinned(self._stub.Embed, request, deadline_s))
 
     async def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
                     deadline_s: float | None = None) -> ScoreResult:
         request = build_score_request(query, documents, top_k, truncate)
-        response = await self._stub.Score(request, timeout=self._deadline(deadline_s), metadata=self._metadata)
-        return decode_score_response(response)
+        return decode_score_response(await self._pinned(self._stub.Score, request, deadline_s))
+
+    async def _pinned(self, method, request, deadline_s: float | None):
+        """As EmbedClient._pinned."""
+        deadline = self._deadline(deadline_s)
+        give_up = None if deadline is None else time.monotonic() + deadline
+        seen = set()
+        for _ in range(self.pin.attempts):
+            response = await method(request, timeout=remaining_s(give_up), metadata=self._metadata)
+            if self.pin.accepts(response.embedding_space):
+                return response
+            seen.add(response.embedding_space)
+        raise self.pin.mismatch(seen)
 
     async def info(self) -> ServerInfo:
         return decode_info_response(await self._stub.Info(pb.InfoRequest(), timeout=self.timeout,

@@ -19,18 +19,20 @@ class EmbedRequest(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("vectors", "dim", "count", "usage", "timing")
+    __slots__ = ("vectors", "dim", "count", "usage", "timing", "embedding_space")
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SPACE_FIELD_NUMBER: _ClassVar[int]
     vectors: bytes
     dim: int
     count: int
     usage: Usage
     timing: Timing
-    def __init__(self, vectors: _Optional[bytes] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    embedding_space: str
+    def __init__(self, vectors: _Optional[bytes] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding_space: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("query", "documents", "top_k", "truncate")
@@ -45,23 +47,25 @@ class ScoreRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., truncate: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "top_indices", "usage", "timing")
+    __slots__ = ("scores", "top_indices", "usage", "timing", "embedding_space")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TOP_INDICES_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SPACE_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     top_indices: _containers.RepeatedScalarFieldContainer[int]
     usage: Usage
     timing: Timing
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., top_indices: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    embedding_space: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., top_indices: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding_space: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "dim", "max_length", "precision", "provider", "pooling", "limits", "server_version", "matryoshka_dims", "any_dimensions")
+    __slots__ = ("model_name", "dim", "max_length", "precision", "provider", "pooling", "limits", "server_version", "matryoshka_dims", "any_dimensions", "embedding_space")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +76,7 @@ class InfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MATRYOSHKA_DIMS_FIELD_NUMBER: _ClassVar[int]
     ANY_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SPACE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     dim: int
     max_length: int
@@ -82,7 +87,8 @@ class InfoResponse(_message.Message):
     server_version: str
     matryoshka_dims: _containers.RepeatedScalarFieldContainer[int]
     any_dimensions: bool
-    def __init__(self, model_name: _Optional[str] = ..., dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., matryoshka_dims: _Optional[_Iterable[int]] = ..., any_dimensions: _Optional[bool] = ...) -> None: ...
+    embedding_space: str
+    def __init__(self, model_name: _Optional[str] = ..., dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., matryoshka_dims: _Optional[_Iterable[int]] = ..., any_dimensions: _Optional[bool] = ..., embedding_space: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_texts_per_request", "max_chars_per_text", "max_batch_tokens", "max_queue_tokens", "max_wait_ms", "min_batch_tokens")

@@ -33,6 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from embedforge.data import Pair, read_pairs
+from embedforge.export.space import embedding_space
 from embedforge.io import write_dir_atomic, write_json_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -153,7 +154,13 @@ def _build(checkpoint_dir: Path, target: Path, scratch: Path, precisions: list[s
     _measure_parity(model, target, models, pairs, texts, progress)
     progress.close()
     _check_parity(models, checkpoint_dir, floors)
-    return _manifest(model, models, baseline, opset, checkpoint_dir)
+    manifest = _manifest(model, models, baseline, opset, checkpoint_dir)
+    tokenizer_files = [target / name for name in TOKENIZER_FILES if (target / name).is_file()]
+    settings = {"dim": model.dim, "max_length": model.max_length, "pooling": model.pooling, "normalized": True,
+                "prompts": {}}
+    manifest["embedding_space"] = embedding_space(sorted(checkpoint_dir.glob("*.safetensors")), tokenizer_files,
+                                                  settings)
+    return manifest
 
 
 def _trace(model, scratch: Path, opset: int, progress: tqdm) -> dict[str, int]:

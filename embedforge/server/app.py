@@ -43,7 +43,7 @@ from embedforge.server.admission import Admission, AdmissionLimits
 from embedforge.server.batcher import Batcher, BatchStats
 from embedforge.server.config import QUEUE_REQUESTS, ServeConfig
 from embedforge.server.core import CallObserver, EmbeddingCore, Limits
-from embedforge.server.embedder import Embedder
+from embedforge.server.embedder import Embedder, ModelInfo
 from embedforge.server.http import HttpApi
 from embedforge.server.service import EmbeddingServicer, RateLimitedLog
 
@@ -104,6 +104,12 @@ class Metrics:
                                            registry=r, buckets=tuple(2 ** i for i in range(4, 18)))
         self.batch_seconds = prom.Histogram("embedforge_batch_seconds", "Model time per batch", registry=r,
                                             buckets=(.001, .002, .004, .008, .016, .032, .064, .128, .256, .512, 1, 2))
+
+    def describe_model(self, info: ModelInfo) -> None:
+        """embedforge_model_info: the served model and its embedding space, as labels (value 1)."""
+        model = prom.Info("embedforge_model", "The served model and its embedding space", registry=self.registry)
+        model.info({"model_name": info.model_name, "embedding_space": info.embedding_space,
+                    "precision": info.precision, "dim": str(info.dim)})
 
     def watch_queue(self, batcher: Batcher) -> None:
         r = self.registry
@@ -296,6 +302,7 @@ class EmbeddingServer:
         if warmup_batch:
             self.batcher.record_batch(*warmup_batch)
         self.metrics.watch_queue(self.batcher)
+        self.metrics.describe_model(info)
         self.batcher.start()
         self.core.attach(self.embedder, self.batcher)
         for name in ("", SERVICE_NAME):

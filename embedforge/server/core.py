@@ -82,6 +82,7 @@ class Embedded:
     vectors: np.ndarray  # float32 [n, dim or dimensions], row i belongs to text i
     tokens: int  # tokens the model processed (after truncation, no padding)
     timing: Timing
+    embedding_space: str = ""  # the model's (ModelInfo.embedding_space)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Scored:
     ranking: list[int]  # document indices, best first (ties: lower index first); at most top_k when top_k > 0
     tokens: int
     timing: Timing
+    embedding_space: str = ""
 
 
 def status_of(exc: Exception, request_id: str) -> tuple[str, str]:
@@ -181,13 +183,13 @@ class EmbeddingCore:
             vectors = np.ascontiguousarray(vectors[:, :dimensions])
         if normalize:
             vectors = l2_normalize(vectors)
-        return Embedded(vectors, done.tokens, done.timing)
+        return Embedded(vectors, done.tokens, done.timing, info.embedding_space)
 
     async def score(self, query: str, documents: list[str], *, ticket: Ticket, top_k: int = 0,
                     truncate: bool = True, request_id: str = "", release_texts: bool = False) -> Scored:
         """Cosine of the query with each document and the documents ranked best first; release_texts: as for
         `embed` (documents is emptied)."""
-        self.check_ready()
+        info = self.check_ready()
         self.check_texts([query], "query", indexed=False)
         self.check_texts(documents, "documents")
         count = len(documents)
@@ -201,7 +203,7 @@ class EmbeddingCore:
         ranking = np.argsort(-scores, kind="stable")
         if top_k:
             ranking = ranking[:top_k]
-        return Scored(scores, [int(i) for i in ranking], done.tokens, done.timing)
+        return Scored(scores, [int(i) for i in ranking], done.tokens, done.timing, info.embedding_space)
 
     def check_texts(self, texts: list[str], field: str, indexed: bool = True) -> None:
         if not texts:

@@ -20,6 +20,8 @@ class ModelInfo:
     """run_batch returns vectors before their L2 norm; False: they come normalised (normalize=false cannot be met)."""
     matryoshka_dims: tuple[int, ...] = ()
     """Vector sizes the model was trained for (the export manifest's matryoshka_dims); empty: full vectors only."""
+    embedding_space: str = ""
+    """The export's embedding_space id (export/space.py): vectors of different ids are not comparable."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from embedforge import __version__
 from embedforge.server.admission import BodyTooLarge, SlowBody, Ticket
-from embedforge.server.core import CallObserver, EmbeddingCore, Timing, sanitize_request_id, status_of
+from embedforge.server.core import CallObserver, Embedded, EmbeddingCore, Scored, Timing, sanitize_request_id, status_of
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
@@ -93,6 +93,14 @@ def server_timing(timing: Timing) -> str:
     return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in
                      (("queue", timing.queue_s), ("tokenize", timing.tokenize_s),
                       ("inference", timing.inference_s), ("total", timing.total_s)))
+
+
+SPACE_HEADER = "X-Embedding-Space"
+
+
+def reply_headers(done: Embedded | Scored) -> dict[str, str]:
+    """Server-Timing, and the embedding space the reply's vectors or scores belong to."""
+    return {"Server-Timing": server_timing(done.timing), SPACE_HEADER: done.embedding_space}
 
 
 def _texts(value: Any, field: str) -> list[str]:
@@ -285,8 +293,9 @@ class HttpApi:
             encoded = vectors.tolist()
         data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)]
         payload = {"object": "list", "data": data, "model": model_id,
-                   "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens}}
-        return web.json_response(payload, headers={"Server-Timing": server_timing(done.timing)})
+                   "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens},
+                   "embedding_space": done.embedding_space}
+        return web.json_response(payload, headers=reply_headers(done))
 
     async def _rerank(self, request: web.Request) -> web.Response:
         return await self._call("Score", request, self._score)
@@ -316,8 +325,9 @@ class HttpApi:
                 result["document"] = {"text": documents[i]}
             results.append(result)
         payload = {"id": request_id, "model": model_id, "results": results,
-                   "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens}}
-        return web.json_response(payload, headers={"Server-Timing": server_timing(done.timing)})
+                   "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens},
+                   "embedding_space": done.embedding_space}
+        return web.json_response(payload, headers=reply_headers(done))
 
     async def _models(self, request: web.Request) -> web.Response:
         return await self._call("Info", request, self._list_models)
@@ -329,6 +339,7 @@ class HttpApi:
                  "dim": info.dim, "max_length": info.max_length, "matryoshka_dims": list(info.matryoshka_dims),
                  "any_dimensions": self.core.allow_any_dimensions, "pooling": info.pooling,
                  "precision": info.precision, "provider": info.provider, "server_version": __version__,
+                 "embedding_space": info.embedding_space,
                  "limits": {"max_texts_per_request": limits.max_texts_per_request,
                             "max_chars_per_text": limits.max_chars_per_text,
                             "max_batch_tokens": batcher.max_batch_tokens,

@@ -17,6 +17,7 @@ gave 2% more texts/s in 8 of 10 interleaved rounds of the throughput benchmark's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -61,6 +62,8 @@ def read_manifest(model_dir: Path) -> dict:
         model_file_name(manifest, path, precision)
         if isinstance(entry, dict) and entry.get("unpadded") is not None:
             model_file_name(manifest, path, precision, unpadded=True)
+    if not manifest.get("embedding_space"):  # an export written before the id existed: one of its own
+        manifest["embedding_space"] = "legacy-" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return manifest
 
 
@@ -165,7 +168,8 @@ class OnnxEmbedder:
                               max_length=self.max_length, pooling=str(manifest.get("pooling", "")),
                               precision=precision, provider=active,
                               unnormalized=self._output_name != manifest["output"],
-                              matryoshka_dims=read_matryoshka_dims(manifest, model_dir))
+                              matryoshka_dims=read_matryoshka_dims(manifest, model_dir),
+                              embedding_space=manifest["embedding_space"])
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Tokenize with the Rust tokenizer; texts over max_length are truncated (their tail never tokenized)

@@ -182,7 +182,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         vectors = done.vectors
         return pb.EmbedResponse(vectors=vectors.astype("<f4", copy=False).tobytes(), dim=vectors.shape[1],
                                 count=vectors.shape[0], usage=pb.Usage(tokens=done.tokens),
-                                timing=timing_message(done.timing))
+                                timing=timing_message(done.timing), embedding_space=done.embedding_space)
 
     async def _score_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.ScoreResponse:
         request: pb.ScoreRequest = box.take()
@@ -192,7 +192,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         done = await self.core.score(query, documents, top_k=top_k, truncate=truncate, release_texts=True,
                                      ticket=ticket, request_id=request_id)
         return pb.ScoreResponse(scores=done.scores.tolist(), top_indices=done.ranking if top_k else [],
-                                usage=pb.Usage(tokens=done.tokens), timing=timing_message(done.timing))
+                                usage=pb.Usage(tokens=done.tokens), timing=timing_message(done.timing),
+                                embedding_space=done.embedding_space)
 
     async def _info_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.InfoResponse:
         return info_message(self.core)
@@ -271,4 +272,4 @@ def info_message(core: EmbeddingCore) -> pb.InfoResponse:
     return pb.InfoResponse(model_name=info.model_name, dim=info.dim, max_length=info.max_length,
                            precision=info.precision, provider=info.provider, pooling=info.pooling,
                            limits=limits, server_version=__version__, matryoshka_dims=info.matryoshka_dims,
-                           any_dimensions=core.allow_any_dimensions)
+                           any_dimensions=core.allow_any_dimensions, embedding_space=info.embedding_space)
