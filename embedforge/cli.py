@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("embedforge.server.cli", "embed_command", "Embed texts with a running server."),
     "embed-corpus": ("embedforge.corpus.command", "embed_corpus_command",
                      "Embed a corpus into Parquet shards (one machine or Ray)."),
+    "check-space": ("embedforge.corpus.command", "check_space_command",
+                    "Exit 0 when a corpus and a server share one embedding space."),
     "health": ("embedforge.server.cli", "health_command", "Exit 0 when a server's gRPC health is SERVING."),
     "loadtest": ("embedforge.loadtest.command", "loadtest_command", "Load-test a running server."),
 }

@@ -542,10 +542,12 @@ def test_serve_cli_explains_missing_export(tmp_path):
 def test_embed_cli(server):
     result = CliRunner().invoke(embed_command, ["--target", server.target, "hot water", "egg"])
     assert result.exit_code == 0, result.output
-    rows = [np.array(line.split(), dtype=np.float32) for line in result.output.strip().splitlines()]
+    rows = [np.array(line.split(), dtype=np.float32) for line in result.stdout.strip().splitlines()]
     assert len(rows) == 2 and rows[0].shape == (32,)
+    space = server.server.embedder.info.embedding_space
+    assert len(space) == 16 and f"embedding_space {space}" in result.stderr
     result = CliRunner().invoke(embed_command, ["--target", server.target, "--json", "egg"])
-    assert '"dim": 32' in result.output
+    assert '"dim": 32' in result.output and json.loads(result.stdout)["embedding_space"] == space
     result = CliRunner().invoke(embed_command, ["--target", server.target, ""])
     assert result.exit_code != 0 and "INVALID_ARGUMENT" in result.output
     result = CliRunner().invoke(embed_command, ["--target", server.target, "--wait-ready", "5", "egg"])

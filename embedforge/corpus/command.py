@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from pathlib import Path
 
 import click
 
-from embedforge.cli_options import option
+from embedforge.cli_options import ALLOW_INSECURE_KEY_HELP, client_tls_options, option
 from embedforge.corpus.job import CorpusJob
 
 EPILOG = """Examples:
@@ -101,3 +104,46 @@ def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path,
     click.echo(f"embedded {manifest['count']} texts ({manifest['skipped']['count']} skipped, "
                f"{manifest['truncated']} truncated) into {len(manifest['shards'])} shard(s) in {output} "
                f"({manifest['seconds']:.1f} s, {manifest['texts_per_s']} texts/s)")
+
+
+@click.command(name="check-space", epilog="Example: embedforge check-space --corpus ./vectors --target 127.0.0.1:50051")
+@option("corpus", type=click.Path(path_type=Path, file_okay=False, exists=True), required=True,
+        help="An embed-corpus output directory (its _manifest.json).")
+@option("target", required=True, help="The server to query the corpus with: HOST:PORT, a replica list or dns:///.")
+@option("timeout", type=click.FloatRange(0, min_open=True), default=10.0, help="Deadline of the Info call.")
+@option("api_key_env", default="EMBEDFORGE_API_KEY", help="Environment variable holding the API key to send, if set.")
+@client_tls_options
+@option("allow_insecure_key", is_flag=True, help=ALLOW_INSECURE_KEY_HELP)
+def check_space_command(corpus: Path, target: str, timeout: float, api_key_env: str, tls_root_cert: Path | None,
+                        tls_cert: Path | None, tls_key: Path | None, allow_insecure_key: bool) -> None:
+    """Exit 0 when the corpus and the server are in one embedding space (their vectors compare), else 1."""
+    import grpc
+
+    from embedforge.client import EmbedClient
+    from embedforge.corpus.output import MANIFEST_FILE
+
+    manifest_path = corpus / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise click.ClickException(f"{manifest_path}: not found; is {corpus} a complete embed-corpus output?")
+    manifest = json.loads(manifest_path.read_text())
+    corpus_space = manifest.get("embedding_space")
+    if not corpus_space:
+        raise click.ClickException(f"{manifest_path}: records no embedding_space (written before embedforge kept "
+                                   "it): re-embed the corpus to check it")
+    try:
+        with EmbedClient(target, timeout=timeout, api_key=os.environ.get(api_key_env) or None,
+                         tls_root_cert=tls_root_cert, tls_cert=tls_cert, tls_key=tls_key,
+                         allow_insecure_key=allow_insecure_key) as client:
+            info = client.info()
+    except grpc.RpcError as exc:
+        raise click.ClickException(f"{target}: {exc.code().name}: {exc.details()}") from exc
+    except ValueError as exc:
+        raise click.ClickException(f"{target}: {exc}") from exc
+    if info.embedding_space != corpus_space:
+        click.echo(f"MISMATCH: corpus {corpus} is in embedding space {corpus_space}, server {target} serves "
+                   f"{info.embedding_space} ({info.model_name}): its query vectors do not compare with the corpus; "
+                   "re-embed the corpus or serve its export", err=True)
+        sys.exit(1)
+    dims = f"; the corpus holds {manifest['dim']} dimensions: query with dimensions={manifest['dim']}" \
+        if manifest.get("dim") not in (None, info.dim) else ""
+    click.echo(f"ok: corpus {corpus} and server {target} are both in embedding space {corpus_space}{dims}")

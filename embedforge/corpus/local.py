@@ -74,7 +74,8 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
             for batch in embedder.batches(chunk.lengths):
                 vectors[batch] = embedder.embed_batch([chunk.ids[i] for i in batch])
                 bar.update(len(batch))
-            table = shard_table([r.id for r in chunk.records], vectors, chunk.lengths, chunk.truncated)
+            table = shard_table([r.id for r in chunk.records], vectors, chunk.lengths, chunk.truncated,
+                                embedder.info.embedding_space)
             write_shard(job.output / SHARD_PATTERN.format(shard_index), table)
             shard_index += 1
     manifest = job.manifest(identity, count, problems, complete_shards(job.output), started,

@@ -31,18 +31,22 @@ class JobMismatchError(Exception):
     """OUT holds another job's output."""
 
 
-def shard_schema(dim: int) -> pa.Schema:
+SPACE_METADATA_KEY = b"embedding_space"  # Parquet schema metadata: the export's embedding space
+
+
+def shard_schema(dim: int, embedding_space: str) -> pa.Schema:
     return pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("tokens", pa.int32()),
-                      ("truncated", pa.bool_())])
+                      ("truncated", pa.bool_())], metadata={SPACE_METADATA_KEY: embedding_space.encode()})
 
 
-def shard_table(ids: list[str], vectors: np.ndarray, tokens: np.ndarray, truncated: np.ndarray) -> pa.Table:
-    """One shard's rows as an Arrow table (vector: fixed-size list of float32)."""
+def shard_table(ids: list[str], vectors: np.ndarray, tokens: np.ndarray, truncated: np.ndarray,
+                embedding_space: str) -> pa.Table:
+    """One shard's rows as an Arrow table (vector: fixed-size list of float32), its schema naming the space."""
     dim = vectors.shape[1]
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
     return pa.Table.from_arrays([pa.array(ids, type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim),
                                  pa.array(tokens, type=pa.int32()), pa.array(truncated, type=pa.bool_())],
-                                schema=shard_schema(dim))
+                                schema=shard_schema(dim, embedding_space))
 
 
 def write_shard(path: Path, table: pa.Table) -> Path:

@@ -69,7 +69,8 @@ class EmbedActor:
             raise BadInputError(f"{source}: text of more than {self.embedder.info.max_length} tokens (the model's "
                                 "max_length) and --no-truncate was given")
         vectors = self.embedder.embed_ids(ids, lengths)
-        return shard_table(table.column("id").to_pylist(), vectors, lengths, truncated)
+        return shard_table(table.column("id").to_pylist(), vectors, lengths, truncated,
+                           self.embedder.info.embedding_space)
 
 
 def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem], started: float, address: str,

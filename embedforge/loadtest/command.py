@@ -71,6 +71,7 @@ def make_grpc_call(client, rpc: str, deadline_s: float | None) -> Call:
             ok=True, code="OK", n_texts=len(texts), tokens=result.tokens,
             server_timing={"queue": timing.queue_ms, "tokenize": timing.tokenize_ms,
                            "inference": timing.inference_ms, "total": timing.total_ms},
+            embedding_space=result.embedding_space,
         )
 
     return call
@@ -131,7 +132,8 @@ def make_http_call(session, url: str, rpc: str, model: str, deadline_s: float | 
             message = payload.get("error", {}).get("message", "") if isinstance(payload, dict) else ""
             return CallResult(ok=False, code=f"HTTP {response.status}", message=message)
         return CallResult(ok=True, code="OK", n_texts=len(texts), tokens=payload["usage"]["total_tokens"],
-                          server_timing=parse_server_timing(headers.get("Server-Timing", "")))
+                          server_timing=parse_server_timing(headers.get("Server-Timing", "")),
+                          embedding_space=headers.get("X-Embedding-Space", ""))
 
     return call
 
@@ -179,8 +181,10 @@ async def _run_grpc(target: str, rpc: str, deadline_s: float | None, api_key: st
 
     # timeout: the deadline of the Info/health calls; every load call carries --deadline-ms instead.
     # The command has checked where the key may go (allow_insecure_key stands for that check).
+    # pin_space=False: the load test counts the replies of each embedding space (report["spaces"]).
     async with AsyncEmbedClient(target, timeout=5.0, api_key=api_key, tls_root_cert=tls.root_cert,
-                                tls_cert=tls.cert, tls_key=tls.key, allow_insecure_key=True) as client:
+                                tls_cert=tls.cert, tls_key=tls.key, allow_insecure_key=True,
+                                pin_space=False) as client:
         info = await _server_info(client, target, wait_ready_s)
         runs = await _drive(make_grpc_call(client, rpc, deadline_s), workload, spec, sweep)
     server = {"model_name": info.model_name, "dim": info.dim, "max_length": info.max_length,

@@ -61,6 +61,7 @@ class CallResult:
     tokens: int = 0
     server_timing: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    embedding_space: str = ""  # the space the reply came from (replicas may serve two during an update)
 
 
 Call = Callable[[list[str]], Awaitable[CallResult]]
@@ -195,6 +196,7 @@ class RunResult:
     tokens: int = 0
     server_sums: dict[str, float] = field(default_factory=dict)
     server_counts: Counter = field(default_factory=Counter)
+    spaces: Counter = field(default_factory=Counter)  # OK replies per embedding space
     unsent: int = 0  # open loop: calls scheduled in the measured phase but never sent (client fell behind)
     elapsed_s: float = 0.0
     cpu_s: float = 0.0
@@ -214,6 +216,7 @@ class RunResult:
         self.ok_per_step[step] += 1
         self.texts += result.n_texts
         self.tokens += result.tokens
+        self.spaces[result.embedding_space] += 1
         _record_seconds(self.latency, done - scheduled)
         _record_seconds(self.service, done - sent)
         for key, value in result.server_timing.items():
@@ -393,6 +396,7 @@ def run_report(run: RunResult) -> dict:
         "latency_ms": latency_summary(run.latency),
         "service_ms": latency_summary(run.service),
         "server_ms": {k: round(total / run.server_counts[k], 4) for k, total in run.server_sums.items()},
+        "spaces": dict(sorted(run.spaces.items())),
         "client_cpu": {
             "cpu_s": round(run.cpu_s, 4),
             "wall_s": round(run.elapsed_s, 4),

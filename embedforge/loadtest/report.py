@@ -48,6 +48,13 @@ def format_run(report: dict) -> str:
     )
     if report["unsent"]:
         lines.append(f"            unsent {report['unsent']} (scheduled but never sent: the target could not keep up)")
+    spaces = report.get("spaces") or {}
+    if len(spaces) > 1:
+        counts = ", ".join(f"{space or '(none)'} {count}" for space, count in spaces.items())
+        lines.append(f"spaces      replies came from {len(spaces)} embedding spaces ({counts}): their vectors do "
+                     "not compare")
+    elif spaces:
+        lines.append(f"space       {next(iter(spaces)) or '(none)'}")
     lines.append(
         f"throughput  {_fmt(report['requests_per_s'])} calls/s  {_fmt(report['texts_per_s'], 1)} texts/s  "
         f"{_fmt(report['tokens_per_s'], 0)} tokens/s  over {report['elapsed_s']:.2f} s"

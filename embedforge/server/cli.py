@@ -208,8 +208,10 @@ def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncat
     except (TimeoutError, ValueError) as exc:
         raise click.ClickException(f"{target}: {exc}") from exc
     if as_json:
-        click.echo(json.dumps({"dim": result.dim, "tokens": result.tokens, "vectors": result.vectors.tolist()}))
+        click.echo(json.dumps({"dim": result.dim, "tokens": result.tokens, "embedding_space": result.embedding_space,
+                               "vectors": result.vectors.tolist()}))
     else:
+        click.echo(f"embedding_space {result.embedding_space}", err=True)
         for vector in result.vectors:
             click.echo(" ".join(f"{x:.6g}" for x in vector))
 
