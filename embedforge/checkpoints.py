@@ -8,6 +8,8 @@ Layout under a save path::
     <save_path>/config.json, model.safetensors, tokenizer files, embedforge.json, ...
                                         the best checkpoint's model, copied by train and evaluate --select-best
     <save_path>/best_model.json         {"checkpoint", "step", "val_loss", "files"}: which checkpoint that is
+    <save_path>/train_config.json       the run's options; eval_report.json: evaluate's; README.md: the model card
+    <save_path>/export/manifest.json    the default export (embedforge export --save-path)
 
 A checkpoint is built in a hidden temporary directory, fsynced, and renamed into place once complete, so a
 run killed at any moment (or a power cut) leaves either the whole checkpoint or none. Its last file,
@@ -39,13 +41,18 @@ STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
 BEST_RECORD = "best_checkpoint.json"
 BEST_MODEL_RECORD = "best_model.json"
+CONFIG_RECORD = "train_config.json"  # the run's TrainConfig, written by train
+EVAL_REPORT = "eval_report.json"  # evaluate --save-path's default report
+MODEL_CARD = "README.md"  # embedforge/model_card.py
+EXPORT_DIR = "export"  # the default export of a save path (or of a checkpoint's parent)
+EXPORT_MANIFEST = "manifest.json"  # an export's description (embedforge/export/pipeline.py)
 # The files transformers finds a model's weights by: at the root they are removed first and written last,
 # so the root loads as a model only while every other file beside them is from the same checkpoint.
 WEIGHT_ENTRY_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Checkpoint files that are no part of the model, and the save path's own records: never copied to the root.
 REQUIRED_FILES = ("embedforge.json", "config.json", "model.safetensors", "tokenizer.json", STATE_FILE)
 FILE_LIST = "checkpoint_files.json"
-_NOT_MODEL_FILES = (STATE_FILE, TRAINING_STATE_FILE, BEST_RECORD, BEST_MODEL_RECORD, FILE_LIST)
+_NOT_MODEL_FILES = (STATE_FILE, TRAINING_STATE_FILE, BEST_RECORD, BEST_MODEL_RECORD, FILE_LIST, MODEL_CARD)
 
 
 class CheckpointError(ValueError):

@@ -162,7 +162,7 @@ def test_cli_accepts_both_option_spellings_and_reports_errors_cleanly(base_model
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output
     result = runner.invoke(train_command, ["--train-path", str(pairs), "--model-name", str(base_model),
-                                           "--save-path", str(tmp_path / "other")])
+                                           "--max-length", "512", "--save-path", str(tmp_path / "other")])
     assert result.exit_code == 1
     assert "Error: max_length 512 is outside 1..64" in result.output
 

@@ -36,6 +36,7 @@ from embedforge.data import DataError, Pair, read_pairs
 from embedforge.devices import resolve_amp, resolve_device, seed_everything, set_rng_state
 from embedforge.io import write_json_atomic
 from embedforge.model import BertVectorModel, pad_batch
+from embedforge.model_card import write_model_card
 from embedforge.train.batching import duplicate_free_batches, hard_negatives, pick_hard_negatives
 from embedforge.train.checkpointer import Checkpointer, Learner
 from embedforge.train.config import TrainConfig
@@ -126,11 +127,17 @@ class TokenizedPairs:
                  positive_threshold: float = 0.5, negative_threshold: float | None = None) -> None:
         """unique_texts: no text twice in a batch (for in-batch losses). negative_threshold: each positive
         pair brings one document of its query with a lower rel as a hard negative (train/batching.py)."""
-        texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
+        queries = model.with_prompt([p.query for p in pairs], "query")
+        documents = model.with_prompt([p.document for p in pairs], "document")
+        texts = list(dict.fromkeys(text for pair in zip(queries, documents, strict=True) for text in pair))
         index = {text: i for i, text in enumerate(texts)}
-        self.token_ids = model.tokenize(texts)
-        self.query = np.array([index[p.query] for p in pairs])
-        self.document = np.array([index[p.document] for p in pairs])
+        self.token_ids = model.tokenize(texts)  # prompted texts: the prompt counts towards max_length
+        self.query = np.array([index[text] for text in queries])
+        self.document = np.array([index[text] for text in documents])
+        # The texts as written, without prompts: a sentence that is one pair's query and another's document is
+        # one text for the duplicate check of in-batch batches, whatever prompt each side gets.
+        written = {text: i for i, text in enumerate(dict.fromkeys(t for p in pairs for t in (p.query, p.document)))}
+        self.written = [(written[p.query], written[p.document]) for p in pairs]
         self.rel = torch.tensor([p.rel for p in pairs], dtype=torch.float32)
         self.weight = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
         self.length = np.array([max(len(self.token_ids[q]), len(self.token_ids[d]))
@@ -173,8 +180,7 @@ class TokenizedPairs:
             window = global_size * 50
             order = np.concatenate([chunk[np.argsort(-self.length[chunk], kind="stable")]
                                     for chunk in np.array_split(order, max(1, math.ceil(len(order) / window)))])
-        texts = list(zip(self.query.tolist(), self.document.tolist(), strict=True))
-        batches = duplicate_free_batches(order, texts, global_size)
+        batches = duplicate_free_batches(order, self.written, global_size)
         if group_by_length:
             batches = [batches[i] for i in generator.permutation(len(batches))]
         return [batch[rank::world_size] for batch in batches if len(batch) >= world_size]
@@ -243,8 +249,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _check_config(config: TrainConfig) -> None:
     positive = {"batch_size": config.batch_size, "num_epochs": config.num_epochs, "save_steps": config.save_steps,
-                "grad_accum_steps": config.grad_accum_steps, "max_length": config.max_length,
-                "max_bad_steps": config.max_bad_steps}
+                "grad_accum_steps": config.grad_accum_steps, "max_bad_steps": config.max_bad_steps}
+    if config.max_length is not None:
+        positive["max_length"] = config.max_length
     for name, value in positive.items():
         if value < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -298,13 +305,15 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         _prepare_save_path(config, save_path)
     checkpointer = Checkpointer(config, learner, val_pairs, start.history,
                                 last_saved_step=-1 if resume_from is None else start.global_step,
-                                device=device, world_size=world_size, is_main=is_main, total_steps=total_steps)
+                                device=device, world_size=world_size, is_main=is_main, total_steps=total_steps,
+                                train_pairs=len(train_pairs))
     global_step, stopped_early = run_loop(config, learner, data, start, total_steps, checkpointer, device, rank,
                                           world_size)
     result = TrainResult(save_path, checkpointer.saved, global_step, stopped_early=stopped_early, model=model)
     if is_main:
         best = checkpoints.select_best(save_path)
         checkpoints.copy_best_model(save_path, best)  # the save path itself loads as the best model
+        write_model_card(save_path)
         result.best_checkpoint = best.path
     return result
 
@@ -357,7 +366,8 @@ def load_model(config: TrainConfig, device: torch.device,
         model = BertVectorModel.from_pretrained(resume_from.path)
     else:
         model = BertVectorModel.from_base(config.model_name, config.pooling, config.projection_dim,
-                                          config.max_length, attention_dropout=config.attention_dropout)
+                                          config.max_length, attention_dropout=config.attention_dropout,
+                                          prompts={"query": config.query_prompt, "document": config.document_prompt})
     if config.freeze_word_embeddings:
         # The vocabulary matrix is half of MiniLM's weights; its dense gradient and AdamW update cost more
         # than they bring when fine-tuning on a few thousand pairs.
@@ -426,10 +436,9 @@ def restore(learner: Learner, checkpoint: checkpoints.CheckpointInfo, total_step
     return Position(state["global_step"], state["epoch"], state["batches_done_in_epoch"], state.get("history", []))
 
 
-CONFIG_RECORD = "train_config.json"
 RESUME_MUST_MATCH = ("train_path", "val_path", "batch_size", "seed", "group_by_length", "grad_accum_steps",
                      "max_length", "model_name", "pooling", "projection_dim", "freeze_word_embeddings",
-                     "frozen_layers", "attention_dropout")
+                     "frozen_layers", "attention_dropout", "query_prompt", "document_prompt")
 """Data and model options a resumed run must share with the run it continues (the data order and the model)."""
 
 
@@ -441,7 +450,7 @@ def _refuse_existing_run(save_path: Path) -> None:
 
 def _check_resumed_config(config: TrainConfig, run_path: Path) -> None:
     """Refuse to resume with other data or model options than the run recorded in its train_config.json."""
-    record = run_path / CONFIG_RECORD
+    record = run_path / checkpoints.CONFIG_RECORD
     if not record.is_file():
         return
     try:
@@ -459,7 +468,7 @@ def _check_resumed_config(config: TrainConfig, run_path: Path) -> None:
 def _prepare_save_path(config: TrainConfig, save_path: Path) -> None:
     """Create the save path; record the config."""
     save_path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(save_path / CONFIG_RECORD, asdict(config))
+    write_json_atomic(save_path / checkpoints.CONFIG_RECORD, asdict(config))
 
 
 # -- the loop ------------------------------------------------------------------------------
