@@ -65,7 +65,6 @@ def test_train_writes_the_card_and_evaluate_and_export_refresh_it(prompted_run):
                                                  "--parity-path", pairs])
     assert result.exit_code == 0, result.output
     _, body = card(prompted_run)
-    print(body)
     assert "## Test" in body and re.search(r"\| fp32 \| `model.onnx` \| (1\.000000|0\.99999\d) \| .* \| yes \|", body)
 
 

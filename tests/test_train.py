@@ -498,6 +498,9 @@ def test_resuming_with_other_data_or_model_options_is_refused(base_model, pairs,
     with pytest.raises(TrainError, match=r"--resume: --batch-size 4 -> 2, --pooling 'mean' -> 'cls': these "
                                          r"data/model options differ"):
         train(config(base_model, pairs, tmp_path / "run", resume="latest", batch_size=2, pooling="cls"))
+    # Left unset, max_length and the prompts are the resumed checkpoint's own: nothing differs.
+    resumed = train(config(base_model, pairs, tmp_path / "run", resume="latest", max_length=None, max_steps=2))
+    assert resumed.global_step == 2
 
 
 CHECKPOINT_WRITER = """

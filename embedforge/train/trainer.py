@@ -440,6 +440,8 @@ RESUME_MUST_MATCH = ("train_path", "val_path", "batch_size", "seed", "group_by_l
                      "max_length", "model_name", "pooling", "projection_dim", "freeze_word_embeddings",
                      "frozen_layers", "attention_dropout", "query_prompt", "document_prompt")
 """Data and model options a resumed run must share with the run it continues (the data order and the model)."""
+FROM_THE_MODEL_WHEN_UNSET = ("max_length", "query_prompt", "document_prompt")
+"""Options that, left unset (None) on --resume, are the resumed checkpoint's own: no conflict to report."""
 
 
 def _refuse_existing_run(save_path: Path) -> None:
@@ -459,7 +461,8 @@ def _check_resumed_config(config: TrainConfig, run_path: Path) -> None:
         raise TrainError(f"{record}: not valid JSON ({error}); cannot check the resumed options") from error
     current = asdict(config)
     changed = [f"--{name.replace('_', '-')} {recorded[name]!r} -> {current[name]!r}"
-               for name in RESUME_MUST_MATCH if name in recorded and recorded[name] != current[name]]
+               for name in RESUME_MUST_MATCH if name in recorded and recorded[name] != current[name]
+               and not (name in FROM_THE_MODEL_WHEN_UNSET and current[name] is None)]
     if changed:
         raise TrainError(f"--resume: {', '.join(changed)}: these data/model options differ from the run in "
                          f"{run_path} ({record}); resume with the same ones, or start a new --save-path")
