@@ -2,11 +2,14 @@
 
 Layout under a save path::
 
-    <save_path>/checkpoint-step-N/      model files, embedforge.json, trainer_state.json, training_state.pt
+    <save_path>/checkpoint-step-N/      model files, embedforge.json, the sentence-transformers modules
+                                        (modules.json, 1_Pooling/, ...), trainer_state.json, training_state.pt
     <save_path>/best_checkpoint.json    {"checkpoint", "step", "val_loss", "selected_by"} (written by evaluate)
     <save_path>/config.json, model.safetensors, tokenizer files, embedforge.json, ...
                                         the best checkpoint's model, copied by train and evaluate --select-best
     <save_path>/best_model.json         {"checkpoint", "step", "val_loss", "files"}: which checkpoint that is
+    <save_path>/train_config.json       the run's options; eval_report.json: evaluate's; README.md: the model card
+    <save_path>/export/manifest.json    the default export (embedforge export --save-path)
 
 A checkpoint is built in a hidden temporary directory, fsynced, and renamed into place once complete, so a
 run killed at any moment (or a power cut) leaves either the whole checkpoint or none. Its last file,
@@ -33,6 +36,7 @@ from embedforge.io import (
     UnsafeFileNameError,
     plain_file_name,
     recover_directory,
+    relative_file_path,
     write_dir_atomic,
     write_file_atomic,
     write_json_atomic,
@@ -45,13 +49,18 @@ STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
 BEST_RECORD = "best_checkpoint.json"
 BEST_MODEL_RECORD = "best_model.json"
+CONFIG_RECORD = "train_config.json"  # the run's TrainConfig, written by train
+EVAL_REPORT = "eval_report.json"  # evaluate --save-path's default report
+MODEL_CARD = "README.md"  # embedforge/model_card.py
+EXPORT_DIR = "export"  # the default export of a save path (or of a checkpoint's parent)
+EXPORT_MANIFEST = "manifest.json"  # an export's description (embedforge/export/pipeline.py)
 # The files transformers finds a model's weights by: at the root they are removed first and written last,
 # so the root loads as a model only while every other file beside them is from the same checkpoint.
 WEIGHT_ENTRY_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Checkpoint files that are no part of the model, and the save path's own records: never copied to the root.
 REQUIRED_FILES = ("embedforge.json", "config.json", "model.safetensors", "tokenizer.json", STATE_FILE)
 FILE_LIST = "checkpoint_files.json"
-_NOT_MODEL_FILES = (STATE_FILE, TRAINING_STATE_FILE, BEST_RECORD, BEST_MODEL_RECORD, FILE_LIST)
+_NOT_MODEL_FILES = (STATE_FILE, TRAINING_STATE_FILE, BEST_RECORD, BEST_MODEL_RECORD, FILE_LIST, MODEL_CARD)
 
 
 class CheckpointError(ValueError):
@@ -87,7 +96,7 @@ def missing_files(path: Path) -> list[str]:
         return [f"{FILE_LIST} (not a JSON object of file sizes)"]
     try:
         for name in sizes:
-            plain_file_name(name, listed, "file name")
+            relative_file_path(name, listed, "file name")
     except UnsafeFileNameError as error:
         return [f"{FILE_LIST} (unusable: {error})"]
     return [f"{name} (size {(path / name).stat().st_size}, recorded {size})" if (path / name).is_file() else name
@@ -181,19 +190,21 @@ def resolve_checkpoint(save_path: str | Path | None = None, checkpoint_dir: str 
 def copy_best_model(save_path: str | Path, info: CheckpointInfo) -> Path:
     """Copy checkpoint `info`'s model and tokenizer files to the root of `save_path`; returns the record.
 
-    Every file but the checkpoint's training state is copied. The swap is ordered so that a crash at any
-    point never leaves files of two checkpoints that load as one model: the record goes first, then the
-    weights and the other files of the previous copy; the new files are written atomically, the weights
-    last, and `best_model.json` (which checkpoint, which files) once all are in place. A crash before the
-    weights are in leaves a root without weights, which no loader takes for a model, until the next copy;
-    a crash after them leaves the whole new model without its record. A lock file keeps two processes
-    (train finishing, evaluate --select-best) from interleaving their copies.
+    Every file but the checkpoint's training state is copied, those in subfolders too (the sentence-transformers
+    modules: 1_Pooling/config.json, ...). The swap is ordered so that a crash at any point never leaves files of
+    two checkpoints that load as one model: the record goes first, then the weights and the other files of the
+    previous copy; the new files are written atomically, the weights last, and `best_model.json` (which
+    checkpoint, which files) once all are in place. A crash before the weights are in leaves a root without
+    weights, which no loader takes for a model, until the next copy; a crash after them leaves the whole new
+    model without its record. A lock file keeps two processes (train finishing, evaluate --select-best) from
+    interleaving their copies.
     """
     from filelock import FileLock
 
     save_path = Path(save_path)
-    names = sorted(child.name for child in info.path.iterdir() if child.is_file()
-                   and not child.name.startswith(".") and child.name not in _NOT_MODEL_FILES)
+    names = sorted(child.relative_to(info.path).as_posix() for child in info.path.rglob("*") if child.is_file()
+                   and not any(part.startswith(".") for part in child.relative_to(info.path).parts)
+                   and child.relative_to(info.path).as_posix() not in _NOT_MODEL_FILES)
     names.sort(key=lambda name: name in WEIGHT_ENTRY_FILES)  # stable: the weights' entry files go last
     record_path = save_path / BEST_MODEL_RECORD
     with FileLock(save_path / ".best_model.lock"):
@@ -202,8 +213,11 @@ def copy_best_model(save_path: str | Path, info: CheckpointInfo) -> Path:
         for name in sorted(set(previous) | set(names), key=lambda name: name not in WEIGHT_ENTRY_FILES):
             (save_path / name).unlink(missing_ok=True)
         for name in {*previous, *names, BEST_MODEL_RECORD}:
-            for leftover in save_path.glob(f".{glob.escape(name)}.*"):  # temporaries of a copy that was killed
-                leftover.unlink(missing_ok=True)
+            target = save_path / name
+            if target.parent.is_dir():
+                for leftover in target.parent.glob(f".{glob.escape(target.name)}.*"):  # a killed copy's temporaries
+                    leftover.unlink(missing_ok=True)
+        _remove_empty_folders(save_path, previous)
         for name in names:
             write_file_atomic(save_path / name, lambda temporary, source=info.path / name:
                               shutil.copyfile(source, temporary))
@@ -212,7 +226,8 @@ def copy_best_model(save_path: str | Path, info: CheckpointInfo) -> Path:
 
 
 def _recorded_files(record_path: Path) -> list[str]:
-    """The plain file names a previous `best_model.json` lists (none when it is missing or unreadable)."""
+    """The files a previous `best_model.json` lists (none when it is missing or unreadable): relative paths inside
+    the save path only, never the save path's own records."""
     try:
         files = json.loads(record_path.read_text()).get("files", [])
     except (OSError, ValueError, AttributeError):
@@ -222,13 +237,21 @@ def _recorded_files(record_path: Path) -> list[str]:
     names = []
     for name in files:
         try:
-            plain_file_name(name, record_path, "files")
+            relative_file_path(name, record_path, "files")
         except UnsafeFileNameError as error:
             log.warning("not removing %r: %s", name, error)
             continue
-        if name not in _NOT_MODEL_FILES:
+        if name not in _NOT_MODEL_FILES and not any(part.startswith(".") for part in name.split("/")):
             names.append(name)
     return names
+
+
+def _remove_empty_folders(save_path: Path, names: list[str]) -> None:
+    """Remove the subfolders of `names` (files removed from the save path) that are left empty."""
+    for folder in sorted({(save_path / name).parent for name in names if "/" in name}, key=lambda p: -len(p.parts)):
+        while folder != save_path and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def remove_stale_temporaries(save_path: Path) -> None:

@@ -48,6 +48,19 @@ def plain_file_name(value: object, record: str | Path, field: str) -> str:
     return value
 
 
+def relative_file_path(value: object, record: str | Path, field: str) -> str:
+    """`value` if it is a relative path of plain names ("1_Pooling/config.json": a file in a subfolder of the
+    record's directory), else UnsafeFileNameError naming the record, the field and the value."""
+    parts = value.split("/") if isinstance(value, str) else [value]
+    try:
+        for part in parts:
+            plain_file_name(part, record, field)
+    except UnsafeFileNameError:
+        raise UnsafeFileNameError(f"{record}: field {field!r} must be a relative path inside {Path(record).parent} "
+                                  f"(plain names joined by '/', no '..', not absolute), got {value!r}") from None
+    return value
+
+
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_file)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)

@@ -103,7 +103,9 @@ def two_checkpoints(tmp_path: Path) -> tuple[checkpoints.CheckpointInfo, checkpo
 
 
 def root_model_files(root: Path) -> set[str]:
-    return {child.name for child in root.iterdir() if child.is_file()}
+    """Every file under the save path but those of its checkpoints, by relative path (1_Pooling/config.json)."""
+    return {child.relative_to(root).as_posix() for child in root.rglob("*") if child.is_file()
+            and not child.relative_to(root).parts[0].startswith("checkpoint-step-")}
 
 
 def test_a_new_best_replaces_every_file_of_the_previous_one(tmp_path):
@@ -118,6 +120,9 @@ def test_a_new_best_replaces_every_file_of_the_previous_one(tmp_path):
                                BertVectorModel.from_pretrained(second.path).encode(["egg"]), atol=1e-6)
     assert root_model_files(root) == {*json.loads((root / checkpoints.BEST_MODEL_RECORD).read_text())["files"],
                                       checkpoints.BEST_MODEL_RECORD, ".best_model.lock"}
+    # The first one's Dense module went with its projection, and no module folder is left empty.
+    assert not (root / "2_Dense").exists() and not (root / "3_Normalize").exists()
+    assert {"modules.json", "1_Pooling/config.json", "2_Normalize/config.json"} <= root_model_files(root)
 
 
 @pytest.mark.parametrize("crash_at", ["tokenizer.json", "model.safetensors"])
@@ -195,7 +200,7 @@ def test_a_checkpoint_file_list_naming_a_file_outside_the_checkpoint_makes_it_un
     checkpoint = make_checkpoint(save_path / "checkpoint-step-1")
     (tmp_path / "outside.bin").write_bytes(b"1234")
     (checkpoint / checkpoints.FILE_LIST).write_text(json.dumps({"../../outside.bin": 4}))
-    with pytest.raises(checkpoints.CheckpointError, match=r"field 'file name' must be a plain file name.*"
+    with pytest.raises(checkpoints.CheckpointError, match=r"field 'file name' must be a relative path inside.*"
                                                           r"'\.\./\.\./outside\.bin'"):
         checkpoints.read_checkpoint(checkpoint)
     assert checkpoints.list_checkpoints(save_path) == []

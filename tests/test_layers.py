@@ -2,8 +2,9 @@
 
 Layers, lowest first (a module may import its own package and any lower layer, never a higher or equal one):
 
-    0  io, net, tokenization, onnxrt, data, devices, sample_data, cli_options, _proto
+    0  io, net, tokenization, onnxrt, data, devices, sample_data, cli_options, _proto, st_layout
     1  checkpoints, model, client
+    1.5  model_card (reads what train, evaluate and export wrote; all three refresh it)
     2  testing, evaluate, server
     3  train, export, loadtest, corpus
     4  cli (imports commands by name only, when they run)
@@ -23,14 +24,15 @@ PACKAGE = ROOT / "embedforge"
 
 LAYERS = {
     "io": 0, "net": 0, "tokenization": 0, "onnxrt": 0, "data": 0, "devices": 0, "sample_data": 0, "cli_options": 0,
-    "_proto": 0,
+    "_proto": 0, "st_layout": 0,
     "checkpoints": 1, "model": 1, "client": 1,
+    "model_card": 1.5,
     "testing": 2, "evaluate": 2, "server": 2,
     "train": 3, "export": 3, "loadtest": 3, "corpus": 3,
     "cli": 4, "__main__": 5,
 }
-TORCH_FREE = {"io", "net", "tokenization", "onnxrt", "data", "sample_data", "cli_options", "_proto", "client", "server",
-              "loadtest", "corpus", "cli", "__main__"}
+TORCH_FREE = {"io", "net", "tokenization", "onnxrt", "data", "sample_data", "cli_options", "_proto", "st_layout",
+              "client", "server", "loadtest", "corpus", "cli", "__main__"}
 TORCH_LIBRARIES = {"torch", "transformers", "sentence_transformers", "safetensors"}
 
 

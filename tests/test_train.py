@@ -179,7 +179,7 @@ def test_cli_accepts_both_option_spellings_and_reports_errors_cleanly(base_model
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output
     result = runner.invoke(train_command, ["--train-path", str(pairs), "--model-name", str(base_model),
-                                           "--save-path", str(tmp_path / "other")])
+                                           "--max-length", "512", "--save-path", str(tmp_path / "other")])
     assert result.exit_code == 1
     assert "Error: max_length 512 is outside 1..64" in result.output
 
@@ -515,6 +515,9 @@ def test_resuming_with_other_data_or_model_options_is_refused(base_model, pairs,
     with pytest.raises(TrainError, match=r"--resume: --batch-size 4 -> 2, --pooling 'mean' -> 'cls': these "
                                          r"data/model options differ"):
         train(config(base_model, pairs, tmp_path / "run", resume="latest", batch_size=2, pooling="cls"))
+    # Left unset, max_length and the prompts are the resumed checkpoint's own: nothing differs.
+    resumed = train(config(base_model, pairs, tmp_path / "run", resume="latest", max_length=None, max_steps=2))
+    assert resumed.global_step == 2
 
 
 CHECKPOINT_WRITER = """

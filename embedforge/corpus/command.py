@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from embedforge.cli_options import ALLOW_INSECURE_KEY_HELP, client_tls_options, option
+from embedforge.corpus import INPUT_TYPES
 from embedforge.corpus.job import CorpusJob
 
 EPILOG = """Examples:
@@ -18,6 +19,7 @@ EPILOG = """Examples:
 \b
   embedforge embed-corpus --model-dir ./output/vector_model/export --input docs.jsonl --output ./vectors
   embedforge embed-corpus --model-dir EXPORT --input 'corpus/*.jsonl' --id-field doc_id --output ./vectors
+  embedforge embed-corpus --model-dir EXPORT --input docs.jsonl --input-type document --output ./vectors
   embedforge embed-corpus --model-dir EXPORT --input 'corpus/*.txt' --output ./vectors --ray auto --ray-actors 8
 """
 
@@ -59,12 +61,16 @@ EPILOG = """Examples:
 @option("ray_actors", type=click.IntRange(1), default=None, show_default=False,
         help="Embedding actors (one ONNX Runtime session each) [default: cluster CPUs / --ray-actor-threads].")
 @option("ray_actor_threads", type=click.IntRange(1), default=1, help="Intra-op threads of each actor's session.")
+@option("input_type", type=click.Choice(INPUT_TYPES), default=None, show_default=False,
+        help="What the texts are: each gets the model's prompt for that input type (manifest.json `prompts`, "
+        "set by `train --query-prompt/--document-prompt`), which counts towards max_length [default: no prompt].")
 @option("no_progress", is_flag=True, help="No progress bar (it shows texts/s and the ETA).")
 def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path, text_field: str,
                          id_field: str | None, input_format: str, skip_bad: bool, no_truncate: bool, precision: str,
                          provider: str, threads: int | None, dimensions: int | None, shard_size: int,
                          max_batch_tokens: int, max_batch_size: int, ray_address: str | None,
-                         ray_actors: int | None, ray_actor_threads: int, no_progress: bool) -> None:
+                         ray_actors: int | None, ray_actor_threads: int, input_type: str | None,
+                         no_progress: bool) -> None:
     """Embed a corpus (JSONL or plain-text files) into Parquet shards with an exported model."""
     from embedforge.corpus.job import CorpusJob
     from embedforge.corpus.output import JobMismatchError, prepare_output
@@ -81,7 +87,8 @@ def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path,
                         text_field=text_field, id_field=id_field, input_format=input_format, skip_bad=skip_bad,
                         truncate=not no_truncate, precision=precision, provider=provider, threads=threads,
                         dimensions=dimensions, shard_size=shard_size, max_batch_tokens=max_batch_tokens,
-                        max_batch_size=max_batch_size, progress=not no_progress)
+                        max_batch_size=max_batch_size, progress=not no_progress, input_type=input_type)
+        _warn_without_input_type(job)
         identity = job.identity("local" if ray_address is None else "ray")
         state = prepare_output(output, identity)
         if state == "complete":
@@ -104,6 +111,15 @@ def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path,
     click.echo(f"embedded {manifest['count']} texts ({manifest['skipped']['count']} skipped, "
                f"{manifest['truncated']} truncated) into {len(manifest['shards'])} shard(s) in {output} "
                f"({manifest['seconds']:.1f} s, {manifest['texts_per_s']} texts/s)")
+
+
+def _warn_without_input_type(job: CorpusJob) -> None:
+    """A model trained with prompts embeds a corpus as it was trained only with --input-type: say so."""
+    prompts = {name: text for name, text in (job.model_manifest.get("prompts") or {}).items() if text}
+    if job.input_type is None and prompts:
+        named = ", ".join(f"{name} {text!r}" for name, text in prompts.items())
+        click.echo(f"warning: this model was trained with prompts ({named}); without --input-type the texts are "
+                   "embedded without one (a corpus of documents wants --input-type document)", err=True)
 
 
 @click.command(name="check-space", epilog="Example: embedforge check-space --corpus ./vectors --target 127.0.0.1:50051")

@@ -14,7 +14,7 @@ from pathlib import Path
 from embedforge.corpus import MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 from embedforge.corpus.output import shard_stats
 from embedforge.corpus.reader import Problem, describe_file, file_sha256, read_records
-from embedforge.corpus.vectors import output_dims
+from embedforge.corpus.vectors import input_prompt, output_dims
 from embedforge.onnxrt import PROVIDERS
 from embedforge.server.runtime import choose_precision, choose_provider, model_file_name, read_manifest
 
@@ -37,11 +37,13 @@ class CorpusJob:
     max_batch_tokens: int = MAX_BATCH_TOKENS
     max_batch_size: int = MAX_BATCH_SIZE
     progress: bool = True
+    input_type: str | None = None  # "query" or "document": the export's prompt of that name is prefixed
     model_manifest: dict = field(init=False)
 
     def __post_init__(self) -> None:
         self.model_manifest = read_manifest(self.model_dir)
         self.dims = output_dims(self.model_manifest, self.dimensions)
+        self.prompt = input_prompt(self.model_manifest, self.input_type)
         self.provider_name = choose_provider(self.provider)
         self.provider_key = next(key for key, name in PROVIDERS.items() if name == self.provider_name)
         self.precision_name = choose_precision(self.precision, list(self.model_manifest["models"]),
@@ -59,6 +61,8 @@ class CorpusJob:
             "precision": self.precision_name,
             "provider": self.provider_name,
             "dims": self.dims,
+            "input_type": self.input_type,
+            "prompt": self.prompt,
             "text_field": self.text_field,
             "id_field": self.id_field,
             "input_format": self.input_format,
@@ -97,6 +101,8 @@ class CorpusJob:
             "dim": self.dims,
             "model_dim": int(self.model_manifest["dim"]),
             "normalized": True,
+            "input_type": self.input_type,
+            "prompt": self.prompt,
             "precision": self.precision_name,
             "provider": self.provider_name,
             "count": count,

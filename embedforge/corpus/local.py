@@ -47,7 +47,7 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
     done = sum(f["rows"] for f in shard_stats(done_shards)[0])
     embedder = CorpusEmbedder(job.model_dir, precision=job.precision_name, provider=job.provider_key,
                               threads=job.threads, dimensions=job.dimensions, max_batch_tokens=job.max_batch_tokens,
-                              max_batch_size=job.max_batch_size)
+                              max_batch_size=job.max_batch_size, input_type=job.input_type)
     records = itertools.islice(job.records([]), done, None)
 
     def next_chunk() -> Chunk | None:

@@ -55,10 +55,10 @@ class EmbedActor:
     """Ray Data callable class: one ONNX Runtime session per actor, built once."""
 
     def __init__(self, model_dir: str, precision: str, provider: str, threads: int, dimensions: int | None,
-                 max_batch_tokens: int, max_batch_size: int, truncate: bool) -> None:
+                 max_batch_tokens: int, max_batch_size: int, truncate: bool, input_type: str | None = None) -> None:
         self.embedder = CorpusEmbedder(model_dir, precision=precision, provider=provider, threads=threads,
                                        dimensions=dimensions, max_batch_tokens=max_batch_tokens,
-                                       max_batch_size=max_batch_size)
+                                       max_batch_size=max_batch_size, input_type=input_type)
         self.truncate = truncate
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -106,7 +106,8 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
             fn_constructor_kwargs={"model_dir": str(job.model_dir.resolve()), "precision": job.precision_name,
                                    "provider": job.provider_key, "threads": actor_threads,
                                    "dimensions": job.dimensions, "max_batch_tokens": job.max_batch_tokens,
-                                   "max_batch_size": job.max_batch_size, "truncate": job.truncate})
+                                   "max_batch_size": job.max_batch_size, "truncate": job.truncate,
+                                   "input_type": job.input_type})
         embed_started = time.perf_counter()
         try:
             dataset.write_parquet(str(staging), min_rows_per_file=job.shard_size, ray_remote_args={"num_cpus": 0})

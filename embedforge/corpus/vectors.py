@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedforge.corpus import MAX_BATCH_SIZE, MAX_BATCH_TOKENS
+from embedforge.corpus import INPUT_TYPES, MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 from embedforge.server.embedder import l2_normalize
 from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_manifest
 
@@ -41,6 +41,19 @@ def output_dims(manifest: dict, dimensions: int | None) -> int:
     return dimensions
 
 
+def input_prompt(manifest: dict, input_type: str | None) -> str:
+    """The prompt the export's manifest gives `input_type` ("query" or "document"); "" for None, and for an
+    export without prompts (made before they existed, or trained without them: its texts need none)."""
+    if input_type is None:
+        return ""
+    if input_type not in INPUT_TYPES:
+        raise RuntimeConfigError(f"input type {input_type!r}: choose one of {', '.join(INPUT_TYPES)}")
+    prompts = manifest.get("prompts") or {}
+    if not isinstance(prompts, dict) or not isinstance(prompts.get(input_type, ""), str):
+        raise RuntimeConfigError(f"manifest.json: prompts must map query and document to strings, got {prompts!r}")
+    return prompts.get(input_type, "")
+
+
 def plan_batches(lengths: list[int] | np.ndarray, max_batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
     """Indices of length-sorted batches: each holds at most max_batch_size texts and its size x longest text
     is at most max_batch_tokens (a text longer than the budget gets a batch of its own)."""
@@ -61,17 +74,19 @@ class CorpusEmbedder:
 
     def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
                  threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                 max_batch_size: int = MAX_BATCH_SIZE) -> None:
+                 max_batch_size: int = MAX_BATCH_SIZE, input_type: str | None = None) -> None:
         manifest = read_manifest(Path(model_dir))
         self.dims = output_dims(manifest, dimensions)
+        self.prompt = input_prompt(manifest, input_type)
         self.runtime = OnnxEmbedder(model_dir, precision=precision, provider=provider, threads=threads, workers=1)
         self.info = self.runtime.info
         self.max_batch_tokens = max(max_batch_tokens, self.info.max_length)
         self.max_batch_size = max_batch_size
 
     def tokenize(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """(token ids per text, token counts, truncated mask)."""
-        tokenized = self.runtime.tokenize(texts)
+        """(token ids per text, token counts, truncated mask), the input type's prompt prefixed to each text (it
+        counts towards the tokens and max_length)."""
+        tokenized = self.runtime.tokenize([self.prompt + text for text in texts] if self.prompt else texts)
         truncated = np.zeros(len(texts), dtype=bool)
         truncated[tokenized.truncated] = True
         return tokenized.ids, np.asarray(tokenized.lengths, dtype=np.int32), truncated

@@ -85,11 +85,11 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
 def _checkpoints_to_score(save_path: Path | None,
                           checkpoint_dir: Path | None) -> tuple[list[CheckpointInfo], CheckpointInfo | None, Path]:
     """(checkpoints, best or None, default report path) for --save-path, --checkpoint-dir or a base model."""
-    from embedforge.checkpoints import list_checkpoints, read_checkpoint, select_best
+    from embedforge.checkpoints import EVAL_REPORT, list_checkpoints, read_checkpoint, select_best
 
     if save_path is not None:
         # select_best raises CheckpointError when there is no complete checkpoint
-        return list_checkpoints(save_path), select_best(save_path), save_path / "eval_report.json"
+        return list_checkpoints(save_path), select_best(save_path), save_path / EVAL_REPORT
     if checkpoint_dir is not None:
         if any(checkpoint_dir.glob("checkpoint-step-*")):
             raise click.UsageError(f"{checkpoint_dir} holds checkpoints: use --save-path {checkpoint_dir}")
@@ -121,7 +121,7 @@ def _score(test_path: Path, checkpoints: list[CheckpointInfo], model_name: str |
 def _write_outputs(report: dict, output: Path, save_path: Path | None, best_to_record: CheckpointInfo | None,
                    selected_by: str) -> None:
     """The JSON report, its plot (for a save path) and, with --select-best, best_checkpoint.json and the
-    best checkpoint's model copied to the save path's root."""
+    best checkpoint's model copied to the save path's root; a save path's model card is refreshed."""
     write_report(report, output)
     click.echo(f"report: {output}")
     if save_path is not None:
@@ -135,3 +135,9 @@ def _write_outputs(report: dict, output: Path, save_path: Path | None, best_to_r
         click.echo(f"best checkpoint: {best_to_record.name} (recorded in {record})")
         copy_best_model(save_path, best_to_record)
         click.echo(f"best model: {best_to_record.name}'s model and tokenizer copied to {save_path}")
+    if save_path is not None:
+        from embedforge.model_card import write_model_card
+
+        card = write_model_card(save_path)
+        if card is not None:
+            click.echo(f"model card: {card}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +97,16 @@ def _percent(metrics: dict[str, float]) -> dict[str, float]:
 
 def evaluate_pairs(pairs: Sequence[Pair], embed_fn: EmbedFn, ks: Sequence[int] = DEFAULT_KS,
                    rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
-                   show_progress: bool = True, dims: Sequence[int] | None = None) -> dict:
+                   show_progress: bool = True, dims: Sequence[int] | None = None,
+                   prompts: Mapping[str, str] | None = None) -> dict:
     """Score a model, given as ``embed_fn(texts) -> [N, dim] vectors``, on ``pairs``.
 
     Returns ``{"pairs", "queries", "documents", "texts", "spearman", "pearson"}`` plus a ``"rerank"`` and/or
     ``"retrieval"`` dict of ``ndcg@k``, ``mrr@k``, ``map@k``, ``recall@k`` and the query counts
     (see :func:`embedforge.evaluate.metrics.ranking_metrics`). Metrics are x100. With ``dims`` (Matryoshka
     sizes), ``"matryoshka"`` maps each size to the same metrics on the vectors cut to that many components
-    and renormalised.
+    and renormalised. ``prompts`` ({"query": ..., "document": ...}, the model's) are prefixed to the queries
+    and the documents before they are embedded.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -112,12 +114,14 @@ def evaluate_pairs(pairs: Sequence[Pair], embed_fn: EmbedFn, ks: Sequence[int] =
         raise ValueError(f"need at least 2 pairs to evaluate, got {len(pairs)}")
     query_ids = {text: i for i, text in enumerate(dict.fromkeys(p.query for p in pairs))}
     document_ids = {text: i for i, text in enumerate(dict.fromkeys(p.document for p in pairs))}
-    texts = list(dict.fromkeys([*query_ids, *document_ids]))
+    query_prompt, document_prompt = (prompts or {}).get("query", ""), (prompts or {}).get("document", "")
+    texts = list(dict.fromkeys([*(query_prompt + text for text in query_ids),
+                                *(document_prompt + text for text in document_ids)]))
     text_ids = {text: i for i, text in enumerate(texts)}
     vectors = embed_texts(texts, embed_fn, batch_size, show_progress)
 
-    query_vectors = vectors[[text_ids[text] for text in query_ids]]
-    document_vectors = vectors[[text_ids[text] for text in document_ids]]
+    query_vectors = vectors[[text_ids[query_prompt + text] for text in query_ids]]
+    document_vectors = vectors[[text_ids[document_prompt + text] for text in document_ids]]
     report: dict = {"pairs": len(pairs), "queries": len(query_ids), "documents": len(document_ids),
                     "texts": len(texts)}
     report.update(_score(pairs, query_ids, document_ids, query_vectors, document_vectors, ks, rel_threshold, mode))
@@ -172,10 +176,11 @@ def model_embed_fn(model, batch_size: int = 64, device: str = "auto") -> EmbedFn
 def evaluate_model(model, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS,
                    rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
                    device: str = "auto", show_progress: bool = True) -> dict:
-    """:func:`evaluate_pairs` for a BertVectorModel (a loaded checkpoint or base model), at each of its
-    Matryoshka sizes too if it was trained with them."""
+    """:func:`evaluate_pairs` for a BertVectorModel (a loaded checkpoint or base model) with its query and document
+    prompts, at each of its Matryoshka sizes too if it was trained with them."""
     return evaluate_pairs(pairs, model_embed_fn(model, batch_size, device), ks, rel_threshold, mode,
-                          batch_size, show_progress, dims=getattr(model, "matryoshka_dims", None))
+                          batch_size, show_progress, dims=getattr(model, "matryoshka_dims", None),
+                          prompts=getattr(model, "prompts", None))
 
 
 # -- reports -----------------------------------------------------------------------------------

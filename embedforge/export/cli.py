@@ -73,6 +73,12 @@ def export_command(save_path: Path | None, checkpoint_dir: Path | None, output: 
     click.echo(format_parity_table(manifest["models"]))
     files = ", ".join(entry["file"] for entry in manifest["models"].values())
     click.echo(f"wrote {output}: {files}, manifest.json, tokenizer files")
+    if save_path is not None:
+        from embedforge.model_card import write_model_card
+
+        card = write_model_card(save_path)  # lists this export when it is the save path's own (<save-path>/export)
+        if card is not None:
+            click.echo(f"model card: {card}")
 
 
 def _parse_floors(values: tuple[str, ...]) -> dict[str, float]:

@@ -14,7 +14,8 @@ The steps, in order (:func:`export_checkpoint`):
    checked here must reach its min-cosine floor (:data:`MIN_COSINE`, recorded beside the measured figure)
    with finite outputs, or the export fails; a precision that cannot run here (fp16 without CUDA) is
    written but marked ``"checked": false``, and `serve` warns when it serves one;
-5. copy the tokenizer files and write ``manifest.json``.
+5. copy the tokenizer files and write ``manifest.json`` (with the model's query and document ``prompts``, which
+   a client of the graph prefixes to the text before tokenizing).
 
 Everything is written into a hidden temporary directory beside the output and renamed into place at
 the end: a failure or an interruption leaves no half-written export, and an existing export stays as it
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from embedforge.checkpoints import EXPORT_DIR, EXPORT_MANIFEST
 from embedforge.data import Pair, read_pairs
 from embedforge.export.space import embedding_space
 from embedforge.io import write_dir_atomic, write_json_atomic
@@ -39,7 +41,7 @@ from embedforge.io import write_dir_atomic, write_json_atomic
 PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
 UNPADDED_FILES = {"fp32": "model_unpadded.onnx", "int8": "model_int8_unpadded.onnx"}  # CPU, unpadded batches
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = EXPORT_MANIFEST
 MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.95}
 """Default parity floors: the lowest min cosine (PyTorch vs ONNX Runtime, over the parity texts) each precision
 may show. fp32 differs from PyTorch only by kernel rounding; fp16 (CUDA) by half-precision rounding; int8 by
@@ -78,7 +80,7 @@ def default_parity_path(checkpoint_dir: str | Path) -> Path:
 
 def default_output_dir(checkpoint_dir: str | Path, save_path: str | Path | None = None) -> Path:
     """<save_path>/export, or <checkpoint_dir>/../export."""
-    return Path(save_path) / "export" if save_path is not None else Path(checkpoint_dir).parent / "export"
+    return Path(save_path) / EXPORT_DIR if save_path is not None else Path(checkpoint_dir).parent / EXPORT_DIR
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path,
@@ -157,7 +159,7 @@ def _build(checkpoint_dir: Path, target: Path, scratch: Path, precisions: list[s
     manifest = _manifest(model, models, baseline, opset, checkpoint_dir)
     tokenizer_files = [target / name for name in TOKENIZER_FILES if (target / name).is_file()]
     settings = {"dim": model.dim, "max_length": model.max_length, "pooling": model.pooling, "normalized": True,
-                "prompts": {}}
+                "prompts": manifest["prompts"]}
     manifest["embedding_space"] = embedding_space(sorted(checkpoint_dir.glob("*.safetensors")), tokenizer_files,
                                                   settings)
     return manifest
@@ -285,6 +287,7 @@ def _manifest(model, models: dict[str, dict], baseline: dict[str, int], opset: i
 
     from embedforge.export import optimize
     from embedforge.export.onnx import INPUT_NAMES, OUTPUT_NAME, UNNORMALIZED_OUTPUT_NAME
+    from embedforge.model import PROMPT_NAMES
 
     fused = models["fp32"]["fused_ops"]
     num_layers = model.encoder.config.num_hidden_layers
@@ -295,6 +298,8 @@ def _manifest(model, models: dict[str, dict], baseline: dict[str, int], opset: i
         "pooling": model.pooling,
         "projection_dim": model.projection.out_features if model.projection is not None else None,
         "matryoshka_dims": model.matryoshka_dims,  # prefixes trained as embeddings (the server's `dimensions`)
+        # prefixed to a query's or a document's text before tokenizing ("" for none): the graph takes token ids
+        "prompts": {name: model.prompts.get(name, "") for name in PROMPT_NAMES},
         "opset": opset,
         "source_checkpoint": str(checkpoint_dir.resolve()),
         "base_model": model.base_model,

@@ -79,8 +79,9 @@ class Checkpointer:
 
     def __init__(self, config: TrainConfig, learner: Learner, val_pairs: Sequence[Pair], history: list[dict],
                  last_saved_step: int, device: torch.device, world_size: int, is_main: bool,
-                 total_steps: int) -> None:
+                 total_steps: int, train_pairs: int | None = None) -> None:
         self.config, self.learner, self.val_pairs, self.history = config, learner, val_pairs, history
+        self.train_pairs = train_pairs  # recorded with each checkpoint (the model card's data sizes)
         self.save_path = Path(config.save_path)
         self.last_saved_step = last_saved_step
         self.device, self.world_size, self.is_main = device, world_size, is_main
@@ -149,7 +150,7 @@ class Checkpointer:
         config, model = self.config, self.learner.model
         state = {"step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": val["val_loss"],
                  "val_metrics": val, "train_path": config.train_path, "val_path": config.val_path,
-                 "base_model": model.base_model}
+                 "train_pairs": self.train_pairs, "val_pairs": len(self.val_pairs), "base_model": model.base_model}
         training_state = {**self.learner.state_dict(), "rng": rng_state(), "global_step": step, "epoch": epoch,
                           "batches_done_in_epoch": batches_done, "total_steps": self.total_steps,
                           "history": self.history}
@@ -183,10 +184,12 @@ def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int, los
     """
     from embedforge.evaluate.runner import evaluate_pairs
 
-    texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
+    queries = model.with_prompt([p.query for p in pairs], "query")  # the model's prompts, as in training
+    documents = model.with_prompt([p.document for p in pairs], "document")
+    texts = list(dict.fromkeys([*queries, *documents]))
     vectors = dict(zip(texts, model.encode(texts, batch_size=batch_size, convert_to_numpy=True), strict=True))
     if in_batch:
-        ids = {text: i for i, text in enumerate(texts)}
+        ids = {text: i for i, text in enumerate(dict.fromkeys(t for p in pairs for t in (p.query, p.document)))}
         batches = duplicate_free_batches(range(len(pairs)), [(ids[p.query], ids[p.document]) for p in pairs],
                                          loss_batch_size)
     else:
@@ -194,13 +197,12 @@ def validate(model: BertVectorModel, pairs: Sequence[Pair], batch_size: int, los
     losses = []
     with torch.no_grad():
         for batch in batches:
-            chosen = [pairs[i] for i in batch]
-            rows = np.stack([vectors[p.query] for p in chosen] + [vectors[p.document] for p in chosen])
-            losses.append(float(loss_fn(torch.from_numpy(rows), torch.tensor([p.rel for p in chosen]),
-                                        torch.tensor([p.weight for p in chosen]))))
+            rows = np.stack([vectors[queries[i]] for i in batch] + [vectors[documents[i]] for i in batch])
+            losses.append(float(loss_fn(torch.from_numpy(rows), torch.tensor([pairs[i].rel for i in batch]),
+                                        torch.tensor([pairs[i].weight for i in batch]))))
     result = {"val_loss": float(np.mean(losses))}
     report = evaluate_pairs(pairs, lambda batch: np.stack([vectors[t] for t in batch]), ks=(10,), mode="retrieval",
-                            show_progress=False)
+                            show_progress=False, prompts=model.prompts)
     result["val_ndcg@10"] = report["retrieval"]["ndcg@10"]
     result["val_spearman"] = report["spearman"]
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from embedforge.cli_options import option
+from embedforge.model import DEFAULT_MAX_LENGTH
 from embedforge.train.losses import LOSSES
 from embedforge.train.trainer import TrainConfig
 
@@ -30,7 +31,9 @@ def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -
         help="Validation pairs. Default: the bundled sample set.")
 @option("model_name", default=None, help="Base model: a local directory or cached hub id. Default: the bundled "
         "all-MiniLM-L6-v2.")
-@option("max_length", type=int, default=DEFAULTS.max_length, help="Truncate texts at this many tokens.")
+@option("max_length", type=int, default=DEFAULTS.max_length, show_default=False,
+        help="Truncate texts (prompt included) at this many tokens [default: the base model's max_seq_length "
+        f"(sentence-transformers), else {DEFAULT_MAX_LENGTH}].")
 @option("batch_size", type=int, default=DEFAULTS.batch_size)
 @option("learning_rate", type=float, default=DEFAULTS.learning_rate)
 @option("num_epochs", type=int, default=DEFAULTS.num_epochs)
@@ -89,6 +92,11 @@ def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -
         help="In-batch under torchrun: every rank's embeddings are negatives for every query (global batch).")
 @option("matryoshka_dims", default=None, callback=_parse_dims, metavar="D1,D2,...",
         help="Train these vector prefixes (each renormalised) as embeddings too, e.g. 384,256,128,64.")
+@option("query_prompt", default=DEFAULTS.query_prompt, show_default=False, metavar="TEXT",
+        help="Prefix every query with this prompt (e.g. 'query: ') in training, validation and evaluation; saved with "
+        "the model [default: the base model's prompt, if it has one; '' for none].")
+@option("document_prompt", default=DEFAULTS.document_prompt, show_default=False, metavar="TEXT",
+        help="Prefix every document with this prompt (e.g. 'passage: '), likewise.")
 def train_command(**options) -> None:
     """Fine-tune an encoder so that cosine(query, document) matches rel."""
     from embedforge.checkpoints import CheckpointError

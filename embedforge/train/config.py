@@ -14,7 +14,7 @@ class TrainConfig:
     train_path: str | None = None
     val_path: str | None = None
     model_name: str | None = None
-    max_length: int = 512
+    max_length: int | None = None  # None: the base model's max_seq_length (sentence-transformers), else 512
     batch_size: int = 16
     learning_rate: float = 2e-5
     num_epochs: int = 3
@@ -50,3 +50,5 @@ class TrainConfig:
     matryoshka_dims: tuple[int, ...] | None = None
     show_progress: bool = True
     max_bad_steps: int = 5
+    query_prompt: str | None = None  # prefixed to queries ("query: "); None: the base model's, "" none
+    document_prompt: str | None = None  # prefixed to documents ("passage: "); None: the base model's, "" none

@@ -44,11 +44,17 @@ class TokenizedPairs:
                  negative_threshold: float | None = None) -> None:
         """unique_texts: no text twice in a batch (for in-batch losses). negative_threshold: each positive
         pair brings one document of its query with a lower rel as a hard negative (train/batching.py)."""
-        texts = list(dict.fromkeys(text for pair in pairs for text in (pair.query, pair.document)))
+        queries = model.with_prompt([p.query for p in pairs], "query")
+        documents = model.with_prompt([p.document for p in pairs], "document")
+        texts = list(dict.fromkeys(text for pair in zip(queries, documents, strict=True) for text in pair))
         index = {text: i for i, text in enumerate(texts)}
-        self.token_ids = model.tokenize(texts)
-        self.query = np.array([index[p.query] for p in pairs])
-        self.document = np.array([index[p.document] for p in pairs])
+        self.token_ids = model.tokenize(texts)  # prompted texts: the prompt counts towards max_length
+        self.query = np.array([index[text] for text in queries])
+        self.document = np.array([index[text] for text in documents])
+        # The texts as written, without prompts: a sentence that is one pair's query and another's document is
+        # one text for the duplicate check of in-batch batches, whatever prompt each side gets.
+        written = {text: i for i, text in enumerate(dict.fromkeys(t for p in pairs for t in (p.query, p.document)))}
+        self.written = [(written[p.query], written[p.document]) for p in pairs]
         self.rel = torch.tensor([p.rel for p in pairs], dtype=torch.float32)
         self.weight = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
         self.length = np.array([max(len(self.token_ids[q]), len(self.token_ids[d]))
@@ -87,8 +93,7 @@ class TokenizedPairs:
         global_size = batch_size * world_size
         if group_by_length:
             order = self._longest_first_in_windows(order, global_size * LENGTH_WINDOW_BATCHES)
-        texts = list(zip(self.query.tolist(), self.document.tolist(), strict=True))
-        batches = duplicate_free_batches(order, texts, global_size)
+        batches = duplicate_free_batches(order, self.written, global_size)
         if group_by_length:
             batches = [batches[i] for i in generator.permutation(len(batches))]
         return [batch[rank::world_size] for batch in batches if len(batch) >= world_size]

@@ -74,11 +74,12 @@ def restore(learner: Learner, checkpoint: checkpoints.CheckpointInfo, total_step
     return Position(state["global_step"], state["epoch"], state["batches_done_in_epoch"], state.get("history", []))
 
 
-CONFIG_RECORD = "train_config.json"
 RESUME_MUST_MATCH = ("train_path", "val_path", "batch_size", "seed", "group_by_length", "grad_accum_steps",
                      "max_length", "model_name", "pooling", "projection_dim", "freeze_word_embeddings",
-                     "frozen_layers", "attention_dropout")
+                     "frozen_layers", "attention_dropout", "query_prompt", "document_prompt")
 """Data and model options a resumed run must share with the run it continues (the data order and the model)."""
+FROM_THE_MODEL_WHEN_UNSET = ("max_length", "query_prompt", "document_prompt")
+"""Options that, left unset (None) on --resume, are the resumed checkpoint's own: no conflict to report."""
 
 
 def refuse_existing_run(save_path: Path) -> None:
@@ -89,7 +90,7 @@ def refuse_existing_run(save_path: Path) -> None:
 
 def check_resumed_config(config: TrainConfig, run_path: Path) -> None:
     """Refuse to resume with other data or model options than the run recorded in its train_config.json."""
-    record = run_path / CONFIG_RECORD
+    record = run_path / checkpoints.CONFIG_RECORD
     if not record.is_file():
         return
     try:
@@ -98,7 +99,8 @@ def check_resumed_config(config: TrainConfig, run_path: Path) -> None:
         raise TrainError(f"{record}: not valid JSON ({error}); cannot check the resumed options") from error
     current = asdict(config)
     changed = [f"--{name.replace('_', '-')} {recorded[name]!r} -> {current[name]!r}"
-               for name in RESUME_MUST_MATCH if name in recorded and recorded[name] != current[name]]
+               for name in RESUME_MUST_MATCH if name in recorded and recorded[name] != current[name]
+               and not (name in FROM_THE_MODEL_WHEN_UNSET and current[name] is None)]
     if changed:
         raise TrainError(f"--resume: {', '.join(changed)}: these data/model options differ from the run in "
                          f"{run_path} ({record}); resume with the same ones, or start a new --save-path")
@@ -107,4 +109,4 @@ def check_resumed_config(config: TrainConfig, run_path: Path) -> None:
 def record_config(config: TrainConfig, save_path: Path) -> None:
     """Create the save path; record the config (what a resumed run is checked against)."""
     save_path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(save_path / CONFIG_RECORD, asdict(config))
+    write_json_atomic(save_path / checkpoints.CONFIG_RECORD, asdict(config))

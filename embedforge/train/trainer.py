@@ -35,6 +35,7 @@ from embedforge import checkpoints
 from embedforge.data import DataError
 from embedforge.devices import resolve_amp, resolve_device, seed_everything
 from embedforge.model import BertVectorModel
+from embedforge.model_card import write_model_card
 from embedforge.train.checkpointer import Checkpointer, Learner
 from embedforge.train.config import TrainConfig, TrainError
 from embedforge.train.dropout import replace_dropout
@@ -166,8 +167,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _check_config(config: TrainConfig) -> None:
     positive = {"batch_size": config.batch_size, "num_epochs": config.num_epochs, "save_steps": config.save_steps,
-                "grad_accum_steps": config.grad_accum_steps, "max_length": config.max_length,
-                "max_bad_steps": config.max_bad_steps}
+                "grad_accum_steps": config.grad_accum_steps, "max_bad_steps": config.max_bad_steps}
+    if config.max_length is not None:
+        positive["max_length"] = config.max_length
     for name, value in positive.items():
         if value < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -221,13 +223,15 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         record_config(config, save_path)
     checkpointer = Checkpointer(config, learner, val_pairs, start.history,
                                 last_saved_step=-1 if resume_from is None else start.global_step,
-                                device=device, world_size=world_size, is_main=is_main, total_steps=total_steps)
+                                device=device, world_size=world_size, is_main=is_main, total_steps=total_steps,
+                                train_pairs=len(train_pairs))
     global_step, stopped_early = run_loop(config, learner, data, start, total_steps, checkpointer, device, rank,
                                           world_size)
     result = TrainResult(save_path, checkpointer.saved, global_step, stopped_early=stopped_early, model=model)
     if is_main:
         best = checkpoints.select_best(save_path)
         checkpoints.copy_best_model(save_path, best)  # the save path itself loads as the best model
+        write_model_card(save_path)
         result.best_checkpoint = best.path
     return result
 
@@ -257,7 +261,8 @@ def load_model(config: TrainConfig, device: torch.device,
         model = BertVectorModel.from_pretrained(resume_from.path)
     else:
         model = BertVectorModel.from_base(config.model_name, config.pooling, config.projection_dim,
-                                          config.max_length, attention_dropout=config.attention_dropout)
+                                          config.max_length, attention_dropout=config.attention_dropout,
+                                          prompts={"query": config.query_prompt, "document": config.document_prompt})
     if config.freeze_word_embeddings:
         # The vocabulary matrix is half of MiniLM's weights; its dense gradient and AdamW update cost more
         # than they bring when fine-tuning on a few thousand pairs.
