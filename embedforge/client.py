@@ -185,15 +185,23 @@ class ServerInfo:
     matryoshka_dims: tuple[int, ...]  # vector sizes the model was trained for; empty: full vectors only
     any_dimensions: bool  # the server accepts any `dimensions` (lossy for a model not trained for it)
     embedding_space: str = ""  # id of what decides a vector: equal ids give comparable vectors
+    prompts: dict[str, str] | None = None  # the model's prompts by input type ("query", "document")
 
 
 # ---- building requests and decoding responses (shared by the sync and async clients) ----
 
+INPUT_TYPES = {None: pb.INPUT_TYPE_UNSPECIFIED, "query": pb.QUERY, "document": pb.DOCUMENT}
+
+
 def build_embed_request(texts: Sequence[str], truncate: bool = True, normalize: bool = True,
-                        dimensions: int | None = None) -> pb.EmbedRequest:
+                        dimensions: int | None = None, input_type: str | None = None) -> pb.EmbedRequest:
+    """input_type "query" or "document": the server prefixes the model's prompt of that kind (None: none)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
-    return pb.EmbedRequest(texts=list(texts), truncate=truncate, normalize=normalize, dimensions=dimensions)
+    if input_type not in INPUT_TYPES:
+        raise ValueError(f"input_type must be 'query', 'document' or None, got {input_type!r}")
+    return pb.EmbedRequest(texts=list(texts), truncate=truncate, normalize=normalize, dimensions=dimensions,
+                           input_type=INPUT_TYPES[input_type])
 
 
 def build_score_request(query: str, documents: Sequence[str], top_k: int = 0,
@@ -227,7 +235,7 @@ def decode_info_response(r: pb.InfoResponse) -> ServerInfo:
     return ServerInfo(r.model_name, r.dim, r.max_length, r.precision, r.provider, r.pooling,
                       lim.max_texts_per_request, lim.max_chars_per_text, lim.max_batch_tokens,
                       lim.max_queue_tokens, lim.max_wait_ms, lim.min_batch_tokens, r.server_version,
-                      tuple(r.matryoshka_dims), r.any_dimensions, r.embedding_space)
+                      tuple(r.matryoshka_dims), r.any_dimensions, r.embedding_space, dict(r.prompts))
 
 
 # ---- channels ----
@@ -357,9 +365,11 @@ class EmbedClient:
         return self.timeout if deadline_s is None else deadline_s
 
     def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
-              deadline_s: float | None = None, dimensions: int | None = None) -> EmbedResult:
-        """dimensions: the first d values of each vector, renormalised (for a model trained for it)."""
-        request = build_embed_request(texts, truncate, normalize, dimensions)
+              deadline_s: float | None = None, dimensions: int | None = None,
+              input_type: str | None = None) -> EmbedResult:
+        """dimensions: the first d values of each vector, renormalised (for a model trained for it); input_type:
+        "query" or "document", for a model trained with prompts (ServerInfo.prompts)."""
+        request = build_embed_request(texts, truncate, normalize, dimensions, input_type)
         return decode_embed_response(self._pinned(self._stub.Embed, request, deadline_s))
 
     def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
@@ -438,8 +448,9 @@ class AsyncEmbedClient:
         return self.timeout if deadline_s is None else deadline_s
 
     async def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
-                    deadline_s: float | None = None, dimensions: int | None = None) -> EmbedResult:
-        request = build_embed_request(texts, truncate, normalize, dimensions)
+                    deadline_s: float | None = None, dimensions: int | None = None,
+                    input_type: str | None = None) -> EmbedResult:
+        request = build_embed_request(texts, truncate, normalize, dimensions, input_type)
         return decode_embed_response(await self._pinned(self._stub.Embed, request, deadline_s))
 
     async def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,

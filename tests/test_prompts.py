@@ -133,3 +133,98 @@ def test_embed_corpus_input_type_applies_the_prompt_and_counts_its_tokens(prompt
     print(f"min cosine by input type: {figures}")
     assert min(value for row in figures.values() for value in row.values()) >= 0.9999, figures
     assert min(row["encode-st"] for row in figures.values()) >= 0.99999, figures
+
+
+# ---- the server applies the prompts per request ----
+
+@pytest.fixture(scope="module")
+def prompted_server(prompted_export):
+    from helpers import ServerThread
+
+    from embedforge.server.runtime import OnnxEmbedder
+
+    with ServerThread(OnnxEmbedder(prompted_export, threads=1), http_port=0, max_chars_per_text=40) as running:
+        yield running
+
+
+def test_the_server_applies_the_prompt_of_the_input_type(prompted, prompted_export, prompted_server):
+    """Server, BertVectorModel.encode and SentenceTransformer agree on a prompted model, per input type."""
+    from embedforge.client import EmbedClient
+
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    st_model = sentence_transformers.SentenceTransformer(str(prompted_export.parent / "checkpoint"), device="cpu")
+    texts = ["how to boil an egg", "boil the eggs in hot water", "coffee"]
+    figures = {}
+    with EmbedClient(prompted_server.target, timeout=10) as client:
+        assert client.info().prompts == PROMPTS
+        for input_type in ("query", "document", None):
+            served = client.embed(texts, input_type=input_type)
+            ours = prompted.encode(texts, prompt_name=input_type)
+            theirs = st_model.encode(texts, prompt_name=input_type)
+            assert np.abs(served.vectors - ours).max() <= 1e-4 and np.abs(ours - theirs).max() <= 1e-5
+            figures[input_type] = {"server-encode": min_cosine(served.vectors, ours),
+                                   "server-st": min_cosine(served.vectors, theirs)}
+            # the prompt's tokens are counted and used
+            assert served.tokens == sum(len(ids) for ids in prompted.tokenize(prompted.with_prompt(texts, input_type)))
+        scored = client.score(texts[0], texts[1:])  # Score applies both prompts itself
+        query, documents = prompted.encode(texts[:1], prompt_name="query"), prompted.encode(texts[1:],
+                                                                                              prompt_name="document")
+        np.testing.assert_allclose(scored.scores, (documents @ query.T).ravel(), atol=1e-4)
+    print(f"min cosine by input type: {figures}")
+    assert min(v for row in figures.values() for v in row.values()) >= 0.9999, figures
+
+
+def test_the_prompt_counts_towards_the_character_limit_and_http_takes_input_type(prompted, prompted_server):
+    import urllib.error
+    import urllib.request
+
+    import grpc
+
+    from embedforge.client import EmbedClient
+
+    text = "egg " * 9  # 36 characters: within the limit of 40 alone, over it with "passage: "
+    with EmbedClient(prompted_server.target, timeout=10) as client:
+        assert client.embed([text]).vectors.shape[0] == 1
+        with pytest.raises(grpc.RpcError) as refused:
+            client.embed([text], input_type="document")
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "its prompt 9" in refused.value.details()
+    url = f"http://127.0.0.1:{prompted_server.server.http.port}/v1/embeddings"
+
+    def post(body: dict):
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.load(reply)
+
+    vector = post({"input": ["rice"], "input_type": "query"})["data"][0]["embedding"]
+    np.testing.assert_allclose(vector, prompted.encode(["rice"], prompt_name="query")[0], atol=1e-4)
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        post({"input": ["rice"], "input_type": "passage"})
+    assert bad.value.code == 400 and json.load(bad.value)["error"]["param"] == "input_type"
+
+
+def test_a_model_without_prompts_embeds_every_input_type_alike(server_of_tiny_export):
+    from embedforge.client import EmbedClient
+
+    with EmbedClient(server_of_tiny_export.target, timeout=10) as client:
+        assert client.info().prompts == {}
+        plain = client.embed(["rice", "egg"]).vectors
+        for input_type in ("query", "document"):
+            np.testing.assert_array_equal(client.embed(["rice", "egg"], input_type=input_type).vectors, plain)
+
+
+@pytest.fixture(scope="module")
+def server_of_tiny_export(embedder):
+    from helpers import ServerThread
+
+    with ServerThread(embedder) as running:
+        yield running
+
+
+def test_embed_cli_takes_an_input_type(prompted, prompted_server):
+    from embedforge.server.cli import embed_command
+
+    result = CliRunner().invoke(embed_command, ["--target", prompted_server.target, "--json", "--input-type", "query",
+                                                "rice"])
+    assert result.exit_code == 0, result.output
+    vector = json.loads(result.stdout)["vectors"][0]
+    np.testing.assert_allclose(vector, prompted.encode(["rice"], prompt_name="query")[0], atol=1e-4)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,17 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
+    QUERY: _ClassVar[InputType]
+    DOCUMENT: _ClassVar[InputType]
+INPUT_TYPE_UNSPECIFIED: InputType
+QUERY: InputType
+DOCUMENT: InputType
+
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "truncate", "normalize", "dimensions")
+    __slots__ = ("texts", "truncate", "normalize", "dimensions", "input_type")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     truncate: bool
     normalize: bool
     dimensions: int
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ...) -> None: ...
+    input_type: InputType
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("vectors", "dim", "count", "usage", "timing", "embedding_space")
@@ -65,7 +77,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "dim", "max_length", "precision", "provider", "pooling", "limits", "server_version", "matryoshka_dims", "any_dimensions", "embedding_space")
+    __slots__ = ("model_name", "dim", "max_length", "precision", "provider", "pooling", "limits", "server_version", "matryoshka_dims", "any_dimensions", "embedding_space", "prompts")
+    class PromptsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +96,7 @@ class InfoResponse(_message.Message):
     MATRYOSHKA_DIMS_FIELD_NUMBER: _ClassVar[int]
     ANY_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_SPACE_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     dim: int
     max_length: int
@@ -88,7 +108,8 @@ class InfoResponse(_message.Message):
     matryoshka_dims: _containers.RepeatedScalarFieldContainer[int]
     any_dimensions: bool
     embedding_space: str
-    def __init__(self, model_name: _Optional[str] = ..., dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., matryoshka_dims: _Optional[_Iterable[int]] = ..., any_dimensions: _Optional[bool] = ..., embedding_space: _Optional[str] = ...) -> None: ...
+    prompts: _containers.ScalarMap[str, str]
+    def __init__(self, model_name: _Optional[str] = ..., dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., matryoshka_dims: _Optional[_Iterable[int]] = ..., any_dimensions: _Optional[bool] = ..., embedding_space: _Optional[str] = ..., prompts: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_texts_per_request", "max_chars_per_text", "max_batch_tokens", "max_queue_tokens", "max_wait_ms", "min_batch_tokens")

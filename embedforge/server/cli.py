@@ -181,6 +181,8 @@ TARGET_HELP = "Server HOST:PORT, replicas HOST:PORT,HOST:PORT,... (round robin, 
         help="Return vectors without L2 normalisation (the pooled, projected model output).")
 @option("dimensions", type=click.IntRange(1), default=None,
         help="Only the first N values of each vector, renormalised (a model trained for it: see Info).")
+@option("input_type", type=click.Choice(["query", "document"]), default=None, show_default=False,
+        help="What the texts are: the model's prompt of that kind is prefixed (a model trained with prompts).")
 @option("timeout", type=click.FloatRange(0, min_open=True), default=30.0)
 @option("api_key_env", default=DEFAULTS.api_key_env, help="Environment variable holding the API key to send, if set.")
 @client_tls_options
@@ -188,8 +190,9 @@ TARGET_HELP = "Server HOST:PORT, replicas HOST:PORT,HOST:PORT,... (round robin, 
 @option("wait_ready", type=click.FloatRange(0), default=0.0,
         help="Seconds to wait for the server's health to report SERVING first.")
 def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncate: bool, no_normalize: bool,
-                  dimensions: int | None, timeout: float, api_key_env: str, tls_root_cert: Path | None,
-                  tls_cert: Path | None, tls_key: Path | None, allow_insecure_key: bool, wait_ready: float) -> None:
+                  dimensions: int | None, input_type: str | None, timeout: float, api_key_env: str,
+                  tls_root_cert: Path | None, tls_cert: Path | None, tls_key: Path | None, allow_insecure_key: bool,
+                  wait_ready: float) -> None:
     """Embed TEXTS with a running server; prints one vector per line (space-separated floats)."""
     import grpc
 
@@ -202,7 +205,7 @@ def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncat
             if wait_ready > 0:
                 client.wait_until_serving(wait_ready)
             result = client.embed(list(texts), truncate=not no_truncate, normalize=not no_normalize,
-                                  dimensions=dimensions)
+                                  dimensions=dimensions, input_type=input_type)
     except grpc.RpcError as exc:
         raise click.ClickException(f"{target}: {exc.code().name}: {exc.details()}") from exc
     except (TimeoutError, ValueError) as exc:

@@ -94,6 +94,19 @@ class Scored:
     embedding_space: str = ""
 
 
+INPUT_TYPES = ("query", "document")
+
+
+def prompt_for(info: ModelInfo, input_type: str | None) -> str:
+    """The model's prompt for `input_type` ("" for None, or when the model has none of that kind: a model trained
+    without prompts embeds every text as it is, so clients that always send an input type work with it too)."""
+    if input_type is None:
+        return ""
+    if input_type not in INPUT_TYPES:
+        raise InvalidRequest(f"input_type must be one of {', '.join(INPUT_TYPES)}, got {input_type!r}")
+    return info.prompts.get(input_type, "")
+
+
 def status_of(exc: Exception, request_id: str) -> tuple[str, str]:
     """The status name and message a failed call answers with; unexpected errors are logged as INTERNAL."""
     if isinstance(exc, (InvalidRequest, TooLarge)):
@@ -165,19 +178,23 @@ class EmbeddingCore:
 
     async def embed(self, texts: list[str], *, ticket: Ticket, truncate: bool = True, normalize: bool = True,
                     dimensions: int | None = None, request_id: str = "", field: str = "texts",
-                    release_texts: bool = False) -> Embedded:
+                    release_texts: bool = False, input_type: str | None = None) -> Embedded:
         """One vector per text, in order, within the ticket's deadline; `field` names the texts in error messages
         (texts[3] is empty). release_texts: empty the list once it is tokenized (the caller no longer needs it),
-        so that the texts' memory is freed while the call waits for its batches."""
+        so that the texts' memory is freed while the call waits for its batches. input_type ("query",
+        "document"): the model's prompt of that kind is prefixed to each text (none if it has none)."""
         info = self.check_ready()
-        self.check_texts(texts, field)
+        prompt = prompt_for(info, input_type)
+        self.check_texts(texts, field, prompt=prompt)
         if not normalize and not info.unnormalized:
             raise InvalidRequest("normalize=false: this export has no unnormalized output; re-export with "
                                  "`embedforge export`")
         self.check_dimensions(dimensions, info)
         count = len(texts)
-        done = await self._run(texts if release_texts else list(texts), [field] * count, list(range(count)),
-                               truncate, ticket, request_id)
+        prompted = [prompt + text for text in texts] if prompt else list(texts)
+        if release_texts:
+            texts.clear()
+        done = await self._run(prompted, [field] * count, list(range(count)), truncate, ticket, request_id)
         vectors = done.vectors
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = np.ascontiguousarray(vectors[:, :dimensions])
@@ -187,13 +204,14 @@ class EmbeddingCore:
 
     async def score(self, query: str, documents: list[str], *, ticket: Ticket, top_k: int = 0,
                     truncate: bool = True, request_id: str = "", release_texts: bool = False) -> Scored:
-        """Cosine of the query with each document and the documents ranked best first; release_texts: as for
-        `embed` (documents is emptied)."""
+        """Cosine of the query with each document and the documents ranked best first, each with the model's
+        prompt of its kind; release_texts: as for `embed` (documents is emptied)."""
         info = self.check_ready()
-        self.check_texts([query], "query", indexed=False)
-        self.check_texts(documents, "documents")
+        query_prompt, document_prompt = prompt_for(info, "query"), prompt_for(info, "document")
+        self.check_texts([query], "query", indexed=False, prompt=query_prompt)
+        self.check_texts(documents, "documents", prompt=document_prompt)
         count = len(documents)
-        texts = [query, *documents]
+        texts = [query_prompt + query, *(document_prompt + document for document in documents)]
         if release_texts:
             documents.clear()
         done = await self._run(texts, ["query"] + ["documents"] * count, [0, *range(count)], truncate, ticket,
@@ -205,7 +223,8 @@ class EmbeddingCore:
             ranking = ranking[:top_k]
         return Scored(scores, [int(i) for i in ranking], done.tokens, done.timing, info.embedding_space)
 
-    def check_texts(self, texts: list[str], field: str, indexed: bool = True) -> None:
+    def check_texts(self, texts: list[str], field: str, indexed: bool = True, prompt: str = "") -> None:
+        """Non-empty, valid Unicode, and within the character limit with the prompt that will be prefixed."""
         if not texts:
             raise InvalidRequest(f"{field} is empty: send at least one text")
         if len(texts) > self.limits.max_texts_per_request:
@@ -215,8 +234,9 @@ class EmbeddingCore:
             name = f"{field}[{i}]" if indexed else field
             if not text:
                 raise InvalidRequest(f"{name} is empty")
-            if len(text) > self.limits.max_chars_per_text:
-                raise InvalidRequest(f"{name} has {len(text)} characters; the limit is "
+            if len(prompt) + len(text) > self.limits.max_chars_per_text:
+                with_prompt = f" and its prompt {len(prompt)}" if prompt else ""
+                raise InvalidRequest(f"{name} has {len(text)} characters{with_prompt}; the limit is "
                                      f"{self.limits.max_chars_per_text}")
             if not text.isascii():
                 try:

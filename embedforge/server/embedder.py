@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,6 +22,9 @@ class ModelInfo:
     """Vector sizes the model was trained for (the export manifest's matryoshka_dims); empty: full vectors only."""
     embedding_space: str = ""
     """The export's embedding_space id (export/space.py): vectors of different ids are not comparable."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """The model's prompts by input type ("query", "document"; the export manifest's `prompts`), "" or absent:
+    none of that kind."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,16 @@ from aiohttp import web
 
 from embedforge import __version__
 from embedforge.server.admission import BodyTooLarge, SlowBody, Ticket
-from embedforge.server.core import CallObserver, Embedded, EmbeddingCore, Scored, Timing, sanitize_request_id, status_of
+from embedforge.server.core import (
+    INPUT_TYPES,
+    CallObserver,
+    Embedded,
+    EmbeddingCore,
+    Scored,
+    Timing,
+    sanitize_request_id,
+    status_of,
+)
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
@@ -284,8 +293,12 @@ class HttpApi:
         if encoding not in ("float", "base64"):
             raise ApiError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}", "encoding_format")
         dimensions = _optional_int(body, "dimensions")
+        input_type = body.get("input_type")
+        if input_type is not None and input_type not in INPUT_TYPES:
+            raise ApiError(400, f"input_type must be one of {', '.join(INPUT_TYPES)}, got {input_type!r}",
+                           "input_type")
         done = await self.core.embed(texts, dimensions=dimensions, ticket=ticket, request_id=request_id,
-                                     field="input")
+                                     field="input", input_type=input_type)
         vectors = done.vectors.astype("<f4", copy=False)
         if encoding == "base64":
             encoded = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
@@ -339,7 +352,7 @@ class HttpApi:
                  "dim": info.dim, "max_length": info.max_length, "matryoshka_dims": list(info.matryoshka_dims),
                  "any_dimensions": self.core.allow_any_dimensions, "pooling": info.pooling,
                  "precision": info.precision, "provider": info.provider, "server_version": __version__,
-                 "embedding_space": info.embedding_space,
+                 "embedding_space": info.embedding_space, "prompts": info.prompts,
                  "limits": {"max_texts_per_request": limits.max_texts_per_request,
                             "max_chars_per_text": limits.max_chars_per_text,
                             "max_batch_tokens": batcher.max_batch_tokens,

@@ -91,6 +91,19 @@ def read_matryoshka_dims(manifest: dict, model_dir: Path) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
+PROMPT_KINDS = ("query", "document")
+
+
+def read_prompts(manifest: dict, model_dir: Path) -> dict[str, str]:
+    """The manifest's optional `prompts` ({"query": "query: ", "document": "passage: "}), checked; empty ones
+    dropped (a model trained without prompts has none)."""
+    prompts = manifest.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(k in PROMPT_KINDS and isinstance(v, str) for k, v in prompts.items()):
+        raise RuntimeConfigError(f"{model_dir / 'manifest.json'}: prompts must map query and document to strings, "
+                                 f"got {prompts!r}")
+    return {kind: text for kind, text in prompts.items() if text}
+
+
 def choose_provider(requested: str) -> str:
     """auto: CUDA when onnxruntime offers it, else CPU; cuda: error if it is not available."""
     available = ort.get_available_providers()
@@ -169,7 +182,8 @@ class OnnxEmbedder:
                               precision=precision, provider=active,
                               unnormalized=self._output_name != manifest["output"],
                               matryoshka_dims=read_matryoshka_dims(manifest, model_dir),
-                              embedding_space=manifest["embedding_space"])
+                              embedding_space=manifest["embedding_space"],
+                              prompts=read_prompts(manifest, model_dir))
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Tokenize with the Rust tokenizer; texts over max_length are truncated (their tail never tokenized)

@@ -136,6 +136,9 @@ def parse_request(raw: bytes, message_type: type[Message], max_items: int) -> Me
                              f"({len(raw)} bytes)") from None
 
 
+INPUT_TYPE_NAMES = {pb.QUERY: "query", pb.DOCUMENT: "document"}  # INPUT_TYPE_UNSPECIFIED: no prompt
+
+
 def timing_message(timing: Timing) -> pb.Timing:
     return pb.Timing(queue_ms=timing.queue_s * 1e3, tokenize_ms=timing.tokenize_s * 1e3,
                      inference_ms=timing.inference_s * 1e3, total_ms=timing.total_s * 1e3)
@@ -176,7 +179,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         texts = list(request.texts)
         options = {"truncate": request.truncate if request.HasField("truncate") else True,
                    "normalize": request.normalize if request.HasField("normalize") else True,
-                   "dimensions": request.dimensions if request.HasField("dimensions") else None}
+                   "dimensions": request.dimensions if request.HasField("dimensions") else None,
+                   "input_type": INPUT_TYPE_NAMES.get(request.input_type)}
         del request  # the message's memory goes now; the core empties texts once they are tokens
         done = await self.core.embed(texts, **options, release_texts=True, ticket=ticket, request_id=request_id)
         vectors = done.vectors
@@ -272,4 +276,5 @@ def info_message(core: EmbeddingCore) -> pb.InfoResponse:
     return pb.InfoResponse(model_name=info.model_name, dim=info.dim, max_length=info.max_length,
                            precision=info.precision, provider=info.provider, pooling=info.pooling,
                            limits=limits, server_version=__version__, matryoshka_dims=info.matryoshka_dims,
-                           any_dimensions=core.allow_any_dimensions, embedding_space=info.embedding_space)
+                           any_dimensions=core.allow_any_dimensions, embedding_space=info.embedding_space,
+                           prompts=info.prompts)
