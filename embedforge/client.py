@@ -152,6 +152,8 @@ class EmbedResult:
     tokens: int  # tokens the model processed (after truncation, no padding)
     timing: Timing
     embedding_space: str = ""  # the space the vectors belong to (ServerInfo.embedding_space)
+    text_tokens: tuple[int, ...] = ()  # tokens used of each text (after truncation, prompt included)
+    truncated: tuple[int, ...] = ()  # indices of the texts cut at max_length
 
     @property
     def dim(self) -> int:
@@ -165,6 +167,10 @@ class ScoreResult:
     tokens: int
     timing: Timing
     embedding_space: str = ""
+    document_tokens: tuple[int, ...] = ()  # tokens used of each document (the query's: query_tokens)
+    truncated_documents: tuple[int, ...] = ()  # indices of the documents cut at max_length
+    query_tokens: int = 0
+    query_truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,24 +197,34 @@ class ServerInfo:
 # ---- building requests and decoding responses (shared by the sync and async clients) ----
 
 INPUT_TYPES = {None: pb.INPUT_TYPE_UNSPECIFIED, "query": pb.QUERY, "document": pb.DOCUMENT}
+DIRECTIONS = {"right": pb.RIGHT, "left": pb.LEFT}
+
+
+def _direction(truncation_direction: str) -> int:
+    if truncation_direction not in DIRECTIONS:
+        raise ValueError(f"truncation_direction must be 'right' or 'left', got {truncation_direction!r}")
+    return DIRECTIONS[truncation_direction]
 
 
 def build_embed_request(texts: Sequence[str], truncate: bool = True, normalize: bool = True,
-                        dimensions: int | None = None, input_type: str | None = None) -> pb.EmbedRequest:
-    """input_type "query" or "document": the server prefixes the model's prompt of that kind (None: none)."""
+                        dimensions: int | None = None, input_type: str | None = None,
+                        truncation_direction: str = "right") -> pb.EmbedRequest:
+    """input_type "query" or "document": the server prefixes the model's prompt of that kind (None: none);
+    truncation_direction: which end of a text over max_length is cut ("right" keeps the start)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input_type must be 'query', 'document' or None, got {input_type!r}")
     return pb.EmbedRequest(texts=list(texts), truncate=truncate, normalize=normalize, dimensions=dimensions,
-                           input_type=INPUT_TYPES[input_type])
+                           input_type=INPUT_TYPES[input_type], truncation_direction=_direction(truncation_direction))
 
 
-def build_score_request(query: str, documents: Sequence[str], top_k: int = 0,
-                        truncate: bool = True) -> pb.ScoreRequest:
+def build_score_request(query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
+                        truncation_direction: str = "right") -> pb.ScoreRequest:
     if isinstance(documents, str):
         raise TypeError("documents must be a sequence of strings, not one string")
-    return pb.ScoreRequest(query=query, documents=list(documents), top_k=top_k, truncate=truncate)
+    return pb.ScoreRequest(query=query, documents=list(documents), top_k=top_k, truncate=truncate,
+                           truncation_direction=_direction(truncation_direction))
 
 
 def decode_vectors(response: pb.EmbedResponse) -> np.ndarray:
@@ -222,12 +238,14 @@ def decode_timing(timing: pb.Timing) -> Timing:
 
 def decode_embed_response(response: pb.EmbedResponse) -> EmbedResult:
     return EmbedResult(decode_vectors(response), response.usage.tokens, decode_timing(response.timing),
-                       response.embedding_space)
+                       response.embedding_space, tuple(response.text_tokens), tuple(response.truncated))
 
 
 def decode_score_response(response: pb.ScoreResponse) -> ScoreResult:
     return ScoreResult(np.asarray(response.scores, dtype=np.float32), list(response.top_indices),
-                       response.usage.tokens, decode_timing(response.timing), response.embedding_space)
+                       response.usage.tokens, decode_timing(response.timing), response.embedding_space,
+                       tuple(response.document_tokens), tuple(response.truncated_documents), response.query_tokens,
+                       response.query_truncated)
 
 
 def decode_info_response(r: pb.InfoResponse) -> ServerInfo:
@@ -366,15 +384,15 @@ class EmbedClient:
 
     def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
               deadline_s: float | None = None, dimensions: int | None = None,
-              input_type: str | None = None) -> EmbedResult:
+              input_type: str | None = None, truncation_direction: str = "right") -> EmbedResult:
         """dimensions: the first d values of each vector, renormalised (for a model trained for it); input_type:
         "query" or "document", for a model trained with prompts (ServerInfo.prompts)."""
-        request = build_embed_request(texts, truncate, normalize, dimensions, input_type)
+        request = build_embed_request(texts, truncate, normalize, dimensions, input_type, truncation_direction)
         return decode_embed_response(self._pinned(self._stub.Embed, request, deadline_s))
 
     def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
-              deadline_s: float | None = None) -> ScoreResult:
-        request = build_score_request(query, documents, top_k, truncate)
+              deadline_s: float | None = None, truncation_direction: str = "right") -> ScoreResult:
+        request = build_score_request(query, documents, top_k, truncate, truncation_direction)
         return decode_score_response(self._pinned(self._stub.Score, request, deadline_s))
 
     def _pinned(self, method, request, deadline_s: float | None):
@@ -449,13 +467,13 @@ class AsyncEmbedClient:
 
     async def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
                     deadline_s: float | None = None, dimensions: int | None = None,
-                    input_type: str | None = None) -> EmbedResult:
-        request = build_embed_request(texts, truncate, normalize, dimensions, input_type)
+                    input_type: str | None = None, truncation_direction: str = "right") -> EmbedResult:
+        request = build_embed_request(texts, truncate, normalize, dimensions, input_type, truncation_direction)
         return decode_embed_response(await self._pinned(self._stub.Embed, request, deadline_s))
 
     async def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
-                    deadline_s: float | None = None) -> ScoreResult:
-        request = build_score_request(query, documents, top_k, truncate)
+                    deadline_s: float | None = None, truncation_direction: str = "right") -> ScoreResult:
+        request = build_score_request(query, documents, top_k, truncate, truncation_direction)
         return decode_score_response(await self._pinned(self._stub.Score, request, deadline_s))
 
     async def _pinned(self, method, request, deadline_s: float | None):

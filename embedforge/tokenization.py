@@ -13,14 +13,18 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 
-def load_tokenizer(model_dir: str | Path, max_length: int) -> Tokenizer:
-    """Load `model_dir/tokenizer.json` with padding off and truncation at `max_length`."""
+def load_tokenizer(model_dir: str | Path, max_length: int | None, direction: str = "right") -> Tokenizer:
+    """Load `model_dir/tokenizer.json` with padding off and truncation at `max_length` tokens, cutting the
+    `direction` end ("right": keep the start; "left": keep the end); max_length None: no truncation."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json (a fast tokenizer file is required)")
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_length)
+    if max_length is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(max_length=max_length, direction=direction)
     return tokenizer
 
 

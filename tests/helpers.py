@@ -154,10 +154,13 @@ class HookedEmbedder:
         self.hang = threading.Event()  # set: every batch blocks until `release` is set
         self.release = threading.Event()
 
-    def tokenize(self, texts):
+    def tokenize(self, texts, truncation_direction="right"):
         time.sleep(self.tokenize_delay_s)
         self.tokenized.extend(texts)
-        return self.inner.tokenize(texts)
+        return self.inner.tokenize(texts, truncation_direction)
+
+    def count_tokens(self, text):
+        return self.inner.count_tokens(text)
 
     def run_batch(self, batch, alone=True):
         time.sleep(self.delay_s + self.delay_per_text_s * len(batch))

@@ -165,11 +165,11 @@ def test_metrics_endpoint(server, client):
     (lambda c: c.embed(["ok", "fine", ""]), "texts[2] is empty"),
     (lambda c: c.embed(["egg"] * 65), "texts has more than 64 items; the limit is 64"),
     (lambda c: c.embed(["egg", "x" * 3001]), "texts[1] has 3001 characters"),
-    (lambda c: c.embed(["egg", "ok", "egg " * 600], truncate=False), "texts[2] is longer than max_length=512"),
+    (lambda c: c.embed(["egg", "ok", "egg " * 600], truncate=False), "texts[2] has 602 tokens, more than max_length=512"),
     (lambda c: c.score("", ["doc"]), "query is empty"),
     (lambda c: c.score("query", []), "documents is empty"),
     (lambda c: c.score("query", ["doc", ""]), "documents[1] is empty"),
-    (lambda c: c.score("query", ["doc", "egg " * 600], truncate=False), "documents[1] is longer"),
+    (lambda c: c.score("query", ["doc", "egg " * 600], truncate=False), "documents[1] has 602 tokens, more than"),
     (lambda c: c.embed(["a"], dimensions=8), "not trained for truncated vectors"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_item(client, call, message):

@@ -7,70 +7,93 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TruncationDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RIGHT: _ClassVar[TruncationDirection]
+    LEFT: _ClassVar[TruncationDirection]
+
 class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
     QUERY: _ClassVar[InputType]
     DOCUMENT: _ClassVar[InputType]
+RIGHT: TruncationDirection
+LEFT: TruncationDirection
 INPUT_TYPE_UNSPECIFIED: InputType
 QUERY: InputType
 DOCUMENT: InputType
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "truncate", "normalize", "dimensions", "input_type")
+    __slots__ = ("texts", "truncate", "normalize", "dimensions", "input_type", "truncation_direction")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     truncate: bool
     normalize: bool
     dimensions: int
     input_type: InputType
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ...) -> None: ...
+    truncation_direction: TruncationDirection
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("vectors", "dim", "count", "usage", "timing", "embedding_space")
+    __slots__ = ("vectors", "dim", "count", "usage", "timing", "embedding_space", "text_tokens", "truncated")
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_SPACE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     vectors: bytes
     dim: int
     count: int
     usage: Usage
     timing: Timing
     embedding_space: str
-    def __init__(self, vectors: _Optional[bytes] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding_space: _Optional[str] = ...) -> None: ...
+    text_tokens: _containers.RepeatedScalarFieldContainer[int]
+    truncated: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vectors: _Optional[bytes] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding_space: _Optional[str] = ..., text_tokens: _Optional[_Iterable[int]] = ..., truncated: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_k", "truncate")
+    __slots__ = ("query", "documents", "top_k", "truncate", "truncation_direction")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     truncate: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., truncate: _Optional[bool] = ...) -> None: ...
+    truncation_direction: TruncationDirection
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "top_indices", "usage", "timing", "embedding_space")
+    __slots__ = ("scores", "top_indices", "usage", "timing", "embedding_space", "query_tokens", "document_tokens", "query_truncated", "truncated_documents")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TOP_INDICES_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_SPACE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     top_indices: _containers.RepeatedScalarFieldContainer[int]
     usage: Usage
     timing: Timing
     embedding_space: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., top_indices: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding_space: _Optional[str] = ...) -> None: ...
+    query_tokens: int
+    document_tokens: _containers.RepeatedScalarFieldContainer[int]
+    query_truncated: bool
+    truncated_documents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., top_indices: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding_space: _Optional[str] = ..., query_tokens: _Optional[int] = ..., document_tokens: _Optional[_Iterable[int]] = ..., query_truncated: _Optional[bool] = ..., truncated_documents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

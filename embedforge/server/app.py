@@ -104,6 +104,8 @@ class Metrics:
                                            registry=r, buckets=tuple(2 ** i for i in range(4, 18)))
         self.batch_seconds = prom.Histogram("embedforge_batch_seconds", "Model time per batch", registry=r,
                                             buckets=(.001, .002, .004, .008, .016, .032, .064, .128, .256, .512, 1, 2))
+        self.truncated = prom.Counter("embedforge_truncated_texts", "Texts cut at max_length (either protocol)",
+                                      registry=r)
 
     def describe_model(self, info: ModelInfo) -> None:
         """embedforge_model_info: the served model and its embedding space, as labels (value 1)."""
@@ -229,6 +231,7 @@ class EmbeddingServer:
                                               default_deadline_s=cfg.default_deadline_s))
         self.core = EmbeddingCore(Limits(cfg.max_texts_per_request, cfg.max_chars_per_text), admission,
                                   allow_any_dimensions=cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
+                                  on_truncated=self.metrics.truncated.inc,
                                   tokenizer_threads=cfg.tokenizer_threads)
         self.servicer = EmbeddingServicer(self.core, on_call=self.metrics.on_call)
         self.health = health.aio.HealthServicer()

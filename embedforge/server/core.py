@@ -9,13 +9,14 @@ Status names are gRPC's canonical codes ("INVALID_ARGUMENT", ...); the HTTP API 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,8 @@ class Embedded:
     tokens: int  # tokens the model processed (after truncation, no padding)
     timing: Timing
     embedding_space: str = ""  # the model's (ModelInfo.embedding_space)
+    text_tokens: list[int] = field(default_factory=list)  # tokens used of each text (after truncation)
+    truncated: list[int] = field(default_factory=list)  # indices of the texts cut at max_length
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,12 @@ class Scored:
     tokens: int
     timing: Timing
     embedding_space: str = ""
+    text_tokens: list[int] = field(default_factory=list)  # the query's, then each document's
+    truncated: list[int] = field(default_factory=list)  # indices into [query, *documents] of the texts cut
 
 
 INPUT_TYPES = ("query", "document")
+TRUNCATION_DIRECTIONS = ("right", "left")  # which end of a text over max_length is cut
 
 
 def prompt_for(info: ModelInfo, input_type: str | None) -> str:
@@ -130,7 +136,7 @@ class EmbeddingCore:
     body and hand its Ticket to `embed` / `score`."""
 
     def __init__(self, limits: Limits, admission: Admission, *, allow_any_dimensions: bool, tokenizer_threads: int,
-                 on_timing: TimingObserver | None = None) -> None:
+                 on_timing: TimingObserver | None = None, on_truncated: Callable[[int], None] | None = None) -> None:
         self.limits = limits
         self.admission = admission
         self.allow_any_dimensions = allow_any_dimensions
@@ -138,6 +144,7 @@ class EmbeddingCore:
         self.batcher: Batcher | None = None
         self.draining = False
         self._on_timing = on_timing
+        self._on_truncated = on_truncated  # called with the number of texts a call had cut at max_length
         self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer_threads,
                                                  thread_name_prefix="embedforge-tokenize")
 
@@ -178,7 +185,8 @@ class EmbeddingCore:
 
     async def embed(self, texts: list[str], *, ticket: Ticket, truncate: bool = True, normalize: bool = True,
                     dimensions: int | None = None, request_id: str = "", field: str = "texts",
-                    release_texts: bool = False, input_type: str | None = None) -> Embedded:
+                    release_texts: bool = False, input_type: str | None = None,
+                    truncation_direction: str = "right") -> Embedded:
         """One vector per text, in order, within the ticket's deadline; `field` names the texts in error messages
         (texts[3] is empty). release_texts: empty the list once it is tokenized (the caller no longer needs it),
         so that the texts' memory is freed while the call waits for its batches. input_type ("query",
@@ -194,16 +202,18 @@ class EmbeddingCore:
         prompted = [prompt + text for text in texts] if prompt else list(texts)
         if release_texts:
             texts.clear()
-        done = await self._run(prompted, [field] * count, list(range(count)), truncate, ticket, request_id)
+        done = await self._run(prompted, [field] * count, list(range(count)), truncate, ticket, request_id,
+                               truncation_direction)
         vectors = done.vectors
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = np.ascontiguousarray(vectors[:, :dimensions])
         if normalize:
             vectors = l2_normalize(vectors)
-        return Embedded(vectors, done.tokens, done.timing, info.embedding_space)
+        return Embedded(vectors, done.tokens, done.timing, info.embedding_space, done.text_tokens, done.truncated)
 
     async def score(self, query: str, documents: list[str], *, ticket: Ticket, top_k: int = 0,
-                    truncate: bool = True, request_id: str = "", release_texts: bool = False) -> Scored:
+                    truncate: bool = True, request_id: str = "", release_texts: bool = False,
+                    truncation_direction: str = "right") -> Scored:
         """Cosine of the query with each document and the documents ranked best first, each with the model's
         prompt of its kind; release_texts: as for `embed` (documents is emptied)."""
         info = self.check_ready()
@@ -215,13 +225,14 @@ class EmbeddingCore:
         if release_texts:
             documents.clear()
         done = await self._run(texts, ["query"] + ["documents"] * count, [0, *range(count)], truncate, ticket,
-                               request_id)
+                               request_id, truncation_direction)
         vectors = l2_normalize(done.vectors)
         scores = vectors[1:] @ vectors[0]
         ranking = np.argsort(-scores, kind="stable")
         if top_k:
             ranking = ranking[:top_k]
-        return Scored(scores, [int(i) for i in ranking], done.tokens, done.timing, info.embedding_space)
+        return Scored(scores, [int(i) for i in ranking], done.tokens, done.timing, info.embedding_space,
+                      done.text_tokens, done.truncated)
 
     def check_texts(self, texts: list[str], field: str, indexed: bool = True, prompt: str = "") -> None:
         """Non-empty, valid Unicode, and within the character limit with the prompt that will be prefixed."""
@@ -256,7 +267,7 @@ class EmbeddingCore:
             raise InvalidRequest(f"dimensions={dimensions} is out of range: 1 to {info.dim}")
 
     async def _run(self, texts: list[str], fields: list[str], indices: list[int], truncate: bool,
-                   ticket: Ticket, request_id: str) -> Embedded:
+                   ticket: Ticket, request_id: str, truncation_direction: str = "right") -> Embedded:
         """Tokenize and run texts through the batcher; fields/indices name each text in error messages. texts is
         emptied once tokenized (the caller passes a list of its own), so that only token ids wait for batches."""
         arrived = time.monotonic()
@@ -265,14 +276,19 @@ class EmbeddingCore:
             raise QueueFull(f"queue full: {batcher.queued_tokens} tokens queued")
         self.admission.check_texts_wait(ticket, texts, embedder.info.max_length)
         deadline = ticket.deadline
-        tokenized = await self._tokenize(embedder, texts, deadline)
+        if truncation_direction not in TRUNCATION_DIRECTIONS:
+            raise InvalidRequest(f"truncation_direction must be one of {', '.join(TRUNCATION_DIRECTIONS)}, "
+                                 f"got {truncation_direction!r}")
+        tokenized = await self._tokenize(embedder, texts, deadline, truncation_direction)
+        if not truncate and tokenized.truncated:
+            i = tokenized.truncated[0]
+            raise InvalidRequest(f"{fields[i]}[{indices[i]}] has {embedder.count_tokens(texts[i])} tokens, more than "
+                                 f"max_length={embedder.info.max_length}, and truncate is false")
         texts.clear()
         ticket.tokenized()  # the queue's token budget counts them from here
         tokenize_s = time.monotonic() - arrived
-        if not truncate and tokenized.truncated:
-            i = tokenized.truncated[0]
-            raise InvalidRequest(f"{fields[i]}[{indices[i]}] is longer than max_length="
-                                 f"{embedder.info.max_length} tokens and truncate is false")
+        if tokenized.truncated and self._on_truncated is not None:
+            self._on_truncated(len(tokenized.truncated))
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed during tokenization")
         self.admission.check_wait(ticket, int(sum(tokenized.lengths)))
@@ -281,20 +297,24 @@ class EmbeddingCore:
         if self._on_timing is not None:
             self._on_timing(result.queue_s, tokenize_s, result.inference_s)
         timing = Timing(result.queue_s, tokenize_s, result.inference_s, total_s)
-        return Embedded(result.vectors, int(sum(tokenized.lengths)), timing)
+        return Embedded(result.vectors, int(sum(tokenized.lengths)), timing, text_tokens=list(tokenized.lengths),
+                        truncated=list(tokenized.truncated))
 
-    async def _tokenize(self, embedder: Embedder, texts: list[str], deadline: float | None) -> Tokenized:
+    async def _tokenize(self, embedder: Embedder, texts: list[str], deadline: float | None,
+                        truncation_direction: str) -> Tokenized:
         """Small requests inline (tens of microseconds: cheaper than a thread hop); larger ones in slices of
         TOKENIZE_SLICE_TEXTS texts on the tokenizer threads, stopping if the deadline passes meanwhile."""
+        tokenize = embedder.tokenize if truncation_direction == "right" else functools.partial(
+            embedder.tokenize, truncation_direction=truncation_direction)
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            return embedder.tokenize(texts)
+            return tokenize(texts)
         ids: list = []
         lengths: list[int] = []
         truncated: list[int] = []
         for start in range(0, len(texts), TOKENIZE_SLICE_TEXTS):
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed during tokenization")
-            part = await self.run_in_pool(embedder.tokenize, texts[start:start + TOKENIZE_SLICE_TEXTS])
+            part = await self.run_in_pool(tokenize, texts[start:start + TOKENIZE_SLICE_TEXTS])
             ids.extend(part.ids)
             lengths.extend(part.lengths)
             truncated.extend(start + i for i in part.truncated)

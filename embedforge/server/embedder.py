@@ -37,9 +37,12 @@ class Tokenized:
 class Embedder(Protocol):
     info: ModelInfo
 
-    def tokenize(self, texts: list[str]) -> Tokenized:
-        """Tokenize texts (truncating at max_length); called from a worker thread, or on the event loop for
-        small requests (core.INLINE_TOKENIZE_CHARS)."""
+    def tokenize(self, texts: list[str], truncation_direction: str = "right") -> Tokenized:
+        """Tokenize texts (truncating at max_length, cutting the `truncation_direction` end); called from a worker
+        thread, or on the event loop for small requests (core.INLINE_TOKENIZE_CHARS)."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of the whole text, not truncated (to say how long a refused text is)."""
 
     def run_batch(self, batch: list[Any], alone: bool = True) -> np.ndarray:
         """Embed a batch of tokenized texts: float32 [len(batch), dim], unnormalised unless info.unnormalized is

@@ -38,6 +38,7 @@ from embedforge import __version__
 from embedforge.server.admission import BodyTooLarge, SlowBody, Ticket
 from embedforge.server.core import (
     INPUT_TYPES,
+    TRUNCATION_DIRECTIONS,
     CallObserver,
     Embedded,
     EmbeddingCore,
@@ -105,6 +106,19 @@ def server_timing(timing: Timing) -> str:
 
 
 SPACE_HEADER = "X-Embedding-Space"
+
+
+def _truncation(body: dict) -> tuple[bool, str]:
+    """`truncate` (default true; false: a text over max_length is a 400 naming it and its tokens) and
+    `truncation_direction` ("right", the default, or "left"; any case, as TEI spells them)."""
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ApiError(400, "truncate must be true or false", "truncate")
+    direction = body.get("truncation_direction") or "right"
+    if not isinstance(direction, str) or direction.lower() not in TRUNCATION_DIRECTIONS:
+        raise ApiError(400, f"truncation_direction must be one of {', '.join(TRUNCATION_DIRECTIONS)}, got "
+                       f"{direction!r}", "truncation_direction")
+    return truncate, direction.lower()
 
 
 def reply_headers(done: Embedded | Scored) -> dict[str, str]:
@@ -297,8 +311,10 @@ class HttpApi:
         if input_type is not None and input_type not in INPUT_TYPES:
             raise ApiError(400, f"input_type must be one of {', '.join(INPUT_TYPES)}, got {input_type!r}",
                            "input_type")
+        truncate, direction = _truncation(body)
         done = await self.core.embed(texts, dimensions=dimensions, ticket=ticket, request_id=request_id,
-                                     field="input", input_type=input_type)
+                                     field="input", input_type=input_type, truncate=truncate,
+                                     truncation_direction=direction)
         vectors = done.vectors.astype("<f4", copy=False)
         if encoding == "base64":
             encoded = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
@@ -307,6 +323,7 @@ class HttpApi:
         data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)]
         payload = {"object": "list", "data": data, "model": model_id,
                    "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens},
+                   "input_tokens": done.text_tokens, "truncated": done.truncated,
                    "embedding_space": done.embedding_space}
         return web.json_response(payload, headers=reply_headers(done))
 
@@ -330,7 +347,9 @@ class HttpApi:
         return_documents = body.get("return_documents", False)
         if not isinstance(return_documents, bool):
             raise ApiError(400, "return_documents must be true or false", "return_documents")
-        done = await self.core.score(query, documents, top_k=top_n or 0, ticket=ticket, request_id=request_id)
+        truncate, direction = _truncation(body)
+        done = await self.core.score(query, documents, top_k=top_n or 0, ticket=ticket, request_id=request_id,
+                                     truncate=truncate, truncation_direction=direction)
         results = []
         for i in done.ranking:
             result = {"index": i, "relevance_score": float(done.scores[i])}
@@ -339,6 +358,8 @@ class HttpApi:
             results.append(result)
         payload = {"id": request_id, "model": model_id, "results": results,
                    "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens},
+                   "query_tokens": done.text_tokens[0], "document_tokens": done.text_tokens[1:],
+                   "query_truncated": 0 in done.truncated, "truncated_documents": [i - 1 for i in done.truncated if i],
                    "embedding_space": done.embedding_space}
         return web.json_response(payload, headers=reply_headers(done))
 

@@ -177,6 +177,8 @@ class OnnxEmbedder:
                         "measured at export; check it on this machine before relying on it", precision,
                         parity.get("skipped", "not recorded"))
         self.tokenizer = load_tokenizer(model_dir, self.max_length)
+        self._left_tokenizer = load_tokenizer(model_dir, self.max_length, direction="left")
+        self._whole_tokenizer = load_tokenizer(model_dir, None)
         self.info = ModelInfo(model_name=str(manifest.get("base_model") or model_dir.name), dim=self.dim,
                               max_length=self.max_length, pooling=str(manifest.get("pooling", "")),
                               precision=precision, provider=active,
@@ -185,13 +187,19 @@ class OnnxEmbedder:
                               embedding_space=manifest["embedding_space"],
                               prompts=read_prompts(manifest, model_dir))
 
-    def tokenize(self, texts: list[str]) -> Tokenized:
-        """Tokenize with the Rust tokenizer; texts over max_length are truncated (their tail never tokenized)
-        and listed."""
-        encodings = encode_truncated(self.tokenizer, texts, self.max_length)
+    def tokenize(self, texts: list[str], truncation_direction: str = "right") -> Tokenized:
+        """Tokenize with the Rust tokenizer; texts over max_length are truncated and listed: cut at the right
+        (their tail never tokenized) or, with truncation_direction "left", at the left (whole texts tokenized)."""
+        if truncation_direction == "left":
+            encodings = self._left_tokenizer.encode_batch_fast(texts)
+        else:
+            encodings = encode_truncated(self.tokenizer, texts, self.max_length)
         ids = [np.array(e.ids, dtype=np.int32) for e in encodings]  # int32: half the memory while queued
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Tokenized(ids=ids, lengths=[len(x) for x in ids], truncated=truncated)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._whole_tokenizer.encode(text).ids)
 
     def _session_pair(self, model_path: Path, workers: int,
                       providers: list[str]) -> tuple[ort.InferenceSession, ort.InferenceSession]:

@@ -137,6 +137,7 @@ def parse_request(raw: bytes, message_type: type[Message], max_items: int) -> Me
 
 
 INPUT_TYPE_NAMES = {pb.QUERY: "query", pb.DOCUMENT: "document"}  # INPUT_TYPE_UNSPECIFIED: no prompt
+DIRECTION_NAMES = {pb.RIGHT: "right", pb.LEFT: "left"}
 
 
 def timing_message(timing: Timing) -> pb.Timing:
@@ -180,24 +181,29 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         options = {"truncate": request.truncate if request.HasField("truncate") else True,
                    "normalize": request.normalize if request.HasField("normalize") else True,
                    "dimensions": request.dimensions if request.HasField("dimensions") else None,
-                   "input_type": INPUT_TYPE_NAMES.get(request.input_type)}
+                   "input_type": INPUT_TYPE_NAMES.get(request.input_type),
+                   "truncation_direction": DIRECTION_NAMES.get(request.truncation_direction, "right")}
         del request  # the message's memory goes now; the core empties texts once they are tokens
         done = await self.core.embed(texts, **options, release_texts=True, ticket=ticket, request_id=request_id)
         vectors = done.vectors
         return pb.EmbedResponse(vectors=vectors.astype("<f4", copy=False).tobytes(), dim=vectors.shape[1],
                                 count=vectors.shape[0], usage=pb.Usage(tokens=done.tokens),
-                                timing=timing_message(done.timing), embedding_space=done.embedding_space)
+                                timing=timing_message(done.timing), embedding_space=done.embedding_space,
+                                text_tokens=done.text_tokens, truncated=done.truncated)
 
     async def _score_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.ScoreResponse:
         request: pb.ScoreRequest = box.take()
         query, documents, top_k = request.query, list(request.documents), request.top_k
         truncate = request.truncate if request.HasField("truncate") else True
+        direction = DIRECTION_NAMES.get(request.truncation_direction, "right")
         del request
         done = await self.core.score(query, documents, top_k=top_k, truncate=truncate, release_texts=True,
-                                     ticket=ticket, request_id=request_id)
+                                     ticket=ticket, request_id=request_id, truncation_direction=direction)
         return pb.ScoreResponse(scores=done.scores.tolist(), top_indices=done.ranking if top_k else [],
                                 usage=pb.Usage(tokens=done.tokens), timing=timing_message(done.timing),
-                                embedding_space=done.embedding_space)
+                                embedding_space=done.embedding_space, query_tokens=done.text_tokens[0],
+                                document_tokens=done.text_tokens[1:], query_truncated=0 in done.truncated,
+                                truncated_documents=[i - 1 for i in done.truncated if i > 0])
 
     async def _info_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.InfoResponse:
         return info_message(self.core)
