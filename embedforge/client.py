@@ -198,6 +198,7 @@ class ServerInfo:
 
 INPUT_TYPES = {None: pb.INPUT_TYPE_UNSPECIFIED, "query": pb.QUERY, "document": pb.DOCUMENT}
 DIRECTIONS = {"right": pb.RIGHT, "left": pb.LEFT}
+OVERFLOWS = {None: pb.OVERFLOW_UNSPECIFIED, "truncate": pb.TRUNCATE, "error": pb.ERROR, "chunk": pb.CHUNK}
 
 
 def _direction(truncation_direction: str) -> int:
@@ -206,17 +207,23 @@ def _direction(truncation_direction: str) -> int:
     return DIRECTIONS[truncation_direction]
 
 
-def build_embed_request(texts: Sequence[str], truncate: bool = True, normalize: bool = True,
+def build_embed_request(texts: Sequence[str], truncate: bool | None = None, normalize: bool = True,
                         dimensions: int | None = None, input_type: str | None = None,
-                        truncation_direction: str = "right") -> pb.EmbedRequest:
+                        truncation_direction: str = "right", overflow: str | None = None,
+                        chunk_overlap: int | None = None) -> pb.EmbedRequest:
     """input_type "query" or "document": the server prefixes the model's prompt of that kind (None: none);
-    truncation_direction: which end of a text over max_length is cut ("right" keeps the start)."""
+    truncation_direction: which end of a text over max_length is cut ("right" keeps the start); overflow
+    "truncate", "error" or "chunk" (windows of max_length tokens overlapping by chunk_overlap) overrides
+    truncate."""
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input_type must be 'query', 'document' or None, got {input_type!r}")
+    if overflow not in OVERFLOWS:
+        raise ValueError(f"overflow must be 'truncate', 'error', 'chunk' or None, got {overflow!r}")
     return pb.EmbedRequest(texts=list(texts), truncate=truncate, normalize=normalize, dimensions=dimensions,
-                           input_type=INPUT_TYPES[input_type], truncation_direction=_direction(truncation_direction))
+                           input_type=INPUT_TYPES[input_type], truncation_direction=_direction(truncation_direction),
+                           overflow=OVERFLOWS[overflow], chunk_overlap=chunk_overlap)
 
 
 def build_score_request(query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
@@ -382,12 +389,14 @@ class EmbedClient:
     def _deadline(self, deadline_s: float | None) -> float | None:
         return self.timeout if deadline_s is None else deadline_s
 
-    def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
+    def embed(self, texts: Sequence[str], truncate: bool | None = None, normalize: bool = True,
               deadline_s: float | None = None, dimensions: int | None = None,
-              input_type: str | None = None, truncation_direction: str = "right") -> EmbedResult:
+              input_type: str | None = None, truncation_direction: str = "right", overflow: str | None = None,
+              chunk_overlap: int | None = None) -> EmbedResult:
         """dimensions: the first d values of each vector, renormalised (for a model trained for it); input_type:
         "query" or "document", for a model trained with prompts (ServerInfo.prompts)."""
-        request = build_embed_request(texts, truncate, normalize, dimensions, input_type, truncation_direction)
+        request = build_embed_request(texts, truncate, normalize, dimensions, input_type, truncation_direction,
+                                      overflow, chunk_overlap)
         return decode_embed_response(self._pinned(self._stub.Embed, request, deadline_s))
 
     def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
@@ -465,10 +474,12 @@ class AsyncEmbedClient:
     def _deadline(self, deadline_s: float | None) -> float | None:
         return self.timeout if deadline_s is None else deadline_s
 
-    async def embed(self, texts: Sequence[str], truncate: bool = True, normalize: bool = True,
+    async def embed(self, texts: Sequence[str], truncate: bool | None = None, normalize: bool = True,
                     deadline_s: float | None = None, dimensions: int | None = None,
-                    input_type: str | None = None, truncation_direction: str = "right") -> EmbedResult:
-        request = build_embed_request(texts, truncate, normalize, dimensions, input_type, truncation_direction)
+                    input_type: str | None = None, truncation_direction: str = "right",
+                    overflow: str | None = None, chunk_overlap: int | None = None) -> EmbedResult:
+        request = build_embed_request(texts, truncate, normalize, dimensions, input_type, truncation_direction,
+                                      overflow, chunk_overlap)
         return decode_embed_response(await self._pinned(self._stub.Embed, request, deadline_s))
 
     async def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,

@@ -162,6 +162,9 @@ class HookedEmbedder:
     def count_tokens(self, text):
         return self.inner.count_tokens(text)
 
+    def token_windows(self, text, overlap):
+        return self.inner.token_windows(text, overlap)
+
     def run_batch(self, batch, alone=True):
         time.sleep(self.delay_s + self.delay_per_text_s * len(batch))
         if self.hang.is_set():

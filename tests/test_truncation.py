@@ -94,3 +94,61 @@ def test_the_http_api_says_it_too(server):
         with pytest.raises(urllib.error.HTTPError) as bad:
             post(server, "/v1/embeddings", body)
         assert bad.value.code == 400 and param in json.dumps(json.load(bad.value))
+
+
+# ---- overflow "chunk": a long text in windows, its vector their normalised mean ----
+
+def reference_chunked(embedder, text: str, overlap: int) -> np.ndarray:
+    """The chunk policy computed here: windows of max_length tokens, each embedded alone, normalised, averaged."""
+    windows = embedder.token_windows(text, overlap)
+    rows = np.concatenate([embedder.run_batch([window]) for window in windows])
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    mean = rows.mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def test_token_windows_cover_the_text_with_overlap(embedder):
+    ids = embedder.count_tokens(LONG)
+    windows = embedder.token_windows(LONG, 64)
+    assert len(windows) == 2 and all(len(w) <= 512 for w in windows)
+    body = [w[1:-1] for w in windows]
+    assert list(body[0][-64:]) == list(body[1][:64])  # neighbours share 64 tokens
+    assert sum(len(b) for b in body) - 64 == ids - 2  # every token in a window, the overlap counted once
+    assert len(embedder.token_windows(LONG, 0)) == 2 and len(embedder.token_windows("rice " * 2000, 0)) == 4
+
+
+def test_chunk_returns_the_mean_of_the_windows_in_the_same_batches(server, embedder):
+    texts = ["egg", LONG, "hot water", "rice " * 1400]
+    with EmbedClient(server.target, timeout=30) as client:
+        chunked = client.embed(texts, overflow="chunk", chunk_overlap=32)
+        plain = client.embed(texts[:1])
+        truncated = client.embed([LONG])
+    assert chunked.truncated == ()  # nothing lost
+    np.testing.assert_allclose(chunked.vectors[0], plain.vectors[0], atol=1e-5)  # a short text is itself
+    for i in (1, 3):
+        np.testing.assert_allclose(chunked.vectors[i], reference_chunked(embedder, texts[i], 32), atol=1e-5)
+    assert float(chunked.vectors[1] @ truncated.vectors[0]) < 0.99999
+    windows = embedder.token_windows(texts[3], 32)
+    assert chunked.text_tokens[3] == sum(len(w) for w in windows) and len(windows) == 3
+
+
+def test_the_overflow_policy_over_http_and_its_errors(server, embedder):
+    reply = post(server, "/v1/embeddings", {"input": [LONG], "overflow": "chunk", "chunk_overlap": 16})
+    np.testing.assert_allclose(reply["data"][0]["embedding"], reference_chunked(embedder, LONG, 16), atol=1e-5)
+    assert reply["truncated"] == [] and reply["input_tokens"] == [sum(len(w) for w in
+                                                                      embedder.token_windows(LONG, 16))]
+    for body, param in (({"input": [LONG], "overflow": "error"}, "input[0] has 604 tokens"),
+                        ({"input": [LONG], "overflow": "split"}, "overflow"),
+                        ({"input": [LONG], "overflow": "chunk", "chunk_overlap": 400}, "chunk_overlap")):
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post(server, "/v1/embeddings", body)
+        assert bad.value.code == 400 and param in json.dumps(json.load(bad.value))
+
+
+def test_the_server_default_policy_applies_to_calls_that_name_none(embedder):
+    with ServerThread(embedder, overflow="chunk", chunk_overlap=8) as chunking, \
+            EmbedClient(chunking.target, timeout=10) as client:
+        np.testing.assert_allclose(client.embed([LONG]).vectors[0], reference_chunked(embedder, LONG, 8), atol=1e-5)
+        assert client.embed([LONG], truncate=True).truncated == (0,)  # a call that names a policy keeps it
+        with pytest.raises(grpc.RpcError):
+            client.embed([LONG], overflow="error")

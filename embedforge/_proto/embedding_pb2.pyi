@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Overflow(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OVERFLOW_UNSPECIFIED: _ClassVar[Overflow]
+    TRUNCATE: _ClassVar[Overflow]
+    ERROR: _ClassVar[Overflow]
+    CHUNK: _ClassVar[Overflow]
+
 class TruncationDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RIGHT: _ClassVar[TruncationDirection]
@@ -17,6 +24,10 @@ class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
     QUERY: _ClassVar[InputType]
     DOCUMENT: _ClassVar[InputType]
+OVERFLOW_UNSPECIFIED: Overflow
+TRUNCATE: Overflow
+ERROR: Overflow
+CHUNK: Overflow
 RIGHT: TruncationDirection
 LEFT: TruncationDirection
 INPUT_TYPE_UNSPECIFIED: InputType
@@ -24,20 +35,24 @@ QUERY: InputType
 DOCUMENT: InputType
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "truncate", "normalize", "dimensions", "input_type", "truncation_direction")
+    __slots__ = ("texts", "truncate", "normalize", "dimensions", "input_type", "truncation_direction", "overflow", "chunk_overlap")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     truncate: bool
     normalize: bool
     dimensions: int
     input_type: InputType
     truncation_direction: TruncationDirection
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ...) -> None: ...
+    overflow: Overflow
+    chunk_overlap: int
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., overflow: _Optional[_Union[Overflow, str]] = ..., chunk_overlap: _Optional[int] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("vectors", "dim", "count", "usage", "timing", "embedding_space", "text_tokens", "truncated")

@@ -231,7 +231,8 @@ class EmbeddingServer:
                                               default_deadline_s=cfg.default_deadline_s))
         self.core = EmbeddingCore(Limits(cfg.max_texts_per_request, cfg.max_chars_per_text), admission,
                                   allow_any_dimensions=cfg.allow_any_dimensions, on_timing=self.metrics.on_timing,
-                                  on_truncated=self.metrics.truncated.inc,
+                                  on_truncated=self.metrics.truncated.inc, overflow=cfg.overflow,
+                                  chunk_overlap=cfg.chunk_overlap,
                                   tokenizer_threads=cfg.tokenizer_threads)
         self.servicer = EmbeddingServicer(self.core, on_call=self.metrics.on_call)
         self.health = health.aio.HealthServicer()

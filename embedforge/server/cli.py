@@ -77,6 +77,11 @@ def _resolve_model_dir(model_dir: Path | None, save_path: Path | None) -> Path:
 @option("max_queue_tokens", type=click.IntRange(1), default=DEFAULTS.max_queue_tokens,
         help=f"Queued tokens before RESOURCE_EXHAUSTED [default: {QUEUE_REQUESTS} maximal requests, "
         "(max-texts-per-request + 1) x max_length each; one request holds at most one such share].")
+@option("overflow", type=click.Choice(["truncate", "error", "chunk"]), default=DEFAULTS.overflow,
+        help="A text over max_length, when its call names no policy: cut it, refuse it, or embed it in windows of "
+        "max_length tokens (the mean of their vectors).")
+@option("chunk_overlap", type=click.IntRange(0), default=DEFAULTS.chunk_overlap,
+        help="Tokens shared by neighbouring windows of a chunked text.")
 @option("max_texts_per_request", type=click.IntRange(1), default=DEFAULTS.max_texts_per_request)
 @option("max_chars_per_text", type=click.IntRange(1), default=DEFAULTS.max_chars_per_text)
 @option("max_request_bytes", type=click.IntRange(1), default=DEFAULTS.max_request_bytes,

@@ -50,6 +50,8 @@ class ServeConfig:
     max_chars_per_text: int = 20000
     max_request_bytes: int = MAX_REQUEST_BYTES  # largest gRPC message or HTTP body (see max_receive_bytes)
     allow_any_dimensions: bool = False  # accept `dimensions` for a model not trained for it (lossy)
+    overflow: str = "truncate"  # a text over max_length that names no policy: truncate, error or chunk
+    chunk_overlap: int = 64  # tokens shared by neighbouring windows of a chunked text
     # Bytes of request bodies held until their texts are tokens (server/admission.py); None: PENDING_BODIES
     # of the largest bodies.
     max_pending_bytes: int | None = None

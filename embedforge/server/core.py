@@ -101,6 +101,33 @@ class Scored:
 
 INPUT_TYPES = ("query", "document")
 TRUNCATION_DIRECTIONS = ("right", "left")  # which end of a text over max_length is cut
+OVERFLOWS = ("truncate", "error", "chunk")  # what happens to a text over max_length
+
+
+def overflow_policy(overflow: str | None, truncate: bool | None, default: str) -> str:
+    """The policy of a call: `overflow` when given, else truncate=false -> error, truncate=true -> truncate,
+    else the server's default."""
+    if overflow is not None:
+        if overflow not in OVERFLOWS:
+            raise InvalidRequest(f"overflow must be one of {', '.join(OVERFLOWS)}, got {overflow!r}")
+        return overflow
+    if truncate is None:
+        return default
+    return "truncate" if truncate else "error"
+
+
+def window_rows(vectors: np.ndarray, owners: list[int], count: int) -> np.ndarray:
+    """One row per text from rows of windows: a text of one window keeps its row, a chunked text gets the mean
+    of its windows' L2-normalised rows (owners[k]: the text window k belongs to; windows 0..count-1 are each
+    text's first)."""
+    if len(owners) == count:
+        return vectors
+    unit = l2_normalize(vectors.copy())
+    rows = vectors[:count].copy()
+    for text in sorted(set(owners[count:])):
+        windows = [text] + [k for k in range(count, len(owners)) if owners[k] == text]
+        rows[text] = unit[windows].mean(axis=0)
+    return rows
 
 
 def prompt_for(info: ModelInfo, input_type: str | None) -> str:
@@ -136,10 +163,12 @@ class EmbeddingCore:
     body and hand its Ticket to `embed` / `score`."""
 
     def __init__(self, limits: Limits, admission: Admission, *, allow_any_dimensions: bool, tokenizer_threads: int,
-                 on_timing: TimingObserver | None = None, on_truncated: Callable[[int], None] | None = None) -> None:
+                 overflow: str, chunk_overlap: int, on_timing: TimingObserver | None = None,
+                 on_truncated: Callable[[int], None] | None = None) -> None:
         self.limits = limits
         self.admission = admission
         self.allow_any_dimensions = allow_any_dimensions
+        self.overflow, self.chunk_overlap = overflow, chunk_overlap  # defaults of calls that name none
         self.embedder: Embedder | None = None
         self.batcher: Batcher | None = None
         self.draining = False
@@ -183,14 +212,17 @@ class EmbeddingCore:
             raise Unavailable("model is loading; retry when health reports SERVING")
         return self.embedder.info
 
-    async def embed(self, texts: list[str], *, ticket: Ticket, truncate: bool = True, normalize: bool = True,
+    async def embed(self, texts: list[str], *, ticket: Ticket, truncate: bool | None = None, normalize: bool = True,
                     dimensions: int | None = None, request_id: str = "", field: str = "texts",
                     release_texts: bool = False, input_type: str | None = None,
-                    truncation_direction: str = "right") -> Embedded:
+                    truncation_direction: str = "right", overflow: str | None = None,
+                    chunk_overlap: int | None = None) -> Embedded:
         """One vector per text, in order, within the ticket's deadline; `field` names the texts in error messages
         (texts[3] is empty). release_texts: empty the list once it is tokenized (the caller no longer needs it),
         so that the texts' memory is freed while the call waits for its batches. input_type ("query",
-        "document"): the model's prompt of that kind is prefixed to each text (none if it has none)."""
+        "document"): the model's prompt of that kind is prefixed to each text (none if it has none).
+        overflow (see overflow_policy): a text over max_length is cut ("truncate"), refused ("error"), or embedded
+        in windows of max_length tokens overlapping by chunk_overlap ("chunk": the mean of its windows)."""
         info = self.check_ready()
         prompt = prompt_for(info, input_type)
         self.check_texts(texts, field, prompt=prompt)
@@ -202,8 +234,12 @@ class EmbeddingCore:
         prompted = [prompt + text for text in texts] if prompt else list(texts)
         if release_texts:
             texts.clear()
-        done = await self._run(prompted, [field] * count, list(range(count)), truncate, ticket, request_id,
-                               truncation_direction)
+        policy = overflow_policy(overflow, truncate, self.overflow)
+        overlap = self.chunk_overlap if chunk_overlap is None else chunk_overlap
+        if policy == "chunk" and not 0 <= overlap < info.max_length // 2:
+            raise InvalidRequest(f"chunk_overlap must be from 0 to {info.max_length // 2 - 1} tokens, got {overlap}")
+        done = await self._run(prompted, [field] * count, list(range(count)), policy, ticket, request_id,
+                               truncation_direction, overlap)
         vectors = done.vectors
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = np.ascontiguousarray(vectors[:, :dimensions])
@@ -212,7 +248,7 @@ class EmbeddingCore:
         return Embedded(vectors, done.tokens, done.timing, info.embedding_space, done.text_tokens, done.truncated)
 
     async def score(self, query: str, documents: list[str], *, ticket: Ticket, top_k: int = 0,
-                    truncate: bool = True, request_id: str = "", release_texts: bool = False,
+                    truncate: bool | None = True, request_id: str = "", release_texts: bool = False,
                     truncation_direction: str = "right") -> Scored:
         """Cosine of the query with each document and the documents ranked best first, each with the model's
         prompt of its kind; release_texts: as for `embed` (documents is emptied)."""
@@ -224,8 +260,9 @@ class EmbeddingCore:
         texts = [query_prompt + query, *(document_prompt + document for document in documents)]
         if release_texts:
             documents.clear()
-        done = await self._run(texts, ["query"] + ["documents"] * count, [0, *range(count)], truncate, ticket,
-                               request_id, truncation_direction)
+        done = await self._run(texts, ["query"] + ["documents"] * count, [0, *range(count)],
+                               "error" if truncate is False else "truncate", ticket, request_id,
+                               truncation_direction)
         vectors = l2_normalize(done.vectors)
         scores = vectors[1:] @ vectors[0]
         ranking = np.argsort(-scores, kind="stable")
@@ -266,10 +303,12 @@ class EmbeddingCore:
         if not 1 <= dimensions <= info.dim:
             raise InvalidRequest(f"dimensions={dimensions} is out of range: 1 to {info.dim}")
 
-    async def _run(self, texts: list[str], fields: list[str], indices: list[int], truncate: bool,
-                   ticket: Ticket, request_id: str, truncation_direction: str = "right") -> Embedded:
+    async def _run(self, texts: list[str], fields: list[str], indices: list[int], overflow: str,
+                   ticket: Ticket, request_id: str, truncation_direction: str = "right",
+                   chunk_overlap: int = 0) -> Embedded:
         """Tokenize and run texts through the batcher; fields/indices name each text in error messages. texts is
-        emptied once tokenized (the caller passes a list of its own), so that only token ids wait for batches."""
+        emptied once tokenized (the caller passes a list of its own), so that only token ids wait for batches.
+        overflow "chunk": a text over max_length runs as windows in the same batches as other work."""
         arrived = time.monotonic()
         batcher, embedder = self.batcher, self.embedder
         if batcher.queued_tokens >= batcher.max_queue_tokens:  # refuse before paying for tokenization
@@ -280,10 +319,13 @@ class EmbeddingCore:
             raise InvalidRequest(f"truncation_direction must be one of {', '.join(TRUNCATION_DIRECTIONS)}, "
                                  f"got {truncation_direction!r}")
         tokenized = await self._tokenize(embedder, texts, deadline, truncation_direction)
-        if not truncate and tokenized.truncated:
+        if overflow == "error" and tokenized.truncated:
             i = tokenized.truncated[0]
             raise InvalidRequest(f"{fields[i]}[{indices[i]}] has {embedder.count_tokens(texts[i])} tokens, more than "
                                  f"max_length={embedder.info.max_length}, and truncate is false")
+        count, owners = len(tokenized.ids), list(range(len(tokenized.ids)))
+        if overflow == "chunk" and tokenized.truncated:
+            tokenized, owners = self._windows(embedder, texts, tokenized, chunk_overlap)
         texts.clear()
         ticket.tokenized()  # the queue's token budget counts them from here
         tokenize_s = time.monotonic() - arrived
@@ -297,8 +339,25 @@ class EmbeddingCore:
         if self._on_timing is not None:
             self._on_timing(result.queue_s, tokenize_s, result.inference_s)
         timing = Timing(result.queue_s, tokenize_s, result.inference_s, total_s)
-        return Embedded(result.vectors, int(sum(tokenized.lengths)), timing, text_tokens=list(tokenized.lengths),
-                        truncated=list(tokenized.truncated))
+        text_tokens = [0] * count
+        for owner, length in zip(owners, tokenized.lengths, strict=True):
+            text_tokens[owner] += length
+        return Embedded(window_rows(result.vectors, owners, count), int(sum(tokenized.lengths)), timing,
+                        text_tokens=text_tokens, truncated=list(tokenized.truncated))
+
+    @staticmethod
+    def _windows(embedder: Embedder, texts: list[str], tokenized: Tokenized,
+                 overlap: int) -> tuple[Tokenized, list[int]]:
+        """The truncated texts as windows: each keeps its first window in place, the rest go after all texts;
+        returns the new Tokenized (none truncated) and the text each window belongs to."""
+        ids, lengths, owners = list(tokenized.ids), list(tokenized.lengths), list(range(len(tokenized.ids)))
+        for i in tokenized.truncated:
+            windows = embedder.token_windows(texts[i], overlap)
+            ids[i], lengths[i] = windows[0], len(windows[0])
+            ids += windows[1:]
+            lengths += [len(w) for w in windows[1:]]
+            owners += [i] * (len(windows) - 1)
+        return Tokenized(ids, lengths, []), owners
 
     async def _tokenize(self, embedder: Embedder, texts: list[str], deadline: float | None,
                         truncation_direction: str) -> Tokenized:

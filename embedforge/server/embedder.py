@@ -44,6 +44,10 @@ class Embedder(Protocol):
     def count_tokens(self, text: str) -> int:
         """Tokens of the whole text, not truncated (to say how long a refused text is)."""
 
+    def token_windows(self, text: str, overlap: int) -> list[Any]:
+        """The whole text's tokens as windows of at most max_length tokens (each with the special tokens around
+        it), neighbours sharing `overlap` tokens; payloads for run_batch."""
+
     def run_batch(self, batch: list[Any], alone: bool = True) -> np.ndarray:
         """Embed a batch of tokenized texts: float32 [len(batch), dim], unnormalised unless info.unnormalized is
         False (the servicer L2-normalises them); called from a worker thread. alone: no other batch is running

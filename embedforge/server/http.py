@@ -38,6 +38,7 @@ from embedforge import __version__
 from embedforge.server.admission import BodyTooLarge, SlowBody, Ticket
 from embedforge.server.core import (
     INPUT_TYPES,
+    OVERFLOWS,
     TRUNCATION_DIRECTIONS,
     CallObserver,
     Embedded,
@@ -108,11 +109,12 @@ def server_timing(timing: Timing) -> str:
 SPACE_HEADER = "X-Embedding-Space"
 
 
-def _truncation(body: dict) -> tuple[bool, str]:
-    """`truncate` (default true; false: a text over max_length is a 400 naming it and its tokens) and
+def _truncation(body: dict) -> tuple[bool | None, str]:
+    """`truncate` (false: a text over max_length is a 400 naming it and its tokens; unset: the server's
+    --overflow) and
     `truncation_direction` ("right", the default, or "left"; any case, as TEI spells them)."""
-    truncate = body.get("truncate", True)
-    if not isinstance(truncate, bool):
+    truncate = body.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
         raise ApiError(400, "truncate must be true or false", "truncate")
     direction = body.get("truncation_direction") or "right"
     if not isinstance(direction, str) or direction.lower() not in TRUNCATION_DIRECTIONS:
@@ -312,9 +314,13 @@ class HttpApi:
             raise ApiError(400, f"input_type must be one of {', '.join(INPUT_TYPES)}, got {input_type!r}",
                            "input_type")
         truncate, direction = _truncation(body)
+        overflow = body.get("overflow")
+        if overflow is not None and overflow not in OVERFLOWS:
+            raise ApiError(400, f"overflow must be one of {', '.join(OVERFLOWS)}, got {overflow!r}", "overflow")
         done = await self.core.embed(texts, dimensions=dimensions, ticket=ticket, request_id=request_id,
                                      field="input", input_type=input_type, truncate=truncate,
-                                     truncation_direction=direction)
+                                     truncation_direction=direction, overflow=overflow,
+                                     chunk_overlap=_optional_int(body, "chunk_overlap"))
         vectors = done.vectors.astype("<f4", copy=False)
         if encoding == "base64":
             encoded = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]

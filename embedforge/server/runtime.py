@@ -201,6 +201,13 @@ class OnnxEmbedder:
     def count_tokens(self, text: str) -> int:
         return len(self._whole_tokenizer.encode(text).ids)
 
+    def token_windows(self, text: str, overlap: int) -> list[np.ndarray]:
+        ids = self._whole_tokenizer.encode(text).ids
+        first, body, last = ids[:1], ids[1:-1], ids[-1:]
+        size = self.max_length - 2  # the window's text tokens, between the special ones
+        starts = range(0, max(len(body) - overlap, 1), size - overlap)
+        return [np.array(first + body[start:start + size] + last, dtype=np.int32) for start in starts]
+
     def _session_pair(self, model_path: Path, workers: int,
                       providers: list[str]) -> tuple[ort.InferenceSession, ort.InferenceSession]:
         """(session with all threads, session with threads // workers) for one graph; one session if equal."""

@@ -138,6 +138,7 @@ def parse_request(raw: bytes, message_type: type[Message], max_items: int) -> Me
 
 INPUT_TYPE_NAMES = {pb.QUERY: "query", pb.DOCUMENT: "document"}  # INPUT_TYPE_UNSPECIFIED: no prompt
 DIRECTION_NAMES = {pb.RIGHT: "right", pb.LEFT: "left"}
+OVERFLOW_NAMES = {pb.TRUNCATE: "truncate", pb.ERROR: "error", pb.CHUNK: "chunk"}  # unspecified: None
 
 
 def timing_message(timing: Timing) -> pb.Timing:
@@ -178,7 +179,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def _embed_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.EmbedResponse:
         request: pb.EmbedRequest = box.take()
         texts = list(request.texts)
-        options = {"truncate": request.truncate if request.HasField("truncate") else True,
+        options = {"truncate": request.truncate if request.HasField("truncate") else None,
+                   "overflow": OVERFLOW_NAMES.get(request.overflow),
+                   "chunk_overlap": request.chunk_overlap if request.HasField("chunk_overlap") else None,
                    "normalize": request.normalize if request.HasField("normalize") else True,
                    "dimensions": request.dimensions if request.HasField("dimensions") else None,
                    "input_type": INPUT_TYPE_NAMES.get(request.input_type),
