@@ -58,7 +58,9 @@ def _default_trainer_callback(callback):
 
 
 def train_sentence_transformers(pairs: Sequence, work_dir: Path, max_steps: int | None = None, device: str = "cpu",
-                                callback=None, loss: str = "cosine"):
+                                callback=None, loss: str = "cosine", *, model_path: str | Path | None = None,
+                                model_kwargs: dict | None = None, batch_size: int = BATCH_SIZE, use_amp: bool = False,
+                                show_progress: bool = True):
     """The bundled model trained by sentence-transformers on `pairs` with the recipe above; returns the model.
 
     loss: "cosine" (CosineSimilarityLoss on every pair, label = rel) or "mnrl" (MultipleNegativesRankingLoss on
@@ -66,7 +68,12 @@ def train_sentence_transformers(pairs: Sequence, work_dir: Path, max_steps: int 
 
     Uses ``fit`` (the v3+ path through SentenceTransformerTrainer, needs the packages datasets and accelerate)
     when those are installed, else ``old_fit`` (the pre-v3 loop that produced the published figure).
-    `callback`, a transformers TrainerCallback, sees every step (it needs ``fit``). Files go to `work_dir`.
+    `callback`, a transformers TrainerCallback (see loop_timer), sees every step (it needs ``fit``). Files go to
+    `work_dir`. max_steps: optimizer steps (default: one epoch, as ``fit`` counts it).
+
+    The keywords change the recipe for scripts/gpu_check.py: `model_path` (default: the bundled model) and
+    `model_kwargs` for SentenceTransformer, `batch_size`, `use_amp` (fp16 autocast, CUDA) and `show_progress`
+    (False: no progress bar and no closing timing line).
     """
     try:
         from sentence_transformers import InputExample, SentenceTransformer, losses
@@ -78,23 +85,46 @@ def train_sentence_transformers(pairs: Sequence, work_dir: Path, max_steps: int 
     has_trainer = all(importlib.util.find_spec(name) for name in ("datasets", "accelerate"))
     if callback is not None and not has_trainer:
         raise SystemExit("timing sentence-transformers needs datasets and accelerate (pip install -e '.[bench]')")
-    model = SentenceTransformer(str(default_model_path()), device=device)
+    model = SentenceTransformer(str(model_path or default_model_path()), device=device, model_kwargs=model_kwargs)
     if loss == "cosine":
         examples = [InputExample(texts=[p.query, p.document], label=p.rel) for p in pairs]
         objective = losses.CosineSimilarityLoss(model)
     else:
         examples = [InputExample(texts=[p.query, p.document]) for p in pairs if p.rel >= 0.5]
         objective = losses.MultipleNegativesRankingLoss(model)
-    loader = DataLoader(examples, shuffle=True, batch_size=BATCH_SIZE)
+    loader = DataLoader(examples, shuffle=True, batch_size=batch_size)
     fit = model.fit if has_trainer else model.old_fit
     work_dir.mkdir(parents=True, exist_ok=True)
     hooked = _default_trainer_callback(callback) if callback is not None else contextlib.nullcontext()
     start = time.perf_counter()
     with hooked, contextlib.chdir(work_dir):  # fit names a checkpoint dir relative to the working directory
         fit(train_objectives=[(loader, objective)], epochs=EPOCHS, warmup_steps=WARMUP_STEPS,
-            optimizer_params={"lr": LEARNING_RATE}, steps_per_epoch=max_steps, show_progress_bar=True)
-    print(f"sentence-transformers ({fit.__name__}) trained in {time.perf_counter() - start:.0f} s", flush=True)
+            optimizer_params={"lr": LEARNING_RATE}, steps_per_epoch=max_steps, show_progress_bar=show_progress,
+            use_amp=use_amp)
+    if show_progress:
+        print(f"sentence-transformers ({fit.__name__}) trained in {time.perf_counter() - start:.0f} s", flush=True)
     return model
+
+
+def loop_timer():
+    """A transformers TrainerCallback for train_sentence_transformers(callback=...) that times the training loop:
+    `began` at on_train_begin; `ended` and `steps` (the global step) at every on_step_end; seconds() between."""
+    from transformers import TrainerCallback
+
+    class LoopTimer(TrainerCallback):
+        began = ended = None
+        steps = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ended, self.steps = time.perf_counter(), state.global_step
+
+        def seconds(self) -> float:
+            return self.ended - self.began
+
+    return LoopTimer()
 
 
 def sentence_transformers_embed(model):

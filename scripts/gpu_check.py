@@ -47,6 +47,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # run from a checkout: share the benchmarks' sentence-transformers run
+from common import loop_timer, stsb_file, train_sentence_transformers  # noqa: E402
+
 CARRY_DIR = ROOT / "gpu_carry"
 STSB_DIR = Path("/work/shared/data/stsb")
 REPORT_FILE, LOG_FILE = "gpu_check.json", "gpu_check.log"
@@ -218,8 +221,8 @@ def choose_inputs(check: Check) -> dict:
                                f"installed and carry {args.carry.name}/, or pass --model DIR ({error})") from error
         check.real_weights = True
     stsb = args.carry / "stsb"
-    if not check.dry_run and (stsb / "stsb_train.jsonl").is_file():
-        check.data = {split: stsb / f"stsb_{split}.jsonl" for split in ("train", "valid", "test")}
+    if not check.dry_run and stsb_file("train", stsb).is_file():
+        check.data = {split: stsb_file(split, stsb) for split in ("train", "valid", "test")}
         data_source = f"STS-B carried in {args.carry.name}/stsb"
     else:
         check.data = {split: Path(sample_path(split)) for split in ("train", "valid", "test")}
@@ -309,52 +312,33 @@ def training(check: Check) -> dict:
 
 
 def sentence_transformers_fit(check: Check) -> dict:
-    """`SentenceTransformer.fit` + CosineSimilarityLoss, same pairs and steps (benchmarks/train_speed's recipe)."""
+    """`SentenceTransformer.fit` + CosineSimilarityLoss, same pairs and steps (benchmarks/common.py's recipe)."""
     if package_version("sentence-transformers") is None:
         return {"skipped": "sentence-transformers is not installed"}
     if package_version("datasets") is None:  # fit builds a datasets.Dataset (the GPU image lacks the package)
         return {"skipped": "sentence-transformers' fit needs the datasets package, which is not installed "
                            "(datasets, dill and multiprocess are pure-Python wheels that could travel)"}
     import torch
-    import transformers.trainer
-    from sentence_transformers import InputExample, SentenceTransformer, losses
-    from torch.utils.data import DataLoader
-    from transformers import TrainerCallback
 
     from embedforge.data import read_pairs
     from embedforge.model import FLOAT32
 
-    class LoopTimer(TrainerCallback):
-        began = ended = None
-        steps = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.began = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ended, self.steps = time.perf_counter(), state.global_step
-
     pairs = read_pairs(check.data["train"])
-    examples = [InputExample(texts=[p.query, p.document], label=p.rel) for p in pairs]
-    steps = check.args.max_steps or math.ceil(len(examples) / check.args.batch_size)
+    batch_size = check.args.batch_size
+    steps = check.args.max_steps or math.ceil(len(pairs) / batch_size)
     runs = {}
     for name, use_amp in (("fp32", False), ("fp16_amp", True)):
         if use_amp and check.device != "cuda":
             continue
-        model = SentenceTransformer(str(check.model_dir), device=check.device, model_kwargs=dict(FLOAT32))
-        loader = DataLoader(examples, shuffle=True, batch_size=check.args.batch_size)
-        timer = LoopTimer()
-        transformers.trainer.DEFAULT_CALLBACKS.append(timer)  # fit takes no TrainerCallback of its own
-        working_dir = os.getcwd()
-        os.chdir(check.work)  # fit writes its checkpoint folder relative to the working directory
+        timer = loop_timer()
         try:
-            model.fit(train_objectives=[(loader, losses.CosineSimilarityLoss(model))], epochs=1, warmup_steps=100,
-                      optimizer_params={"lr": 2e-5}, steps_per_epoch=steps, show_progress_bar=False, use_amp=use_amp)
-        finally:
-            os.chdir(working_dir)
-            transformers.trainer.DEFAULT_CALLBACKS.remove(timer)
-        loop = timer.ended - timer.began
-        samples = min(len(examples), timer.steps * check.args.batch_size)
+            model = train_sentence_transformers(pairs, check.work, steps, device=check.device, callback=timer,
+                                                model_path=check.model_dir, model_kwargs=dict(FLOAT32),
+                                                batch_size=batch_size, use_amp=use_amp, show_progress=False)
+        except SystemExit as error:  # common.py stops a benchmark; here the section records it and goes on
+            raise RuntimeError(f"sentence-transformers' fit: {error}") from None
+        loop = timer.seconds()
+        samples = min(len(pairs), timer.steps * batch_size)
         runs[name] = {"steps": timer.steps, "loop_seconds": round(loop, 2), "samples_per_s": round(samples / loop, 1)}
         check.log(f"sentence-transformers {name}: {runs[name]}")
         del model
@@ -603,7 +587,7 @@ def prepare(carry: Path, stsb: Path) -> None:
     if stsb.is_dir():
         (carry / "stsb").mkdir(parents=True, exist_ok=True)
         for split in ("train", "valid", "test"):
-            shutil.copy2(stsb / f"stsb_{split}.jsonl", carry / "stsb" / f"stsb_{split}.jsonl")
+            shutil.copy2(stsb_file(split, stsb), stsb_file(split, carry / "stsb"))
     size = sum(path.stat().st_size for path in carry.rglob("*") if path.is_file())
     print(f"{carry}: {size / 2**20:.1f} MiB (model fp16; min cosine to the fp32 original {cosine:.7f}; "
           f"STS-B {'copied' if stsb.is_dir() else 'not found, the run will use the sample data'})")
