@@ -17,7 +17,7 @@ PIP_TOOLS_SPEC ?= pip-tools==7.7.0
 MIN_VENV := .venv-min
 MIN_PY := $(MIN_VENV)/bin/python
 
-.PHONY: setup setup-bench test test-quick test-min lint lock demo bench proto clean
+.PHONY: setup setup-bench test test-quick test-min lint lock demo bench bench-docs proto clean
 
 # Installs come from requirements.lock (exact versions, `make lock`), as constraints: each target installs
 # the extras it needs at the locked versions. A failed install stops here with pip's message.
@@ -74,6 +74,10 @@ demo: setup
 
 bench: setup-bench
 	$(PY) benchmarks/run_all.py $(if $(QUICK),--quick)
+
+# docs/benchmarks.md's table (between its results markers) from benchmarks/results/*.json, each benchmark's latest run
+bench-docs: setup
+	$(PY) scripts/bench_docs.py
 
 proto: setup
 	$(PY) scripts/gen_proto.py

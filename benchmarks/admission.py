@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import subprocess
 import sys
@@ -34,7 +33,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, stop_process, stsb_file  # noqa: E402
 from hostile_load import export_fp32, words  # noqa: E402
+from results import write_result  # noqa: E402
 from serve_throughput import RawOrt, free_port, read_texts  # noqa: E402
+
+from embedforge.io import write_text_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EMBED = "/embedforge.v1.EmbeddingService/Embed"
@@ -136,6 +138,26 @@ def checkout(revision: str, folder: Path) -> Path:
     return path
 
 
+def headline(loads: dict) -> str:
+    """One line of the result's `loads`: this tree's docs 4x4 and stsb 16x8 rates, against the first other server
+    and raw ORT, and the calls refused or failed on this tree."""
+    def rate(name: str, label: str) -> float:
+        return loads[name]["texts_per_s"][label]
+
+    first = next((label for label in loads["docs 4x4"]["texts_per_s"] if label != "this tree"), None)
+    parts = [f"this tree: docs 4x4 {rate('docs 4x4', 'this tree'):.1f}, stsb 16x8 {rate('stsb 16x8', 'this tree'):.1f}"
+             " texts/s"]
+    if first is not None:
+        parts.append(f"{rate('docs 4x4', 'this tree') / rate('docs 4x4', first):.2f}x / "
+                     f"{rate('stsb 16x8', 'this tree') / rate('stsb 16x8', first):.2f}x {first}")
+    raw = [f"{rate(name, 'this tree') / loads[name]['raw_ort_texts_per_s']:.2f}x"
+           for name in ("docs 4x4", "stsb 16x8") if loads[name].get("raw_ort_texts_per_s")]
+    if raw:
+        parts.append(" / ".join(raw) + " raw ORT")
+    not_ok = sum(n for load in loads.values() for code, n in load["codes"]["this tree"].items() if code != "OK")
+    return "; ".join(parts) + f"; calls refused or failed on this tree: {not_ok}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-dir", type=Path, help="an fp32 export (default: export the bundled model)")
@@ -145,7 +167,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--docs", type=int, default=96)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--output", type=Path, help="write the medians and counts as JSON here")
+    parser.add_argument("--output", type=Path, help="also copy the result JSON here (it always goes to "
+                        "benchmarks/results/admission.json)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(5)
@@ -191,10 +214,9 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells + ratios + [versus_raw]) + " |")
         summary[name] = {"texts_per_s": medians, "codes": {label: dict(totals[label]) for label in labels},
                          "raw_ort_texts_per_s": raw.get(name)}
-    if args.output:
-        args.output.write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "commit": commit,
-                                           "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
-                                           "loads": summary}, indent=1))
+    path = write_result("admission", {"headline": headline(summary), "rounds": args.rounds, "loads": summary})
+    if args.output and args.output.resolve() != path.resolve():
+        write_text_atomic(args.output, path.read_text())
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name  # noqa: E402
 from hostile_load import export_fp32  # noqa: E402
+from results import write_result  # noqa: E402
 
 SHAPES = [(8, 512), (16, 512), (32, 512), (32, 128), (128, 128), (256, 16), (1024, 16)]
 
@@ -54,6 +55,14 @@ def measure(model: Path, texts: int, length: int, threads: int, repeats: int) ->
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
+def headline(shapes: dict[str, dict[str, float]], threads: int) -> str:
+    """The first shape's working memory and time per text, and the largest working memory measured."""
+    first = next(iter(shapes))
+    largest = max(shapes, key=lambda shape: shapes[shape]["mb"])
+    return (f"{first}: {shapes[first]['mb']:.0f} MB, {shapes[first]['ms_per_text']:.2f} ms per text; largest "
+            f"working memory {shapes[largest]['mb']:.0f} MB at {largest} ({threads} intra-op thread(s))")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-dir", type=Path, help="an fp32 export (default: export the bundled model)")
@@ -77,6 +86,9 @@ def main() -> None:
         base = first.setdefault(length, row)
         print(f"| {texts} x {length} | {texts * length} | {row['mb']:.0f} MB | {row['ms_per_text']:.2f} | "
               f"{row['mb'] / base['mb']:.2f} | {row['ms_per_text'] / base['ms_per_text']:.2f} |")
+    shapes_figures = {f"{texts}x{length}": row for texts, length, row in rows}
+    write_result("batch_memory", {"headline": headline(shapes_figures, args.threads), "threads": args.threads,
+                                  "repeats": args.repeats, "shapes": shapes_figures})
 
 
 if __name__ == "__main__":

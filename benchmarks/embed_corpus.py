@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from common import STSB_DIR, cpu_name, export_bundled, stsb_file
+from results import write_result
 
 
 def read_sentences(directory: Path) -> list[str]:
@@ -112,6 +113,28 @@ class SentenceTransformersEncode:
         return len(self.texts) / (time.perf_counter() - start)
 
 
+def result_figures(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Per corpus: the engines' texts/s and the table's ratios (job/raw, job/ST, Ray/job)."""
+    figures: dict[str, dict[str, float | None]] = {}
+    for name, rates in results.items():
+        job, raw = rates["embed-corpus"], rates["raw ORT"]
+        st, on_ray = rates.get("sentence-transformers"), rates.get("local Ray")
+        figures[name] = {"texts_per_s": dict(rates), "job_vs_raw": job / raw, "job_vs_st": job / st if st else None,
+                         "ray_vs_job": on_ray / job if on_ray else None}
+    return figures
+
+
+def headline(figures: dict[str, dict], precision: str) -> str:
+    parts = []
+    for name, row in figures.items():
+        versus = [f"{row[key]:.2f}x {label}" for key, label in (("job_vs_raw", "raw ORT"),
+                                                                ("job_vs_st", "sentence-transformers"))
+                  if row[key] is not None]
+        parts.append(f"{name} {row['texts_per_s']['embed-corpus']:.1f} texts/s end to end = {', '.join(versus)}"
+                     + (f", local Ray {row['ray_vs_job']:.2f}x" if row["ray_vs_job"] is not None else ""))
+    return f"embed-corpus {precision}: " + "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export-dir", type=Path, help="export with an fp32 model (default: export the bundled "
@@ -194,6 +217,9 @@ def main() -> None:
               + (f"{st:6.1f}  {job / st:4.2f}" if st else f"{'-':>6}  {'-':>4}")
               + (f"  {on_ray:18.1f} ({figures['local Ray (embedding)']:9.1f})  {on_ray / job:7.2f}" if on_ray else ""))
     print("goals: job/raw >= 0.95, job/ST >= 2")
+    figures = result_figures(results)
+    write_result("embed_corpus", {"headline": headline(figures, args.precision), "precision": args.precision,
+                                  "rounds": args.rounds, "corpora": figures})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import export_bundled, stsb_file
+from results import write_result
 
 from embedforge.model import BertVectorModel
 from embedforge.server.embedder import l2_normalize
@@ -51,6 +52,13 @@ def measure(engines: dict, batch: int, length: int, vocab_size: int, rounds: int
             run(input_ids, attention_mask)
             times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}
+
+
+def headline(shapes: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Each ONNX engine's speed against PyTorch, per shape."""
+    return "; ".join(f"{shape}: " + ", ".join(f"{name} {row['vs_pytorch']:.2f}x" for name, row in engines.items()
+                                              if name != "pytorch") + " PyTorch"
+                     for shape, engines in shapes.items())
 
 
 def main() -> None:
@@ -83,11 +91,16 @@ def main() -> None:
 
         print(f"\n{args.threads} threads, best of {args.rounds} rounds")
         print(f"{'shape':<10}{'engine':<12}{'tokens/s':>10}{'vs pytorch':>12}")
+        shapes: dict[str, dict[str, dict[str, float]]] = {}
         for batch, length in SHAPES:
             seconds = measure(engines, batch, length, model.encoder.config.vocab_size, args.rounds)
             for name, value in seconds.items():
                 ratio = seconds["pytorch"] / value
                 print(f"{f'{batch}x{length}':<10}{name:<12}{batch * length / value:>10.0f}{ratio:>11.2f}x")
+                shapes.setdefault(f"{batch}x{length}", {})[name] = {"tokens_per_s": batch * length / value,
+                                                                    "vs_pytorch": ratio}
+    write_result("export_speed", {"headline": headline(shapes), "threads": args.threads, "rounds": args.rounds,
+                                  "shapes": shapes})
 
 
 if __name__ == "__main__":

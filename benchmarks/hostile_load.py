@@ -40,8 +40,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, stop_process  # noqa: E402
+from results import write_result  # noqa: E402
 from serve_throughput import free_port, start_server  # noqa: E402
 
+from embedforge.io import write_text_atomic  # noqa: E402
 from embedforge.server.config import FIELD_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES  # noqa: E402
 
 WORDS = ("the a is of to and in how what egg boil water pasta salt minutes bread bake oven coffee tea cup hot cold "
@@ -315,6 +317,18 @@ async def run_phases(target: str, http_port: int, sampler: RssSampler, args: arg
     return rows
 
 
+def headline(phases: list[dict], batch_s: float) -> str:
+    """One line of the result's phases: the bystander's p99 alone and under each load (against one full-budget
+    batch under the floods), and the server's largest RSS growth over the quiet phase."""
+    quiet = phases[0]
+    parts = [f"bystander p99 alone {quiet['p99_ms']} ms"]
+    for label, row in zip(("slow clients", "Embed floods", "Score floods"), phases[1:], strict=True):
+        parts.append(f"{label} {row['p99_ms']} ms ({row['p99_s'] / batch_s:.2f}x one full batch of "
+                     f"{batch_s * 1e3:.0f} ms)" if label == "Embed floods" else f"{label} {row['p99_ms']} ms")
+    growth = max(row["peak_rss_mb"] for row in phases) - quiet["peak_rss_mb"]
+    return "; ".join(parts) + f"; peak RSS +{growth:.0f} MB over the quiet phase"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-dir", type=Path, help="an fp32 export (default: export the bundled model)")
@@ -322,7 +336,8 @@ def main() -> None:
     parser.add_argument("--flooders", type=int, default=48)
     parser.add_argument("--documenters", type=int, default=16)
     parser.add_argument("--slow-clients", type=int, default=100)
-    parser.add_argument("--output", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--output", type=Path, help="also copy the result JSON here (it always goes to "
+                        "benchmarks/results/hostile_load.json)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `embedforge serve` argument")
     parser.add_argument("--batch-s", type=float, help="one full-budget batch's seconds, measured before (default: "
@@ -361,9 +376,10 @@ def main() -> None:
               f"{row['p50_s'] / batch_s:.2f} | {row['p99_s'] / batch_s:.2f} | {row['attackers'] or '-'} | "
               f"{row['refusal_p90_ms']} ms | {row['server_refusals_within_100ms']} "
               f"({row['server_refusals_within_1s']} within 1 s) | {row['server_batches']} |")
-    if args.output:
-        args.output.write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-                                           "batch_s": batch_s, "phases": rows}, indent=1))
+    path = write_result("hostile_load", {"headline": headline(rows, batch_s), "batch_s": batch_s,
+                                         "server_alive": alive, "phases": rows})
+    if args.output and args.output.resolve() != path.resolve():
+        write_text_atomic(args.output, path.read_text())
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import write_result
 
 from embedforge.data import read_pairs
 from embedforge.model import BertVectorModel
@@ -70,6 +71,13 @@ def main() -> None:
               f"loss forward {statistics.median(loss_times[name]) * 1e6:7.0f} us")
     ratio = statistics.median(times["weighted-mse+in-batch"]) / statistics.median(times["weighted-mse"])
     print(f"step time ratio (weighted-mse+in-batch / weighted-mse): {ratio:.3f}")
+    steps_ms = {name: statistics.median(times[name]) * 1000 for name in setups}
+    write_result("loss_overhead", {
+        "headline": f"weighted-mse+in-batch step {ratio:.3f}x weighted-mse's ({steps_ms['weighted-mse+in-batch']:.0f} "
+                    f"vs {steps_ms['weighted-mse']:.0f} ms, batch 16, {torch.get_num_threads()} torch threads)",
+        "step_ratio": ratio, "median_step_ms": steps_ms,
+        "loss_forward_us": {name: statistics.median(loss_times[name]) * 1e6 for name in setups},
+        "steps": args.steps, "torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

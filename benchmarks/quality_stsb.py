@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from common import RECIPE_OPTIONS, STSB_DIR, sentence_transformers_embed, stsb_file, train_sentence_transformers
+from results import write_result
 
 MATRYOSHKA = ["--matryoshka-dims", "384,256,128,64"]
 RUNS = {  # name -> extra `embedforge train` options; "st-*" runs train sentence-transformers instead
@@ -143,6 +144,22 @@ def print_table(results: list[dict]) -> None:
                 print(f"  {dim:>5}: {row['spearman']:6.2f} / {row['ndcg@10']:6.2f}")
 
 
+def headline(runs: dict[str, dict[str, float]]) -> str:
+    """One line of the per-run figures (x100): the best trained run's test Spearman and retrieval NDCG@10, beside
+    the base model's and sentence-transformers' cosine run."""
+    def best(metric: str) -> str:
+        name = max(trained, key=lambda run: trained[run][metric])
+        return f"{name} {trained[name][metric]:.2f}"
+
+    trained = {name: row for name, row in runs.items() if name != "base"}
+    anchors = [f"{name} {runs[name]['spearman']:.2f} / {runs[name]['retrieval ndcg@10']:.2f}"
+               for name in ("base", "st-cosine") if name in runs]
+    if not trained:
+        return "test Spearman / NDCG@10 x100: " + ", ".join(anchors)
+    return (f"best test Spearman x100: {best('spearman')}; best NDCG@10: {best('retrieval ndcg@10')}"
+            + (f" (Spearman / NDCG@10: {', '.join(anchors)})" if anchors else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=STSB_DIR,
@@ -173,6 +190,8 @@ def main() -> None:
             results.append(run(name, work_dir, data, args))
     print_table(results)
     (work_dir / "quality_stsb.json").write_text(json.dumps(results, indent=2) + "\n")
+    runs = {result["name"]: figures(result["metrics"]) for result in results}
+    write_result("quality_stsb", {"headline": headline(runs), "runs": runs})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, export_bundled, stsb_file  # noqa: E402
+from results import write_result  # noqa: E402
 from serve_throughput import free_port, read_texts  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -184,6 +185,16 @@ def main() -> None:
         print(f"  restarted replica SERVING after {fail['restart_to_serving_s']:.1f} s, first call "
               f"{fail['kill_to_first_call_s']:.1f} s after the kill")
         print("  timeline (OK calls/s per 0.5 s): " + " ".join(f"{v:.0f}" for v in fail["timeline"]))
+    total = fail["ok_calls"] + fail["failed_calls"]
+    write_result("scale_out", {
+        "headline": f"2 replicas x 1 thread {two:.0f} texts/s = {two / one:.2f}x 1 replica x 2 threads ({one:.0f}); "
+                    f"failover: {fail['failed_calls']} of {total} calls failed, the restarted replica took calls "
+                    f"{fail['kill_to_first_call_s']:.1f} s after the kill",
+        "texts_per_s": {"1 replica x 2 threads": one, "2 replicas x 1 thread": two}, "ratio_2x1_vs_1x2": two / one,
+        "peak_rss_mib": rss, "clients": args.clients, "batch": args.batch, "rounds": args.rounds,
+        "failover": {key: fail[key] for key in ("ok_calls", "failed_calls", "errors", "before_calls_per_s",
+                                                "lowest_step_after_kill", "last_2s_calls_per_s",
+                                                "restart_to_serving_s", "kill_to_first_call_s")}})
 
 
 if __name__ == "__main__":

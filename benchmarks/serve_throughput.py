@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from common import export_bundled, stsb_file
+from results import write_result
 
 
 def read_texts(path: Path) -> list[str]:
@@ -231,6 +232,35 @@ def single_text_latency(target: str, http_port: int, texts: list[str], calls: in
     return {name: tuple(float(x) for x in np.percentile(np.array(t) * 1e3, [50, 99])) for name, t in times.items()}
 
 
+def result_figures(precisions: list[str], best: dict[str, float], runs: dict[str, list[float]],
+                   latency: dict) -> dict[str, dict[str, float | None]]:
+    """Per precision: the figures both tables print (texts/s, ratios, single-text latency in ms)."""
+    figures: dict[str, dict[str, float | None]] = {}
+    for precision in precisions:
+        served, raw, st = best[f"server-{precision}"], best.get(f"raw-{precision}"), best.get("st")
+        http_vs_grpc = np.array(runs[f"http-{precision}"]) / np.array(runs[f"server-{precision}"])
+        figures[precision] = {
+            "grpc_texts_per_s": served, "http_texts_per_s": best[f"http-{precision}"],
+            "raw_ort_texts_per_s": raw, "st_texts_per_s": st,
+            "server_vs_raw": served / raw if raw else None, "server_vs_st": served / st if st else None,
+            "http_vs_grpc": float(np.median(http_vs_grpc)),
+            "grpc_p50_ms": latency[precision]["grpc"][0], "grpc_p99_ms": latency[precision]["grpc"][1],
+            "http_p50_ms": latency[precision]["http"][0]}
+    return figures
+
+
+def headline(figures: dict[str, dict[str, float | None]]) -> str:
+    parts = []
+    for precision, row in figures.items():
+        versus = [f"{row[key]:.2f}x {label}" for key, label in (("server_vs_raw", "raw ORT"),
+                                                                ("server_vs_st", "sentence-transformers"))
+                  if row[key] is not None]
+        parts.append(f"{precision} {row['grpc_texts_per_s']:.0f} texts/s"
+                     + (f" = {', '.join(versus)}" if versus else "")
+                     + f", HTTP/gRPC {row['http_vs_grpc']:.2f}, single-text p50 {row['grpc_p50_ms']:.1f} ms")
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export-dir", type=Path, help="export with fp32 (+ int8) models (default: export the "
@@ -317,6 +347,10 @@ def main() -> None:
           "load generator's), on the same cores")
     print("goals: fp32 server/raw >= 0.85, fp32 server/ST >= 1.4, int8 server/ST >= 2.0, p50 <= 4 ms, "
           "HTTP/gRPC >= 0.85, HTTP p50 - gRPC p50 <= 1 ms")
+    figures = result_figures(precisions, best, runs, latency)
+    write_result("serve_throughput", {"headline": headline(figures), "clients": args.clients,
+                                      "texts_per_call": args.texts_per_call, "threads": args.threads,
+                                      "rounds": args.rounds, "precisions": figures})
 
 
 def print_anchor_table(args: argparse.Namespace, precisions: list[str], best: dict[str, float],

@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, stop_process  # noqa: E402
 from hostile_load import RssSampler, export_fp32, words  # noqa: E402
+from results import write_result  # noqa: E402
 from serve_throughput import start_server  # noqa: E402
 
 
@@ -107,7 +108,8 @@ async def soak(client, calls: list[list[str]], rate: float, minutes: int, max_in
     return per_minute, codes, rss
 
 
-async def run(target: str, args: argparse.Namespace, sampler: RssSampler) -> None:
+async def run(target: str, args: argparse.Namespace, sampler: RssSampler) -> dict:
+    """Measure the capacity, soak, print; returns the printed figures."""
     from embedforge.client import AsyncEmbedClient
 
     calls = make_calls(2000, seed=3)
@@ -119,6 +121,10 @@ async def run(target: str, args: argparse.Namespace, sampler: RssSampler) -> Non
         per_minute, codes, rss = await soak(client, calls, rate, args.minutes, args.max_in_flight, sampler)
     errors = {code: n for code, n in codes.items() if code != "OK"}
     print(f"calls OK: {codes['OK']}, errors: {errors or 0}")
+    figures = {"capacity_calls_per_s": measured, "soak_calls_per_s": rate, "minutes": args.minutes,
+               "calls_ok": codes["OK"], "errors": errors, "rss_mb": [value / 1e6 for value in rss],
+               "rss_growth_pct": None, "p99_last_vs_first": None,
+               "p99_ms": [float(np.quantile(m, 0.99)) * 1e3 if m else None for m in per_minute]}
     for minute, latencies in enumerate(per_minute):
         if latencies:
             print(f"minute {minute + 1}: {len(latencies)} calls, p50 {np.quantile(latencies, 0.5) * 1e3:.1f} ms, "
@@ -126,10 +132,24 @@ async def run(target: str, args: argparse.Namespace, sampler: RssSampler) -> Non
     if len(rss) >= 2:
         print(f"RSS growth after the first minute: {(rss[-1] / rss[0] - 1) * 100:+.1f}% "
               f"({rss[0] / 1e6:.0f} -> {rss[-1] / 1e6:.0f} MB)")
+        figures["rss_growth_pct"] = (rss[-1] / rss[0] - 1) * 100
     filled = [m for m in per_minute if m]
     if len(filled) >= 2:
         first, last = np.quantile(filled[0], 0.99), np.quantile(filled[-1], 0.99)
         print(f"p99 last / first minute: {last / first:.2f} ({first * 1e3:.1f} -> {last * 1e3:.1f} ms)")
+        figures["p99_last_vs_first"] = float(last / first)
+    return figures
+
+
+def headline(figures: dict) -> str:
+    errors = sum(figures["errors"].values())
+    parts = [f"{figures['minutes']} min at {figures['soak_calls_per_s']:.1f} calls/s (80% of capacity): "
+             f"{figures['calls_ok']} calls OK, {errors} errors"]
+    if figures["rss_growth_pct"] is not None:
+        parts.append(f"RSS {figures['rss_growth_pct']:+.1f}% after the first minute")
+    if figures["p99_last_vs_first"] is not None:
+        parts.append(f"p99 last / first minute {figures['p99_last_vs_first']:.2f}")
+    return "; ".join(parts)
 
 
 def main() -> None:
@@ -146,12 +166,13 @@ def main() -> None:
         process, target, _ = start_server(export_dir, "fp32", args.threads, [])
         sampler = RssSampler(process.pid)
         try:
-            asyncio.run(run(target, args, sampler))
+            figures = asyncio.run(run(target, args, sampler))
         finally:
             sampler.close()
             stop_process(process)
     cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    write_result("soak", {"headline": headline(figures), **figures})
 
 
 if __name__ == "__main__":

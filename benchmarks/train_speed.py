@@ -48,6 +48,7 @@ from common import (
     stsb_file,
     train_sentence_transformers,
 )
+from results import write_result
 
 NO_SAVE_STEPS = 1_000_000  # larger than any run: embedforge validates and checkpoints once, at the end
 BASE_SPEARMAN_EXPECTED = 82.03  # the issue's figure for the untrained model on STS-B test
@@ -162,6 +163,37 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def headline_figures(result: dict) -> dict:
+    """The result's headline figures: each side's samples/s and test Spearman (medians over the runs), the ratio
+    and the difference, and the base model's Spearman."""
+    def median(side: str, key: str) -> float | None:
+        values = [run[side][key] for run in result["runs"] if run.get(side)]
+        return float(np.median(values)) if values else None
+
+    return {"embedforge_samples_per_s": median("embedforge", "samples_per_s"),
+            "st_samples_per_s": median("sentence_transformers", "samples_per_s"),
+            "speed_ratio": result["speed_ratio"],
+            "embedforge_test_spearman": median("embedforge", "test_spearman"),
+            "st_test_spearman": median("sentence_transformers", "test_spearman"),
+            "spearman_delta": result["spearman_delta"], "base_test_spearman": result["base_test_spearman"],
+            "threads": result["threads"], "runs": len(result["runs"]), "max_steps": result["recipe"]["max_steps"]}
+
+
+def headline(figures: dict) -> str:
+    parts = []
+    if figures["speed_ratio"] is not None:
+        parts.append(f"embedforge {figures['embedforge_samples_per_s']:.1f} samples/s = {figures['speed_ratio']:.2f}x "
+                     f"sentence-transformers' fit ({figures['st_samples_per_s']:.1f}); test Spearman "
+                     f"{figures['spearman_delta']:+.2f}")
+    else:
+        for key, label in (("embedforge", "embedforge"), ("st", "sentence-transformers")):
+            if figures[f"{key}_samples_per_s"] is not None:
+                parts.append(f"{label} {figures[f'{key}_samples_per_s']:.1f} samples/s, test Spearman "
+                             f"{figures[f'{key}_test_spearman']:.2f}")
+    parts.append(f"base model test Spearman {figures['base_test_spearman']:.2f}")
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-path", type=Path, default=stsb_file("train"))
@@ -237,6 +269,8 @@ def main() -> None:
     write_report(result, output)
     print("\n" + markdown_table(result))
     print(f"\nresult: {output}")
+    figures = headline_figures(result)
+    write_result("train_speed", {"headline": headline(figures), "figures": figures})
 
 
 if __name__ == "__main__":
