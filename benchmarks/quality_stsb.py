@@ -47,6 +47,8 @@ RUNS = {  # name -> extra `embedforge train` options; "st-*" runs train sentence
     "mse+in-batch graded": ["--loss", "weighted-mse+in-batch", "--symmetric", "--positive-threshold", "0.01",
                             "--negative-threshold", "0", "--rel-power", "2", "--scale", "10",
                             "--learning-rate", "5e-5"],
+    # E5-style prompts on symmetric data: what they cost or bring beside the plain weighted-mse run
+    "weighted-mse prompts": ["--loss", "weighted-mse", "--query-prompt", "query: ", "--document-prompt", "passage: "],
     "st-cosine": [],
     "st-mnrl": [],
 }

@@ -44,6 +44,7 @@ from common import (
     LEARNING_RATE,
     RECIPE_OPTIONS,
     WARMUP_STEPS,
+    loop_timer,
     sentence_transformers_embed,
     stsb_file,
     train_sentence_transformers,
@@ -102,23 +103,11 @@ def train_embedforge(train_path: Path, val_path: Path, save_path: Path, pairs: i
 
 def train_st_timed(pairs: list, work_dir: Path, max_steps: int | None):
     """Train with `SentenceTransformer.fit` + CosineSimilarityLoss, timing its loop; returns (model, figures)."""
-    from transformers import TrainerCallback
-
-    class LoopTimer(TrainerCallback):
-        began = ended = None
-        steps = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.began = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ended, self.steps = time.perf_counter(), state.global_step
-
-    timer = LoopTimer()
+    timer = loop_timer()
     start = time.perf_counter()
     model = train_sentence_transformers(pairs, work_dir, max_steps, device="cpu", callback=timer)
     wall = time.perf_counter() - start
-    loop = timer.ended - timer.began
+    loop = timer.seconds()
     return model, {"samples_per_s": samples_trained(len(pairs), timer.steps) / loop, "steps": timer.steps,
                    "loop_seconds": loop, "fit_wall_seconds": wall, "load_average": os.getloadavg()[0]}
 
