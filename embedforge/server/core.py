@@ -29,9 +29,9 @@ from embedforge.server.embedder import Embedder, ModelInfo, Tokenized, l2_normal
 log = logging.getLogger("embedforge.server.core")
 
 INLINE_TOKENIZE_CHARS = 1024
-"""Requests up to this many characters are tokenized on the event loop (the Rust tokenizer takes tens of
-microseconds for them, less than handing them to a thread: single-text p50 latency drops by about 0.15 ms);
-larger ones go to the tokenizer thread so that the loop never stalls."""
+"""Requests up to this many characters are tokenized on the event loop (the Rust tokenizer takes less time for
+them than handing them to a thread would); larger ones go to the tokenizer thread so that the loop never
+stalls."""
 
 INLINE_PARSE_BYTES = 64 * 1024
 """Larger request bodies are parsed on a tokenizer thread (a 20 MB body takes tens of milliseconds)."""
