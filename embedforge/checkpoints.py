@@ -135,22 +135,41 @@ def list_checkpoints(save_path: str | Path) -> list[CheckpointInfo]:
     return sorted(found, key=lambda info: info.step)
 
 
-def select_best(save_path: str | Path) -> CheckpointInfo:
-    """The complete checkpoint with the lowest finite validation loss (the latest one when none has a val_loss).
+SELECT_BY = ("val_loss", "val_spearman", "val_ndcg@10", "val_spearman+val_ndcg@10")
+"""How the best checkpoint is chosen, on the validation split: the lowest loss, the highest Spearman, the highest
+NDCG@10, or the highest mean of the two."""
 
-    A non-finite val_loss never wins; when every recorded one is non-finite, that is an error.
+
+def selection_score(info: CheckpointInfo, select_by: str) -> float | None:
+    """Higher is better: -val_loss, or the (mean of the) validation metrics named by `select_by`; None when the
+    checkpoint did not record them."""
+    if select_by not in SELECT_BY:
+        raise CheckpointError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
+    if select_by == "val_loss":
+        return None if info.val_loss is None else -info.val_loss
+    metrics = info.state.get("val_metrics") or {}
+    values = [metrics.get(name) for name in select_by.split("+")]
+    return None if any(value is None for value in values) else float(sum(values) / len(values))
+
+
+def select_best(save_path: str | Path, select_by: str = "val_loss") -> CheckpointInfo:
+    """The complete checkpoint with the best finite validation figure named by `select_by` (SELECT_BY; ties: the
+    later step); the latest one when none recorded it. A non-finite figure never wins; when every recorded one
+    is non-finite, that is an error.
     """
     checkpoints = list_checkpoints(save_path)
     if not checkpoints:
         raise CheckpointError(f"{save_path}: no complete checkpoint (run `embedforge train --save-path {save_path}`)")
-    recorded = [info for info in checkpoints if info.val_loss is not None]
+    recorded = [(selection_score(info, select_by), info) for info in checkpoints]
+    recorded = [(score, info) for score, info in recorded if score is not None]
     if not recorded:
         return checkpoints[-1]
-    scored = [info for info in recorded if math.isfinite(info.val_loss)]
+    scored = [(score, info) for score, info in recorded if math.isfinite(score)]
     if not scored:
-        raise CheckpointError(f"{save_path}: no checkpoint has a finite val_loss "
-                              f"({', '.join(f'{info.name}: {info.val_loss}' for info in recorded)}); the run diverged")
-    return min(scored, key=lambda info: (info.val_loss, -info.step))
+        sign = -1 if select_by == "val_loss" else 1
+        figures = ", ".join(f"{info.name}: {sign * score}" for score, info in recorded)
+        raise CheckpointError(f"{save_path}: no checkpoint has a finite {select_by} ({figures}); the run diverged")
+    return max(scored, key=lambda pair: (pair[0], pair[1].step))[1]
 
 
 def write_best_record(save_path: str | Path, info: CheckpointInfo, selected_by: str = "val_loss") -> Path:

@@ -204,3 +204,64 @@ def test_a_checkpoint_file_list_naming_a_file_outside_the_checkpoint_makes_it_un
                                                           r"'\.\./\.\./outside\.bin'"):
         checkpoints.read_checkpoint(checkpoint)
     assert checkpoints.list_checkpoints(save_path) == []
+
+
+# ---- --select-by: the best checkpoint by a validation figure ----
+
+def run_with_three_checkpoints(root: Path, tiny_model_dir: Path) -> Path:
+    """Checkpoints 1, 2, 3 whose validation figures disagree: loss prefers 1, Spearman 2, NDCG@10 3."""
+    figures = {1: (0.10, 70.0, 60.0), 2: (0.20, 90.0, 61.0), 3: (0.30, 71.0, 80.0)}
+    for step, (loss, spearman, ndcg) in figures.items():
+        path = root / f"checkpoint-step-{step}"
+        shutil.copytree(tiny_model_dir, path)
+        make_checkpoint(path, step=step, val_loss=loss)
+        state = json.loads((path / "trainer_state.json").read_text())
+        state["val_metrics"] = {"val_loss": loss, "val_spearman": spearman, "val_ndcg@10": ndcg}
+        (path / "trainer_state.json").write_text(json.dumps(state))
+        (path / checkpoints.FILE_LIST).unlink(missing_ok=True)
+    return root
+
+
+@pytest.mark.parametrize(("select_by", "step"), [("val_loss", 1), ("val_spearman", 2), ("val_ndcg@10", 3),
+                                                 ("val_spearman+val_ndcg@10", 3)])
+def test_select_best_by_each_validation_figure(tmp_path, tiny_model_dir, select_by, step):
+    run = run_with_three_checkpoints(tmp_path / "run", tiny_model_dir)
+    assert checkpoints.select_best(run, select_by).step == step
+    with pytest.raises(checkpoints.CheckpointError, match="select_by must be one of"):
+        checkpoints.select_best(run, "test_spearman")
+
+
+def test_evaluate_follows_the_runs_select_by(tmp_path, tiny_model_dir, pairs_file):
+    from embedforge.evaluate.cli import evaluate_command
+
+    run = run_with_three_checkpoints(tmp_path / "run", tiny_model_dir)
+    (run / checkpoints.CONFIG_RECORD).write_text(json.dumps({"select_by": "val_spearman"}))
+    result = CliRunner().invoke(evaluate_command, ["--test-path", str(pairs_file), "--save-path", str(run),
+                                                   "--select-best", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / checkpoints.BEST_RECORD).read_text())
+    assert (record["checkpoint"], record["selected_by"]) == ("checkpoint-step-2", "val_spearman")
+    result = CliRunner().invoke(evaluate_command, ["--test-path", str(pairs_file), "--save-path", str(run),
+                                                   "--select-best", "--select-by", "val_ndcg@10"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / checkpoints.BEST_RECORD).read_text())["checkpoint"] == "checkpoint-step-3"
+
+
+def test_train_keeps_the_checkpoint_its_select_by_names(base_for_select, pairs_file, tmp_path):
+    run = tmp_path / "run"
+    result = train(TrainConfig(train_path=str(pairs_file), val_path=str(pairs_file), model_name=str(base_for_select),
+                               max_length=32, batch_size=4, num_epochs=2, save_steps=2, learning_rate=1e-3,
+                               save_path=str(run), show_progress=False, select_by="val_spearman"))
+    infos = checkpoints.list_checkpoints(run)
+    best = max(infos, key=lambda info: (info.state["val_metrics"]["val_spearman"], info.step))
+    assert result.best_checkpoint == best.path
+    with pytest.raises(ValueError, match="--select-by must be one of"):
+        train(TrainConfig(train_path=str(pairs_file), val_path=str(pairs_file), model_name=str(base_for_select),
+                          save_path=str(tmp_path / "bad"), select_by="test_spearman", show_progress=False))
+
+
+@pytest.fixture(scope="module")
+def base_for_select(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("select_base") / "tiny"
+    build_tiny_model(path, pooling="mean", max_length=32)
+    return path

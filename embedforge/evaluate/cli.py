@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
-from embedforge.checkpoints import CheckpointInfo
+from embedforge.checkpoints import SELECT_BY, CheckpointInfo, selection_score
 from embedforge.cli_options import option
 from embedforge.evaluate.metrics import DEFAULT_REL_THRESHOLD
 from embedforge.evaluate.runner import MODES, format_table, plot_report, write_report
@@ -30,8 +31,11 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @option("checkpoint_dir", type=click.Path(file_okay=False, path_type=Path), help="Evaluate one checkpoint.")
 @option("model_name", help="Evaluate a base model before fine-tuning (a local dir, or all-MiniLM-L6-v2 = bundled).")
 @option("select_best", is_flag=True,
-        help="With --save-path: record the lowest-val_loss checkpoint in best_checkpoint.json "
+        help="With --save-path: record the best checkpoint (by --select-by) in best_checkpoint.json "
              "and copy its model to the save path's root.")
+@option("select_by", type=click.Choice(SELECT_BY), default=None, show_default=False,
+        help="How the best checkpoint is chosen, on the validation figures each checkpoint recorded (never on "
+             "this test file) [default: the run's own train --select-by, else val_loss].")
 @option("mode", type=click.Choice(MODES), default="both",
         help="rerank: each query ranks its labelled documents; retrieval: all documents of the file.")
 @option("k", "ks", default="1,3,5,10", callback=_parse_ks,
@@ -44,7 +48,7 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
              "or ./eval_report.json for --model-name]. A PNG plot goes beside it for --save-path.")
 @option("device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Path | None,
-                     model_name: str | None, select_best: bool, mode: str, ks: tuple[int, ...],
+                     model_name: str | None, select_best: bool, select_by: str | None, mode: str, ks: tuple[int, ...],
                      rel_threshold: float, batch_size: int, output: Path | None, device: str) -> None:
     """Score checkpoints on a test file: NDCG, MRR, MAP, Recall @k (rerank and retrieval) and Spearman.
 
@@ -64,13 +68,14 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
     settings = {"ks": ks, "rel_threshold": rel_threshold, "mode": mode, "batch_size": batch_size,
                 "device": device}
     try:
-        checkpoints, best, default_output = _checkpoints_to_score(save_path, checkpoint_dir)
+        select_by = select_by or _run_select_by(save_path)
+        checkpoints, best, default_output = _checkpoints_to_score(save_path, checkpoint_dir, select_by)
         results = _score(test_path, checkpoints, model_name, settings)
     except (ValueError, OSError) as error:  # DataError, CheckpointError, ModelError are ValueErrors
         raise click.ClickException(str(error)) from error
 
     best_name = best.name if best is not None else None
-    selected_by = "val_loss" if best is not None and best.val_loss is not None else "latest step"
+    selected_by = select_by if best is not None and selection_score(best, select_by) is not None else "latest step"
     report = {"test_path": str(test_path), "mode": mode, "ks": list(ks), "rel_threshold": rel_threshold,
               "results": results,
               "best": None if best is None else {"checkpoint": best.name, "step": best.step,
@@ -82,14 +87,26 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
         raise click.ClickException(f"cannot write the report or the best model: {error}") from error
 
 
-def _checkpoints_to_score(save_path: Path | None,
-                          checkpoint_dir: Path | None) -> tuple[list[CheckpointInfo], CheckpointInfo | None, Path]:
+def _run_select_by(save_path: Path | None) -> str:
+    """The --select-by the run in `save_path` was trained with (its train_config.json), else val_loss."""
+    from embedforge.checkpoints import CONFIG_RECORD
+
+    record = None if save_path is None else save_path / CONFIG_RECORD
+    try:
+        recorded = json.loads(record.read_text()).get("select_by") if record and record.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return recorded if recorded in SELECT_BY else "val_loss"
+
+
+def _checkpoints_to_score(save_path: Path | None, checkpoint_dir: Path | None,
+                          select_by: str) -> tuple[list[CheckpointInfo], CheckpointInfo | None, Path]:
     """(checkpoints, best or None, default report path) for --save-path, --checkpoint-dir or a base model."""
     from embedforge.checkpoints import EVAL_REPORT, list_checkpoints, read_checkpoint, select_best
 
     if save_path is not None:
         # select_best raises CheckpointError when there is no complete checkpoint
-        return list_checkpoints(save_path), select_best(save_path), save_path / EVAL_REPORT
+        return list_checkpoints(save_path), select_best(save_path, select_by), save_path / EVAL_REPORT
     if checkpoint_dir is not None:
         if any(checkpoint_dir.glob("checkpoint-step-*")):
             raise click.UsageError(f"{checkpoint_dir} holds checkpoints: use --save-path {checkpoint_dir}")

@@ -138,7 +138,7 @@ class Checkpointer:
         self.saved.append(info.path)
         self._score(val["val_loss"])
         if config.save_total_limit:
-            best = checkpoints.select_best(self.save_path)
+            best = checkpoints.select_best(self.save_path, config.select_by)
             checkpoints.prune_checkpoints(self.save_path, config.save_total_limit, protect=best.path)
         plot_losses(self.history, self.save_path / LOSS_PLOT)
         tqdm.write(f"step {step}: val_loss {val['val_loss']:.4f}  val_ndcg@10 {val['val_ndcg@10']:.4f}  -> {info.path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from embedforge.checkpoints import SELECT_BY
 from embedforge.cli_options import option
 from embedforge.model import DEFAULT_MAX_LENGTH
 from embedforge.train.losses import LOSSES
@@ -53,6 +54,10 @@ def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -
 @option("amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=DEFAULTS.amp,
         help="Mixed precision. auto: bf16 (or fp16) on CUDA, off on CPU.")
 @option("save_total_limit", type=int, default=None, help="Keep only the newest N checkpoints (and the best).")
+@option("select_by", type=click.Choice(SELECT_BY), default=DEFAULTS.select_by,
+        help="Which checkpoint is the best (copied to the save path, kept by --save-total-limit, exported): the "
+        "lowest validation loss, or the highest validation Spearman, NDCG@10, or mean of the two. Chosen on the "
+        "validation split, never the test split; `evaluate --select-best` follows it.")
 @option("early_stopping_patience", type=int, default=None,
         help="Stop after N checkpoints without a better validation loss.")
 @option("resume", is_flag=False, flag_value="latest", default=None,

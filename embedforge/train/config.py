@@ -30,6 +30,7 @@ class TrainConfig:
     amp: str = "auto"
     save_total_limit: int | None = None
     early_stopping_patience: int | None = None
+    select_by: str = "val_loss"  # the best checkpoint: checkpoints.SELECT_BY, measured on the validation split
     resume: str | None = None
     weight_decay: float = 0.01
     group_by_length: bool = True

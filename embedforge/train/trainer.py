@@ -193,6 +193,8 @@ def _check_config(config: TrainConfig) -> None:
         raise TrainError(f"--negative-threshold must be in [0, --positive-threshold), got {config.negative_threshold}")
     if config.gather_across_ranks and not uses_in_batch(config.loss):
         raise TrainError("--gather-across-ranks needs an in-batch --loss (weighted-mse compares each pair alone)")
+    if config.select_by not in checkpoints.SELECT_BY:
+        raise TrainError(f"--select-by must be one of {', '.join(checkpoints.SELECT_BY)}, got {config.select_by!r}")
     if config.matryoshka_dims is not None and (not config.matryoshka_dims or min(config.matryoshka_dims) < 1):
         raise TrainError(f"--matryoshka-dims must list sizes >= 1, got {config.matryoshka_dims}")
 
@@ -229,7 +231,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
                                           world_size)
     result = TrainResult(save_path, checkpointer.saved, global_step, stopped_early=stopped_early, model=model)
     if is_main:
-        best = checkpoints.select_best(save_path)
+        best = checkpoints.select_best(save_path, config.select_by)
         checkpoints.copy_best_model(save_path, best)  # the save path itself loads as the best model
         write_model_card(save_path)
         result.best_checkpoint = best.path
