@@ -198,12 +198,22 @@ def read_best_record(save_path: str | Path) -> CheckpointInfo | None:
 
 
 def resolve_checkpoint(save_path: str | Path | None = None, checkpoint_dir: str | Path | None = None) -> CheckpointInfo:
-    """An explicit checkpoint dir; else the recorded best of save_path; else its lowest val_loss."""
+    """An explicit checkpoint dir; else the recorded best of save_path; else its best by the run's --select-by."""
     if checkpoint_dir is not None:
         return read_checkpoint(checkpoint_dir)
     if save_path is None:
         raise CheckpointError("give a save path or a checkpoint directory")
-    return read_best_record(save_path) or select_best(save_path)
+    return read_best_record(save_path) or select_best(save_path, recorded_select_by(save_path))
+
+
+def recorded_select_by(save_path: str | Path | None) -> str:
+    """The --select-by the run in `save_path` was trained with (its train_config.json), else val_loss."""
+    record = None if save_path is None else Path(save_path) / CONFIG_RECORD
+    try:
+        recorded = json.loads(record.read_text()).get("select_by") if record and record.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return recorded if recorded in SELECT_BY else "val_loss"
 
 
 def copy_best_model(save_path: str | Path, info: CheckpointInfo) -> Path:

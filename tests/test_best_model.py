@@ -265,3 +265,10 @@ def base_for_select(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("select_base") / "tiny"
     build_tiny_model(path, pooling="mean", max_length=32)
     return path
+
+
+def test_export_resolves_the_best_by_the_runs_select_by(tmp_path, tiny_model_dir):
+    run = run_with_three_checkpoints(tmp_path / "run", tiny_model_dir)
+    assert checkpoints.resolve_checkpoint(run).step == 1  # no record: the lowest validation loss
+    (run / checkpoints.CONFIG_RECORD).write_text(json.dumps({"select_by": "val_ndcg@10"}))
+    assert checkpoints.resolve_checkpoint(run).step == 3

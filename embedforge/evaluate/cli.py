@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from embedforge.checkpoints import SELECT_BY, CheckpointInfo, selection_score
+from embedforge.checkpoints import SELECT_BY, CheckpointInfo, recorded_select_by, selection_score
 from embedforge.cli_options import option
 from embedforge.evaluate.metrics import DEFAULT_REL_THRESHOLD
 from embedforge.evaluate.runner import MODES, format_table, plot_report, write_report
@@ -68,7 +67,7 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
     settings = {"ks": ks, "rel_threshold": rel_threshold, "mode": mode, "batch_size": batch_size,
                 "device": device}
     try:
-        select_by = select_by or _run_select_by(save_path)
+        select_by = select_by or recorded_select_by(save_path)
         checkpoints, best, default_output = _checkpoints_to_score(save_path, checkpoint_dir, select_by)
         results = _score(test_path, checkpoints, model_name, settings)
     except (ValueError, OSError) as error:  # DataError, CheckpointError, ModelError are ValueErrors
@@ -85,18 +84,6 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
         _write_outputs(report, output or default_output, save_path, best if select_best else None, selected_by)
     except OSError as error:
         raise click.ClickException(f"cannot write the report or the best model: {error}") from error
-
-
-def _run_select_by(save_path: Path | None) -> str:
-    """The --select-by the run in `save_path` was trained with (its train_config.json), else val_loss."""
-    from embedforge.checkpoints import CONFIG_RECORD
-
-    record = None if save_path is None else save_path / CONFIG_RECORD
-    try:
-        recorded = json.loads(record.read_text()).get("select_by") if record and record.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    return recorded if recorded in SELECT_BY else "val_loss"
 
 
 def _checkpoints_to_score(save_path: Path | None, checkpoint_dir: Path | None,
