@@ -43,7 +43,7 @@ class CorpusJob:
     def __post_init__(self) -> None:
         self.model_manifest = read_manifest(self.model_dir)
         self.dims = output_dims(self.model_manifest, self.dimensions)
-        self.prompt = input_prompt(self.model_manifest, self.input_type)
+        self.prompt = input_prompt(self.model_manifest, self.model_dir, self.input_type)
         self.provider_name = choose_provider(self.provider)
         self.provider_key = next(key for key, name in PROVIDERS.items() if name == self.provider_name)
         self.precision_name = choose_precision(self.precision, list(self.model_manifest["models"]),

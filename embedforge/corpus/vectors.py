@@ -15,7 +15,7 @@ import numpy as np
 
 from embedforge.corpus import INPUT_TYPES, MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 from embedforge.server.embedder import l2_normalize
-from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_manifest
+from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_manifest, read_prompts
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,14 @@ def output_dims(manifest: dict, dimensions: int | None) -> int:
     return dimensions
 
 
-def input_prompt(manifest: dict, input_type: str | None) -> str:
+def input_prompt(manifest: dict, model_dir: Path, input_type: str | None) -> str:
     """The prompt the export's manifest gives `input_type` ("query" or "document"); "" for None, and for an
     export without prompts (made before they existed, or trained without them: its texts need none)."""
     if input_type is None:
         return ""
     if input_type not in INPUT_TYPES:
         raise RuntimeConfigError(f"input type {input_type!r}: choose one of {', '.join(INPUT_TYPES)}")
-    prompts = manifest.get("prompts") or {}
-    if not isinstance(prompts, dict) or not isinstance(prompts.get(input_type, ""), str):
-        raise RuntimeConfigError(f"manifest.json: prompts must map query and document to strings, got {prompts!r}")
-    return prompts.get(input_type, "")
+    return read_prompts(manifest, model_dir).get(input_type, "")
 
 
 def plan_batches(lengths: list[int] | np.ndarray, max_batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
@@ -77,7 +74,7 @@ class CorpusEmbedder:
                  max_batch_size: int = MAX_BATCH_SIZE, input_type: str | None = None) -> None:
         manifest = read_manifest(Path(model_dir))
         self.dims = output_dims(manifest, dimensions)
-        self.prompt = input_prompt(manifest, input_type)
+        self.prompt = input_prompt(manifest, Path(model_dir), input_type)
         self.runtime = OnnxEmbedder(model_dir, precision=precision, provider=provider, threads=threads, workers=1)
         self.info = self.runtime.info
         self.max_batch_tokens = max(max_batch_tokens, self.info.max_length)

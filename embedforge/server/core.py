@@ -25,6 +25,7 @@ from embedforge.server.admission import Admission, Overloaded, SlowBody, Ticket
 from embedforge.server.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull, TooLarge
 from embedforge.server.config import TOKENIZE_SLICE_TEXTS
 from embedforge.server.embedder import Embedder, ModelInfo, Tokenized, l2_normalize
+from embedforge.st_layout import PROMPT_NAMES
 
 log = logging.getLogger("embedforge.server.core")
 
@@ -99,7 +100,7 @@ class Scored:
     truncated: list[int] = field(default_factory=list)  # indices into [query, *documents] of the texts cut
 
 
-INPUT_TYPES = ("query", "document")
+INPUT_TYPES = PROMPT_NAMES  # the kinds of text a model may have a prompt for
 TRUNCATION_DIRECTIONS = ("right", "left")  # which end of a text over max_length is cut
 OVERFLOWS = ("truncate", "error", "chunk")  # what happens to a text over max_length
 
@@ -231,9 +232,12 @@ class EmbeddingCore:
                                  "`embedforge export`")
         self.check_dimensions(dimensions, info)
         count = len(texts)
-        prompted = [prompt + text for text in texts] if prompt else list(texts)
-        if release_texts:
-            texts.clear()
+        if prompt:
+            prompted = [prompt + text for text in texts]
+            if release_texts:
+                texts.clear()
+        else:
+            prompted = texts if release_texts else list(texts)  # _run empties its list once it is tokenized
         policy = overflow_policy(overflow, truncate, self.overflow)
         overlap = self.chunk_overlap if chunk_overlap is None else chunk_overlap
         if policy == "chunk" and not 0 <= overlap < info.max_length // 2:

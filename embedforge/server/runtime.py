@@ -17,6 +17,7 @@ gave 2% more texts/s in 8 of 10 interleaved rounds of the throughput benchmark's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -27,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from embedforge.io import UnsafeFileNameError, plain_file_name
 from embedforge.onnxrt import PROVIDERS, create_session, pad_token_ids, shrinking_run
 from embedforge.server.embedder import ModelInfo, Tokenized
+from embedforge.st_layout import PROMPT_NAMES
 from embedforge.tokenization import encode_truncated, load_tokenizer
 
 log = logging.getLogger("embedforge.server.runtime")
@@ -91,14 +94,11 @@ def read_matryoshka_dims(manifest: dict, model_dir: Path) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
-PROMPT_KINDS = ("query", "document")
-
-
 def read_prompts(manifest: dict, model_dir: Path) -> dict[str, str]:
     """The manifest's optional `prompts` ({"query": "query: ", "document": "passage: "}), checked; empty ones
     dropped (a model trained without prompts has none)."""
     prompts = manifest.get("prompts") or {}
-    if not isinstance(prompts, dict) or not all(k in PROMPT_KINDS and isinstance(v, str) for k, v in prompts.items()):
+    if not isinstance(prompts, dict) or not all(k in PROMPT_NAMES and isinstance(v, str) for k, v in prompts.items()):
         raise RuntimeConfigError(f"{model_dir / 'manifest.json'}: prompts must map query and document to strings, "
                                  f"got {prompts!r}")
     return {kind: text for kind, text in prompts.items() if text}
@@ -177,8 +177,7 @@ class OnnxEmbedder:
                         "measured at export; check it on this machine before relying on it", precision,
                         parity.get("skipped", "not recorded"))
         self.tokenizer = load_tokenizer(model_dir, self.max_length)
-        self._left_tokenizer = load_tokenizer(model_dir, self.max_length, direction="left")
-        self._whole_tokenizer = load_tokenizer(model_dir, None)
+        self._model_dir = model_dir
         self.info = ModelInfo(model_name=str(manifest.get("base_model") or model_dir.name), dim=self.dim,
                               max_length=self.max_length, pooling=str(manifest.get("pooling", "")),
                               precision=precision, provider=active,
@@ -197,6 +196,16 @@ class OnnxEmbedder:
         ids = [np.array(e.ids, dtype=np.int32) for e in encodings]  # int32: half the memory while queued
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Tokenized(ids=ids, lengths=[len(x) for x in ids], truncated=truncated)
+
+    @functools.cached_property
+    def _left_tokenizer(self) -> Tokenizer:
+        """Truncating at the left: loaded on first use (few calls ask for it)."""
+        return load_tokenizer(self._model_dir, self.max_length, direction="left")
+
+    @functools.cached_property
+    def _whole_tokenizer(self) -> Tokenizer:
+        """Not truncating (token counts of refused texts, chunk windows): loaded on first use."""
+        return load_tokenizer(self._model_dir, None)
 
     def count_tokens(self, text: str) -> int:
         return len(self._whole_tokenizer.encode(text).ids)
