@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-STSB_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"  # ../shared/data/stsb
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data: stsb/, snli/, mrpc/
+STSB_DIR = SHARED_DATA / "stsb"
 
 # The recipe sentence-transformers publishes for all-MiniLM-L6-v2 on STS-B (CosineSimilarityLoss): both sides use it.
 BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS, EPOCHS = 16, 2e-5, 100, 1

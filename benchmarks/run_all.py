@@ -29,8 +29,8 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, list[str]]]:
         ("Embedding a corpus: embed-corpus vs raw ONNX Runtime, sentence-transformers and local Ray",
          ["embed_corpus.py", *(["--sentences", "2000", "--docs", "32"] if quick else [])]),
         ("Scaling out: replicas x threads, failover", ["scale_out.py"]),
-        ("STS-B quality: each --loss beside the base model and sentence-transformers",
-         ["quality_stsb.py", "--work-dir", str(work / WORK_DIRS[1]), *steps]),
+        ("Quality on STS-B, SNLI and MRPC: the presets beside the base model and sentence-transformers",
+         ["quality.py", "--work-dir", str(work / WORK_DIRS[1]), *steps]),
     ]
 
 

@@ -19,7 +19,8 @@ from embedforge import checkpoints
 from embedforge.io import write_text_atomic
 from embedforge.model import CONFIG_FILE, DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
 
-IN_BATCH_OPTIONS = ("in_batch_weight", "scale", "positive_threshold", "negative_threshold", "rel_power", "symmetric")
+IN_BATCH_OPTIONS = ("in_batch_weight", "scale", "positive_threshold", "negative_threshold", "rel_power", "symmetric",
+                    "false_negative_margin")
 EXAMPLE = {"query": "how to boil an egg", "document": "Boil the eggs in hot water for 7 minutes."}
 
 
@@ -107,10 +108,11 @@ def model_section(facts: dict) -> list[str]:
                if loss and "in-batch" in loss and name in config]
     train_rows = [("training data", _data(config.get("train_path"), state.get("train_pairs"))),
                   ("validation data", _data(config.get("val_path"), state.get("val_pairs"))),
-                  ("loss", f"`{loss}`" + (f" ({', '.join(options)})" if options else "") if loss else None),
+                  ("loss", f"`{loss}`" + (f" ({', '.join(options)})" if options else "")
+                   + (f", preset `{config['preset']}`" if config.get("preset") else "") if loss else None),
                   ("optimisation", _optimisation(config) if config else None),
-                  ("best checkpoint", f"{best['checkpoint']} (lowest validation loss)" if best.get("checkpoint")
-                   else None)]
+                  ("best checkpoint", f"{best['checkpoint']} (best by {config.get('select_by', 'val_loss')} on the "
+                   "validation data)" if best.get("checkpoint") else None)]
     lines += _table(train_rows)
     return lines
 

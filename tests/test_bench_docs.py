@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 # every benchmark that prints figures, and the result name it writes
 FIGURE_BENCHMARKS = ["admission", "batch_memory", "embed_corpus", "export_speed", "hostile_load", "loss_overhead",
-                     "quality_stsb", "scale_out", "serve_throughput", "soak", "train_speed"]
+                     "quality", "scale_out", "serve_throughput", "soak", "train_speed"]
 
 
 def load(name: str, path: Path):
@@ -210,10 +210,12 @@ def test_the_stored_results_headlines_come_from_their_benchmarks(monkeypatch):
 def test_headlines_of_fake_figures_are_one_line(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     lines = []
-    quality = importlib.import_module("quality_stsb")
-    row = {"spearman": 84.0, "retrieval ndcg@10": 70.0, "retrieval mrr@10": 60.0, "retrieval recall@10": 90.0}
-    lines.append(quality.headline({"base": row, "in-batch": {**row, "spearman": 86.0}, "st-cosine": row}))
-    assert lines[-1].startswith("best test Spearman x100: in-batch 86.00")
+    quality = importlib.import_module("quality")
+    row = {"val spearman": 80.0, "val ndcg@10": 70.0, "spearman": 84.0, "ndcg@10": 70.0, "seeds": 1}
+    lines.append(quality.headline({"base": {"stsb": row, "mrpc": row},
+                                   "balanced": {"stsb": {**row, "spearman": 86.0, "seeds": 3}}}))
+    assert lines[-1] == ("balanced preset, test Spearman/NDCG@10 x100, mean of 3 seed(s): stsb 86.00/70.00 "
+                         "(base 84.00/70.00); mrpc - (base 84.00/70.00)")
     train = importlib.import_module("train_speed")
     side = {"samples_per_s": 90.0, "test_spearman": 85.0}
     result = {"runs": [{"embedforge": side, "sentence_transformers": {**side, "samples_per_s": 30.0}}],

@@ -106,6 +106,31 @@ def test_symmetric_in_batch_loss_adds_the_document_to_query_direction():
     assert loss.item() == pytest.approx((forward + backward) / 2, rel=1e-6)
 
 
+def test_false_negative_margin_drops_other_documents_scored_near_the_positive_but_keeps_hard_negatives():
+    vectors = batch(Q1, Q2, D1, D2, N)
+    rel, weight = torch.tensor([1.0, 1.0]), torch.ones(2)
+    loss = InBatchLoss(scale=2.0, false_negative_margin=0.0)(vectors, rel, weight)
+    # q1 . [d1, d2, n] = [0.6, 0.8, 1.0]: d2 out-scores q1's positive, so it drops; n is labelled, so it stays.
+    # q2 . [d1, d2, n] = [0.8, 0.6, 0.0]: d1 out-scores q2's positive and drops
+    first, second = nll([1.2, 2.0], 0), nll([1.2, 0.0], 0)
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+    wide = InBatchLoss(scale=2.0, false_negative_margin=0.3)(vectors, rel, weight)
+    # a margin of 0.3 drops the same documents: nothing else scores above 0.6 - 0.3 but the labelled n
+    assert wide.item() == pytest.approx(loss.item(), rel=1e-6)
+    kept = InBatchLoss(scale=2.0)(vectors, rel, weight)
+    assert kept.item() == pytest.approx((nll([1.2, 1.6, 2.0], 0) + nll([1.6, 1.2, 0.0], 1)) / 2, rel=1e-6)
+
+
+def test_false_negative_margin_applies_to_the_symmetric_direction_and_passes_no_gradient_through_the_guide():
+    vectors = batch(Q1, Q2, D1, D2).requires_grad_()
+    loss = InBatchLoss(scale=2.0, symmetric=True, false_negative_margin=-0.1)(vectors, torch.tensor([1.0, 0.0]),
+                                                                            torch.ones(2))
+    # q1 . [d1, d2] = [0.6, 0.8]: d2 > 0.6 + 0.1, dropped; d1 . [q1, q2] = [0.6, 0.8]: q2 > 0.7, dropped
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # only the positive is left in each softmax
+    loss.backward()
+    assert torch.count_nonzero(vectors.grad) == 0
+
+
 def test_sum_loss_adds_the_in_batch_term_with_its_weight():
     vectors = batch(Q1, Q2, D1, D2)
     rel, weight = torch.tensor([1.0, 0.3]), torch.ones(2)

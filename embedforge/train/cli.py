@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from embedforge.checkpoints import SELECT_BY
 from embedforge.cli_options import option
 from embedforge.model import DEFAULT_MAX_LENGTH
 from embedforge.train.losses import LOSSES
+from embedforge.train.presets import LOSS_OPTIONS, PRESETS, describe, preset_config
 from embedforge.train.trainer import TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -78,6 +80,10 @@ def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -
 @option("attention_dropout", type=float, default=DEFAULTS.attention_dropout,
         help="Dropout on attention probabilities while training (the base models use 0.1; 0 is faster on CPU "
         "at equal quality on STS-B).")
+@option("preset", type=click.Choice(list(PRESETS)), default=None,
+        help="A fixed set of loss options, chosen on validation data (docs/training.md); options given beside it "
+        "win. balanced is the recommendation for graded data; similarity for calibrated scores alone; retrieval "
+        "for ranking alone. " + "; ".join(f"{name}: {describe(name)}" for name in PRESETS) + ".")
 @option("loss", type=click.Choice(LOSSES), default=DEFAULTS.loss,
         help="weighted-mse: cosine fitted to rel (calibrated scores); in-batch: contrastive with the batch's other "
         "documents as negatives (ranking); weighted-mse+in-batch: both (recommended for retrieval).")
@@ -93,6 +99,10 @@ def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -
 @option("negative_threshold", type=click.FloatRange(0, 1), default=DEFAULTS.negative_threshold,
         help="In-batch: a document of the same query with rel below this joins the batch as a hard negative.")
 @option("symmetric", is_flag=True, help="In-batch: also rank the queries for each document.")
+@option("false_negative_margin", type=click.FloatRange(-1, 1), default=None, metavar="MARGIN",
+        help="In-batch: leave out of a query's negatives the other documents the model already scores above its "
+        "positive's cosine minus MARGIN (probably related, not negatives; 0: those scored above the positive). "
+        "Labelled hard negatives always stay. Default: off.")
 @option("gather_across_ranks", is_flag=True,
         help="In-batch under torchrun: every rank's embeddings are negatives for every query (global batch).")
 @option("matryoshka_dims", default=None, callback=_parse_dims, metavar="D1,D2,...",
@@ -102,7 +112,8 @@ def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -
         "the model [default: the base model's prompt, if it has one; '' for none].")
 @option("document_prompt", default=DEFAULTS.document_prompt, show_default=False, metavar="TEXT",
         help="Prefix every document with this prompt (e.g. 'passage: '), likewise.")
-def train_command(**options) -> None:
+@click.pass_context
+def train_command(ctx: click.Context, preset: str | None, **options) -> None:
     """Fine-tune an encoder so that cosine(query, document) matches rel."""
     from embedforge.checkpoints import CheckpointError
     from embedforge.data import DataError
@@ -111,13 +122,17 @@ def train_command(**options) -> None:
     from embedforge.train.checkpointer import CheckpointFailed, NonFiniteError
     from embedforge.train.trainer import TrainError, train
 
-    config = TrainConfig(**options)
+    # the loss options come from the preset (or TrainConfig) unless given: explicit options win
+    given = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    chosen = {**{name: value for name, value in options.items() if name not in LOSS_OPTIONS}, **given}
     try:
+        config = preset_config(preset, **chosen)
         result = train(config)
     except (TrainError, DataError, ModelError, CheckpointError, DeviceError, NonFiniteError,
             CheckpointFailed) as error:
         raise click.ClickException(str(error)) from error
     if result.best_checkpoint is not None:
         click.echo(f"trained {result.global_step} steps; {len(result.checkpoints)} checkpoint(s) in "
-                   f"{result.save_path}; lowest val_loss: {result.best_checkpoint.name}, its model copied to "
-                   f"{result.save_path} (BertVectorModel.from_pretrained({str(result.save_path)!r}))")
+                   f"{result.save_path}; best by {config.select_by}: {result.best_checkpoint.name}, its model copied "
+                   f"to {result.save_path} (BertVectorModel.from_pretrained({str(result.save_path)!r}))")

@@ -40,6 +40,7 @@ class TrainConfig:
     pack_tokens: bool = True
     frozen_layers: int = 0
     eval_batch_size: int = 64
+    preset: str | None = None  # the --preset the loss options came from (train/presets.py), for the record
     loss: str = "weighted-mse"
     in_batch_weight: float = 1.0  # weight of the in-batch term beside MSE (docs/training.md)
     scale: float = 20.0
@@ -47,6 +48,7 @@ class TrainConfig:
     rel_power: float = 0.0  # in-batch anchors weigh rel^rel_power (docs/training.md: the graded recipe uses 2)
     negative_threshold: float | None = 0.2
     symmetric: bool = False
+    false_negative_margin: float | None = None  # in-batch: drop negatives scored above the positive - margin
     gather_across_ranks: bool = False
     matryoshka_dims: tuple[int, ...] | None = None
     show_progress: bool = True

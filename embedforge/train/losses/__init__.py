@@ -35,12 +35,13 @@ def build_loss(loss: str, scale: float = TrainConfig.scale, positive_threshold: 
                symmetric: bool = TrainConfig.symmetric, in_batch_weight: float = TrainConfig.in_batch_weight,
                matryoshka_dims: tuple[int, ...] | None = None,
                gather_across_ranks: bool = TrainConfig.gather_across_ranks,
-               rel_power: float = TrainConfig.rel_power) -> nn.Module:
+               rel_power: float = TrainConfig.rel_power,
+               false_negative_margin: float | None = TrainConfig.false_negative_margin) -> nn.Module:
     """The loss module named by `loss` (one of LOSSES), wrapped for Matryoshka training if dims are given; the
     defaults are TrainConfig's."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    in_batch = InBatchLoss(scale, positive_threshold, symmetric, gather_across_ranks, rel_power)
+    in_batch = InBatchLoss(scale, positive_threshold, symmetric, gather_across_ranks, rel_power, false_negative_margin)
     module = {"weighted-mse": WeightedMSELoss(), "in-batch": in_batch,
               "weighted-mse+in-batch": SumLoss(WeightedMSELoss(), in_batch, in_batch_weight)}[loss]
     return MatryoshkaLoss(module, matryoshka_dims) if matryoshka_dims else module
@@ -51,4 +52,5 @@ def loss_for(config: TrainConfig, gather_across_ranks: bool | None = None) -> nn
     the config; False for a loss computed on one rank alone (validation)."""
     gather = config.gather_across_ranks if gather_across_ranks is None else gather_across_ranks
     return build_loss(config.loss, config.scale, config.positive_threshold, config.symmetric, config.in_batch_weight,
-                      config.matryoshka_dims, gather, config.rel_power)
+                      config.matryoshka_dims, gather, config.rel_power,
+                      config.false_negative_margin)
