@@ -39,6 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embedforge._proto import embedding_pb2 as pb
 from embedforge._proto import embedding_pb2_grpc as pb_grpc
 from embedforge.net import MAX_REPLY_BYTES, InsecureKeyError, check_key_transport  # noqa: F401 (InsecureKeyError: for callers)
+from embedforge.quantize import DTYPES, OUTPUT_TYPES
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 # Embed, Score and Info are pure functions of the request, so any failed attempt may be sent again.
@@ -148,16 +149,18 @@ class Timing:
 
 @dataclass(frozen=True)
 class EmbedResult:
-    vectors: np.ndarray  # float32 [len(texts), dim], row i belongs to texts[i]
+    vectors: np.ndarray  # [len(texts), dim] float32 (or the output type's codes), row i belongs to texts[i]
     tokens: int  # tokens the model processed (after truncation, no padding)
     timing: Timing
     embedding_space: str = ""  # the space the vectors belong to (ServerInfo.embedding_space)
     text_tokens: tuple[int, ...] = ()  # tokens used of each text (after truncation, prompt included)
     truncated: tuple[int, ...] = ()  # indices of the texts cut at max_length
+    output_type: str = "float32"  # or int8, uint8, binary, ubinary (embedforge/quantize.py)
+    vector_dim: int = 0  # dimensions per vector (binary rows pack 8 to a byte); 0: vectors.shape[1]
 
     @property
     def dim(self) -> int:
-        return int(self.vectors.shape[1])
+        return self.vector_dim or int(self.vectors.shape[1])
 
 
 @dataclass(frozen=True)
@@ -210,20 +213,22 @@ def _direction(truncation_direction: str) -> int:
 def build_embed_request(texts: Sequence[str], truncate: bool | None = None, normalize: bool = True,
                         dimensions: int | None = None, input_type: str | None = None,
                         truncation_direction: str = "right", overflow: str | None = None,
-                        chunk_overlap: int | None = None) -> pb.EmbedRequest:
+                        chunk_overlap: int | None = None, output_type: str = "float32") -> pb.EmbedRequest:
     """input_type "query" or "document": the server prefixes the model's prompt of that kind (None: none);
     truncation_direction: which end of a text over max_length is cut ("right" keeps the start); overflow
     "truncate", "error" or "chunk" (windows of max_length tokens overlapping by chunk_overlap) overrides
-    truncate."""
+    truncate; output_type: float32, int8, uint8, binary or ubinary (embedforge/quantize.py)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input_type must be 'query', 'document' or None, got {input_type!r}")
     if overflow not in OVERFLOWS:
         raise ValueError(f"overflow must be 'truncate', 'error', 'chunk' or None, got {overflow!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     return pb.EmbedRequest(texts=list(texts), truncate=truncate, normalize=normalize, dimensions=dimensions,
                            input_type=INPUT_TYPES[input_type], truncation_direction=_direction(truncation_direction),
-                           overflow=OVERFLOWS[overflow], chunk_overlap=chunk_overlap)
+                           overflow=OVERFLOWS[overflow], chunk_overlap=chunk_overlap, output_type=output_type.upper())
 
 
 def build_score_request(query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
@@ -235,8 +240,12 @@ def build_score_request(query: str, documents: Sequence[str], top_k: int = 0, tr
 
 
 def decode_vectors(response: pb.EmbedResponse) -> np.ndarray:
-    """The response's vectors as float32 [count, dim] (zero-copy view of the little-endian bytes)."""
-    return np.frombuffer(response.vectors, dtype="<f4").reshape(response.count, response.dim)
+    """The response's vectors as [count, dim] float32 (or int8 / uint8 codes; binary: [count, ceil(dim / 8)]
+    packed bytes), a zero-copy view of the little-endian bytes."""
+    output_type = pb.OutputType.Name(response.output_type).lower()
+    dtype = np.dtype(DTYPES[output_type]).newbyteorder("<")
+    width = response.row_bytes // dtype.itemsize if response.row_bytes else response.dim  # 0: an older server
+    return np.frombuffer(response.vectors, dtype=dtype).reshape(response.count, width)
 
 
 def decode_timing(timing: pb.Timing) -> Timing:
@@ -245,7 +254,8 @@ def decode_timing(timing: pb.Timing) -> Timing:
 
 def decode_embed_response(response: pb.EmbedResponse) -> EmbedResult:
     return EmbedResult(decode_vectors(response), response.usage.tokens, decode_timing(response.timing),
-                       response.embedding_space, tuple(response.text_tokens), tuple(response.truncated))
+                       response.embedding_space, tuple(response.text_tokens), tuple(response.truncated),
+                       pb.OutputType.Name(response.output_type).lower(), response.dim)
 
 
 def decode_score_response(response: pb.ScoreResponse) -> ScoreResult:
@@ -392,11 +402,12 @@ class EmbedClient:
     def embed(self, texts: Sequence[str], truncate: bool | None = None, normalize: bool = True,
               deadline_s: float | None = None, dimensions: int | None = None,
               input_type: str | None = None, truncation_direction: str = "right", overflow: str | None = None,
-              chunk_overlap: int | None = None) -> EmbedResult:
+              chunk_overlap: int | None = None, output_type: str = "float32") -> EmbedResult:
         """dimensions: the first d values of each vector, renormalised (for a model trained for it); input_type:
-        "query" or "document", for a model trained with prompts (ServerInfo.prompts)."""
+        "query" or "document", for a model trained with prompts (ServerInfo.prompts); output_type: float32,
+        int8, uint8, binary or ubinary (embedforge/quantize.py)."""
         request = build_embed_request(texts, truncate, normalize, dimensions, input_type, truncation_direction,
-                                      overflow, chunk_overlap)
+                                      overflow, chunk_overlap, output_type)
         return decode_embed_response(self._pinned(self._stub.Embed, request, deadline_s))
 
     def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,
@@ -477,9 +488,10 @@ class AsyncEmbedClient:
     async def embed(self, texts: Sequence[str], truncate: bool | None = None, normalize: bool = True,
                     deadline_s: float | None = None, dimensions: int | None = None,
                     input_type: str | None = None, truncation_direction: str = "right",
-                    overflow: str | None = None, chunk_overlap: int | None = None) -> EmbedResult:
+                    overflow: str | None = None, chunk_overlap: int | None = None,
+                    output_type: str = "float32") -> EmbedResult:
         request = build_embed_request(texts, truncate, normalize, dimensions, input_type, truncation_direction,
-                                      overflow, chunk_overlap)
+                                      overflow, chunk_overlap, output_type)
         return decode_embed_response(await self._pinned(self._stub.Embed, request, deadline_s))
 
     async def score(self, query: str, documents: Sequence[str], top_k: int = 0, truncate: bool = True,

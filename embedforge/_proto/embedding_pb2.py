@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65mbedforge/v1/embedding.proto\x12\rembedforge.v1\"\xd8\x02\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x15\n\x08truncate\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x17\n\ndimensions\x18\x04 \x01(\rH\x02\x88\x01\x01\x12,\n\ninput_type\x18\x05 \x01(\x0e\x32\x18.embedforge.v1.InputType\x12@\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\".embedforge.v1.TruncationDirection\x12)\n\x08overflow\x18\x07 \x01(\x0e\x32\x17.embedforge.v1.Overflow\x12\x1a\n\rchunk_overlap\x18\x08 \x01(\rH\x03\x88\x01\x01\x42\x0b\n\t_truncateB\x0c\n\n_normalizeB\r\n\x0b_dimensionsB\x10\n\x0e_chunk_overlap\"\xc9\x01\n\rEmbedResponse\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.embedforge.v1.Usage\x12%\n\x06timing\x18\x05 \x01(\x0b\x32\x15.embedforge.v1.Timing\x12\x17\n\x0f\x65mbedding_space\x18\x06 \x01(\t\x12\x13\n\x0btext_tokens\x18\x07 \x03(\r\x12\x11\n\ttruncated\x18\x08 \x03(\r\"\xa5\x01\n\x0cScoreRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12@\n\x14truncation_direction\x18\x05 \x01(\x0e\x32\".embedforge.v1.TruncationDirectionB\x0b\n\t_truncate\"\xfe\x01\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x13\n\x0btop_indices\x18\x02 \x03(\r\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.embedforge.v1.Usage\x12%\n\x06timing\x18\x04 \x01(\x0b\x32\x15.embedforge.v1.Timing\x12\x17\n\x0f\x65mbedding_space\x18\x05 \x01(\t\x12\x14\n\x0cquery_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x64ocument_tokens\x18\x07 \x03(\r\x12\x17\n\x0fquery_truncated\x18\x08 \x01(\x08\x12\x1b\n\x13truncated_documents\x18\t \x03(\r\"\r\n\x0bInfoRequest\"\xed\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x0f\n\x07pooling\x18\x06 \x01(\t\x12%\n\x06limits\x18\x07 \x01(\x0b\x32\x15.embedforge.v1.Limits\x12\x16\n\x0eserver_version\x18\x08 \x01(\t\x12\x17\n\x0fmatryoshka_dims\x18\t \x03(\r\x12\x16\n\x0e\x61ny_dimensions\x18\n \x01(\x08\x12\x17\n\x0f\x65mbedding_space\x18\x0b \x01(\t\x12\x39\n\x07prompts\x18\x0c \x03(\x0b\x32(.embedforge.v1.InfoResponse.PromptsEntry\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x06Limits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x1a\n\x12max_chars_per_text\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x04 \x01(\r\x12\x13\n\x0bmax_wait_ms\x18\x05 \x01(\x02\x12\x18\n\x10min_batch_tokens\x18\x06 \x01(\r\"\x17\n\x05Usage\x12\x0e\n\x06tokens\x18\x01 \x01(\r\"W\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x13\n\x0btokenize_ms\x18\x02 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02*H\n\x08Overflow\x12\x18\n\x14OVERFLOW_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRUNCATE\x10\x01\x12\t\n\x05\x45RROR\x10\x02\x12\t\n\x05\x43HUNK\x10\x03**\n\x13TruncationDirection\x12\t\n\x05RIGHT\x10\x00\x12\x08\n\x04LEFT\x10\x01*@\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05QUERY\x10\x01\x12\x0c\n\x08\x44OCUMENT\x10\x02\x32\xdb\x01\n\x10\x45mbeddingService\x12\x42\n\x05\x45mbed\x12\x1b.embedforge.v1.EmbedRequest\x1a\x1c.embedforge.v1.EmbedResponse\x12\x42\n\x05Score\x12\x1b.embedforge.v1.ScoreRequest\x1a\x1c.embedforge.v1.ScoreResponse\x12?\n\x04Info\x12\x1a.embedforge.v1.InfoRequest\x1a\x1b.embedforge.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65mbedforge/v1/embedding.proto\x12\rembedforge.v1\"\x88\x03\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x15\n\x08truncate\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x17\n\ndimensions\x18\x04 \x01(\rH\x02\x88\x01\x01\x12,\n\ninput_type\x18\x05 \x01(\x0e\x32\x18.embedforge.v1.InputType\x12@\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\".embedforge.v1.TruncationDirection\x12)\n\x08overflow\x18\x07 \x01(\x0e\x32\x17.embedforge.v1.Overflow\x12\x1a\n\rchunk_overlap\x18\x08 \x01(\rH\x03\x88\x01\x01\x12.\n\x0boutput_type\x18\t \x01(\x0e\x32\x19.embedforge.v1.OutputTypeB\x0b\n\t_truncateB\x0c\n\n_normalizeB\r\n\x0b_dimensionsB\x10\n\x0e_chunk_overlap\"\x8c\x02\n\rEmbedResponse\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.embedforge.v1.Usage\x12%\n\x06timing\x18\x05 \x01(\x0b\x32\x15.embedforge.v1.Timing\x12\x17\n\x0f\x65mbedding_space\x18\x06 \x01(\t\x12\x13\n\x0btext_tokens\x18\x07 \x03(\r\x12\x11\n\ttruncated\x18\x08 \x03(\r\x12.\n\x0boutput_type\x18\t \x01(\x0e\x32\x19.embedforge.v1.OutputType\x12\x11\n\trow_bytes\x18\n \x01(\r\"\xa5\x01\n\x0cScoreRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12@\n\x14truncation_direction\x18\x05 \x01(\x0e\x32\".embedforge.v1.TruncationDirectionB\x0b\n\t_truncate\"\xfe\x01\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x13\n\x0btop_indices\x18\x02 \x03(\r\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.embedforge.v1.Usage\x12%\n\x06timing\x18\x04 \x01(\x0b\x32\x15.embedforge.v1.Timing\x12\x17\n\x0f\x65mbedding_space\x18\x05 \x01(\t\x12\x14\n\x0cquery_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x64ocument_tokens\x18\x07 \x03(\r\x12\x17\n\x0fquery_truncated\x18\x08 \x01(\x08\x12\x1b\n\x13truncated_documents\x18\t \x03(\r\"\r\n\x0bInfoRequest\"\xed\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x0f\n\x07pooling\x18\x06 \x01(\t\x12%\n\x06limits\x18\x07 \x01(\x0b\x32\x15.embedforge.v1.Limits\x12\x16\n\x0eserver_version\x18\x08 \x01(\t\x12\x17\n\x0fmatryoshka_dims\x18\t \x03(\r\x12\x16\n\x0e\x61ny_dimensions\x18\n \x01(\x08\x12\x17\n\x0f\x65mbedding_space\x18\x0b \x01(\t\x12\x39\n\x07prompts\x18\x0c \x03(\x0b\x32(.embedforge.v1.InfoResponse.PromptsEntry\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x06Limits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x1a\n\x12max_chars_per_text\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x04 \x01(\r\x12\x13\n\x0bmax_wait_ms\x18\x05 \x01(\x02\x12\x18\n\x10min_batch_tokens\x18\x06 \x01(\r\"\x17\n\x05Usage\x12\x0e\n\x06tokens\x18\x01 \x01(\r\"W\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x13\n\x0btokenize_ms\x18\x02 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02*G\n\nOutputType\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\x08\n\x04INT8\x10\x01\x12\t\n\x05UINT8\x10\x02\x12\n\n\x06\x42INARY\x10\x03\x12\x0b\n\x07UBINARY\x10\x04*H\n\x08Overflow\x12\x18\n\x14OVERFLOW_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRUNCATE\x10\x01\x12\t\n\x05\x45RROR\x10\x02\x12\t\n\x05\x43HUNK\x10\x03**\n\x13TruncationDirection\x12\t\n\x05RIGHT\x10\x00\x12\x08\n\x04LEFT\x10\x01*@\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05QUERY\x10\x01\x12\x0c\n\x08\x44OCUMENT\x10\x02\x32\xdb\x01\n\x10\x45mbeddingService\x12\x42\n\x05\x45mbed\x12\x1b.embedforge.v1.EmbedRequest\x1a\x1c.embedforge.v1.EmbedResponse\x12\x42\n\x05Score\x12\x1b.embedforge.v1.ScoreRequest\x1a\x1c.embedforge.v1.ScoreResponse\x12?\n\x04Info\x12\x1a.embedforge.v1.InfoRequest\x1a\x1b.embedforge.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFORESPONSE_PROMPTSENTRY']._loaded_options = None
   _globals['_INFORESPONSE_PROMPTSENTRY']._serialized_options = b'8\001'
-  _globals['_OVERFLOW']._serialized_start=1690
-  _globals['_OVERFLOW']._serialized_end=1762
-  _globals['_TRUNCATIONDIRECTION']._serialized_start=1764
-  _globals['_TRUNCATIONDIRECTION']._serialized_end=1806
-  _globals['_INPUTTYPE']._serialized_start=1808
-  _globals['_INPUTTYPE']._serialized_end=1872
+  _globals['_OUTPUTTYPE']._serialized_start=1805
+  _globals['_OUTPUTTYPE']._serialized_end=1876
+  _globals['_OVERFLOW']._serialized_start=1878
+  _globals['_OVERFLOW']._serialized_end=1950
+  _globals['_TRUNCATIONDIRECTION']._serialized_start=1952
+  _globals['_TRUNCATIONDIRECTION']._serialized_end=1994
+  _globals['_INPUTTYPE']._serialized_start=1996
+  _globals['_INPUTTYPE']._serialized_end=2060
   _globals['_EMBEDREQUEST']._serialized_start=49
-  _globals['_EMBEDREQUEST']._serialized_end=393
-  _globals['_EMBEDRESPONSE']._serialized_start=396
-  _globals['_EMBEDRESPONSE']._serialized_end=597
-  _globals['_SCOREREQUEST']._serialized_start=600
-  _globals['_SCOREREQUEST']._serialized_end=765
-  _globals['_SCORERESPONSE']._serialized_start=768
-  _globals['_SCORERESPONSE']._serialized_end=1022
-  _globals['_INFOREQUEST']._serialized_start=1024
-  _globals['_INFOREQUEST']._serialized_end=1037
-  _globals['_INFORESPONSE']._serialized_start=1040
-  _globals['_INFORESPONSE']._serialized_end=1405
-  _globals['_INFORESPONSE_PROMPTSENTRY']._serialized_start=1359
-  _globals['_INFORESPONSE_PROMPTSENTRY']._serialized_end=1405
-  _globals['_LIMITS']._serialized_start=1408
-  _globals['_LIMITS']._serialized_end=1574
-  _globals['_USAGE']._serialized_start=1576
-  _globals['_USAGE']._serialized_end=1599
-  _globals['_TIMING']._serialized_start=1601
-  _globals['_TIMING']._serialized_end=1688
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1875
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2094
+  _globals['_EMBEDREQUEST']._serialized_end=441
+  _globals['_EMBEDRESPONSE']._serialized_start=444
+  _globals['_EMBEDRESPONSE']._serialized_end=712
+  _globals['_SCOREREQUEST']._serialized_start=715
+  _globals['_SCOREREQUEST']._serialized_end=880
+  _globals['_SCORERESPONSE']._serialized_start=883
+  _globals['_SCORERESPONSE']._serialized_end=1137
+  _globals['_INFOREQUEST']._serialized_start=1139
+  _globals['_INFOREQUEST']._serialized_end=1152
+  _globals['_INFORESPONSE']._serialized_start=1155
+  _globals['_INFORESPONSE']._serialized_end=1520
+  _globals['_INFORESPONSE_PROMPTSENTRY']._serialized_start=1474
+  _globals['_INFORESPONSE_PROMPTSENTRY']._serialized_end=1520
+  _globals['_LIMITS']._serialized_start=1523
+  _globals['_LIMITS']._serialized_end=1689
+  _globals['_USAGE']._serialized_start=1691
+  _globals['_USAGE']._serialized_end=1714
+  _globals['_TIMING']._serialized_start=1716
+  _globals['_TIMING']._serialized_end=1803
+  _globals['_EMBEDDINGSERVICE']._serialized_start=2063
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2282
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class OutputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FLOAT32: _ClassVar[OutputType]
+    INT8: _ClassVar[OutputType]
+    UINT8: _ClassVar[OutputType]
+    BINARY: _ClassVar[OutputType]
+    UBINARY: _ClassVar[OutputType]
+
 class Overflow(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OVERFLOW_UNSPECIFIED: _ClassVar[Overflow]
@@ -24,6 +32,11 @@ class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
     QUERY: _ClassVar[InputType]
     DOCUMENT: _ClassVar[InputType]
+FLOAT32: OutputType
+INT8: OutputType
+UINT8: OutputType
+BINARY: OutputType
+UBINARY: OutputType
 OVERFLOW_UNSPECIFIED: Overflow
 TRUNCATE: Overflow
 ERROR: Overflow
@@ -35,7 +48,7 @@ QUERY: InputType
 DOCUMENT: InputType
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "truncate", "normalize", "dimensions", "input_type", "truncation_direction", "overflow", "chunk_overlap")
+    __slots__ = ("texts", "truncate", "normalize", "dimensions", "input_type", "truncation_direction", "overflow", "chunk_overlap", "output_type")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +57,7 @@ class EmbedRequest(_message.Message):
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     OVERFLOW_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     truncate: bool
     normalize: bool
@@ -52,10 +66,11 @@ class EmbedRequest(_message.Message):
     truncation_direction: TruncationDirection
     overflow: Overflow
     chunk_overlap: int
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., overflow: _Optional[_Union[Overflow, str]] = ..., chunk_overlap: _Optional[int] = ...) -> None: ...
+    output_type: OutputType
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., overflow: _Optional[_Union[Overflow, str]] = ..., chunk_overlap: _Optional[int] = ..., output_type: _Optional[_Union[OutputType, str]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("vectors", "dim", "count", "usage", "timing", "embedding_space", "text_tokens", "truncated")
+    __slots__ = ("vectors", "dim", "count", "usage", "timing", "embedding_space", "text_tokens", "truncated", "output_type", "row_bytes")
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +79,8 @@ class EmbedResponse(_message.Message):
     EMBEDDING_SPACE_FIELD_NUMBER: _ClassVar[int]
     TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ROW_BYTES_FIELD_NUMBER: _ClassVar[int]
     vectors: bytes
     dim: int
     count: int
@@ -72,7 +89,9 @@ class EmbedResponse(_message.Message):
     embedding_space: str
     text_tokens: _containers.RepeatedScalarFieldContainer[int]
     truncated: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, vectors: _Optional[bytes] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding_space: _Optional[str] = ..., text_tokens: _Optional[_Iterable[int]] = ..., truncated: _Optional[_Iterable[int]] = ...) -> None: ...
+    output_type: OutputType
+    row_bytes: int
+    def __init__(self, vectors: _Optional[bytes] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding_space: _Optional[str] = ..., text_tokens: _Optional[_Iterable[int]] = ..., truncated: _Optional[_Iterable[int]] = ..., output_type: _Optional[_Union[OutputType, str]] = ..., row_bytes: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("query", "documents", "top_k", "truncate", "truncation_direction")

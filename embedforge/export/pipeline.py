@@ -15,7 +15,8 @@ The steps, in order (:func:`export_checkpoint`):
    with finite outputs, or the export fails; a precision that cannot run here (fp16 without CUDA) is
    written but marked ``"checked": false``, and `serve` warns when it serves one;
 5. copy the tokenizer files and write ``manifest.json`` (with the model's query and document ``prompts``, which
-   a client of the graph prefixes to the text before tokenizing).
+   a client of the graph prefixes to the text before tokenizing, and the ``calibration`` ranges of the parity
+   texts' vectors that the int8 and uint8 output types use, :mod:`embedforge.quantize`).
 
 Everything is written into a hidden temporary directory beside the output and renamed into place at
 the end: a failure or an interruption leaves no half-written export, and an existing export stays as it
@@ -31,12 +32,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from embedforge.checkpoints import EXPORT_DIR, EXPORT_MANIFEST
 from embedforge.data import Pair, read_pairs
 from embedforge.export.space import embedding_space
 from embedforge.io import write_dir_atomic, write_json_atomic
+from embedforge.quantize import Calibration
 
 PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
@@ -153,13 +156,16 @@ def _build(checkpoint_dir: Path, target: Path, scratch: Path, precisions: list[s
     for name in TOKENIZER_FILES:
         if (checkpoint_dir / name).is_file():
             shutil.copy2(checkpoint_dir / name, target / name)
-    _measure_parity(model, target, models, pairs, texts, progress)
+    reference = _measure_parity(model, target, models, pairs, texts, progress)
     progress.close()
     _check_parity(models, checkpoint_dir, floors)
     manifest = _manifest(model, models, baseline, opset, checkpoint_dir)
+    # int8/uint8 output ranges, measured on the parity (validation) texts: one set for every replica
+    calibration = Calibration.measure(reference) if len(reference) > 1 else None
+    manifest["calibration"] = calibration.to_manifest() if calibration else None
     tokenizer_files = [target / name for name in TOKENIZER_FILES if (target / name).is_file()]
     settings = {"dim": model.dim, "max_length": model.max_length, "pooling": model.pooling, "normalized": True,
-                "prompts": manifest["prompts"]}
+                "prompts": manifest["prompts"], "calibration": calibration.digest() if calibration else None}
     manifest["embedding_space"] = embedding_space(sorted(checkpoint_dir.glob("*.safetensors")), tokenizer_files,
                                                   settings)
     return manifest
@@ -210,8 +216,9 @@ def _optimize(model, target: Path, scratch: Path, precisions: list[str], progres
 
 
 def _measure_parity(model, target: Path, models: dict[str, dict], pairs: Sequence[Pair], texts: list[str],
-                    progress: tqdm) -> None:
-    """Step 4: each graph's vectors against PyTorch's, recorded as `parity` in its manifest entry."""
+                    progress: tqdm) -> np.ndarray:
+    """Step 4: each graph's vectors against PyTorch's, recorded as `parity` in its manifest entry; returns
+    PyTorch's (L2-normalised) vectors of `texts`."""
     from embedforge.export.parity import compare, onnx_embed, onnx_session
     from embedforge.tokenization import load_tokenizer
 
@@ -236,6 +243,7 @@ def _measure_parity(model, target: Path, models: dict[str, dict], pairs: Sequenc
             vectors = onnx_embed(session, tokenizer, texts, equal_lengths=True)
             entry["unpadded"]["parity"] = compare(reference, vectors, pairs, texts)
             progress.update()
+    return reference
 
 
 def parity_floors(overrides: Mapping[str, float] | None = None) -> dict[str, float]:

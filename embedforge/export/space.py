@@ -1,7 +1,8 @@
 """The embedding space of an export: a short id of everything that decides a vector.
 
 Vectors are comparable only when they come from the same weights through the same tokenizer, pooling,
-normalisation, max length and dimensions (and prompts, once a model has them). `embedding_space` hashes all of
+normalisation, max length and dimensions (and prompts, once a model has them); int8 and uint8 codes also need
+the same calibration ranges (embedforge/quantize.py), so the id covers those too. `embedding_space` hashes all of
 these: a repeated export of the same checkpoint gets the same id, any change of them another. The precisions
 of one export (fp32, fp16, int8) share it: they approximate the same model, within the parity floors that
 `export` checks.

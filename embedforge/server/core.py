@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from embedforge.quantize import QuantizeError, check_output_type, quantize
 from embedforge.server.admission import Admission, Overloaded, SlowBody, Ticket
 from embedforge.server.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull, TooLarge
 from embedforge.server.config import TOKENIZE_SLICE_TEXTS
@@ -81,12 +82,14 @@ class Timing:
 
 @dataclass(frozen=True)
 class Embedded:
-    vectors: np.ndarray  # float32 [n, dim or dimensions], row i belongs to text i
+    vectors: np.ndarray  # [n, dim or dimensions] (binary: packed bytes), row i belongs to text i
     tokens: int  # tokens the model processed (after truncation, no padding)
     timing: Timing
     embedding_space: str = ""  # the model's (ModelInfo.embedding_space)
     text_tokens: list[int] = field(default_factory=list)  # tokens used of each text (after truncation)
     truncated: list[int] = field(default_factory=list)  # indices of the texts cut at max_length
+    output_type: str = "float32"  # vectors: float32, or int8 / uint8 / binary / ubinary codes (quantize.py)
+    dim: int = 0  # dimensions of each vector (binary codes pack 8 to a byte)
 
 
 @dataclass(frozen=True)
@@ -217,13 +220,15 @@ class EmbeddingCore:
                     dimensions: int | None = None, request_id: str = "", field: str = "texts",
                     release_texts: bool = False, input_type: str | None = None,
                     truncation_direction: str = "right", overflow: str | None = None,
-                    chunk_overlap: int | None = None) -> Embedded:
+                    chunk_overlap: int | None = None, output_type: str = "float32") -> Embedded:
         """One vector per text, in order, within the ticket's deadline; `field` names the texts in error messages
         (texts[3] is empty). release_texts: empty the list once it is tokenized (the caller no longer needs it),
         so that the texts' memory is freed while the call waits for its batches. input_type ("query",
         "document"): the model's prompt of that kind is prefixed to each text (none if it has none).
         overflow (see overflow_policy): a text over max_length is cut ("truncate"), refused ("error"), or embedded
-        in windows of max_length tokens overlapping by chunk_overlap ("chunk": the mean of its windows)."""
+        in windows of max_length tokens overlapping by chunk_overlap ("chunk": the mean of its windows).
+        output_type (embedforge/quantize.py): float32 vectors, or int8, uint8, binary or ubinary codes of the
+        normalised vectors."""
         info = self.check_ready()
         prompt = prompt_for(info, input_type)
         self.check_texts(texts, field, prompt=prompt)
@@ -231,6 +236,7 @@ class EmbeddingCore:
             raise InvalidRequest("normalize=false: this export has no unnormalized output; re-export with "
                                  "`embedforge export`")
         self.check_dimensions(dimensions, info)
+        self.check_output_type(output_type, normalize, dimensions, info)
         count = len(texts)
         if prompt:
             prompted = [prompt + text for text in texts]
@@ -249,7 +255,11 @@ class EmbeddingCore:
             vectors = np.ascontiguousarray(vectors[:, :dimensions])
         if normalize:
             vectors = l2_normalize(vectors)
-        return Embedded(vectors, done.tokens, done.timing, info.embedding_space, done.text_tokens, done.truncated)
+        dim = vectors.shape[1]
+        if output_type != "float32":
+            vectors = quantize(vectors, output_type, info.calibration)
+        return Embedded(vectors, done.tokens, done.timing, info.embedding_space, done.text_tokens, done.truncated,
+                        output_type, dim)
 
     async def score(self, query: str, documents: list[str], *, ticket: Ticket, top_k: int = 0,
                     truncate: bool | None = True, request_id: str = "", release_texts: bool = False,
@@ -296,6 +306,15 @@ class EmbeddingCore:
                 except UnicodeEncodeError as exc:
                     raise InvalidRequest(f"{name} holds a lone surrogate at character {exc.start} "
                                          f"({text[exc.start]!r}): it is not valid Unicode text") from None
+
+    @staticmethod
+    def check_output_type(output_type: str, normalize: bool, dimensions: int | None, info: ModelInfo) -> None:
+        if output_type != "float32" and not normalize:
+            raise InvalidRequest(f"output type {output_type} codes L2-normalised vectors; omit normalize=false")
+        try:
+            check_output_type(output_type, info.calibration, dimensions or info.dim, info.dim)
+        except QuantizeError as error:
+            raise InvalidRequest(str(error)) from error
 
     def check_dimensions(self, dimensions: int | None, info: ModelInfo) -> None:
         """Truncated vectors only from a model trained for them (Matryoshka), unless the server allows any size."""

@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from embedforge.quantize import Calibration
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -25,6 +27,8 @@ class ModelInfo:
     prompts: dict[str, str] = field(default_factory=dict)
     """The model's prompts by input type ("query", "document"; the export manifest's `prompts`), "" or absent:
     none of that kind."""
+    calibration: Calibration | None = None
+    """int8/uint8 ranges (the export manifest's `calibration`); None: those output types cannot be served."""
 
 
 @dataclass(frozen=True)

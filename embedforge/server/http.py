@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (aiohttp), on the gRPC server's event loop and `EmbeddingCore` (one batcher).
 
     POST /v1/embeddings   OpenAI schema: input (a string or a list of strings), model, encoding_format
-                          (float | base64: little-endian float32), dimensions, user (ignored)
+                          (float | base64: little-endian float32), dimensions, user (ignored); and Cohere's
+                          embedding_types (one of float, int8, uint8, binary, ubinary: the embeddings as
+                          integer codes, embedforge/quantize.py; base64: their bytes)
     POST /v1/rerank       Cohere/Jina schema: query, documents, top_n, return_documents -> results best first
                           (relevance_score = cosine of the bi-encoder vectors: the Score RPC over HTTP)
     GET  /v1/models       the served model, its dim, Matryoshka sizes and limits
@@ -139,6 +141,21 @@ def _texts(value: Any, field: str) -> list[str]:
             hint = " (token arrays are not supported: send text)" if isinstance(item, (int, list)) else ""
             raise ApiError(400, f"{field}[{i}] must be a string{hint}", field)
     return value
+
+
+HTTP_TYPES = {"float32": "float", "int8": "int8", "uint8": "uint8", "binary": "binary", "ubinary": "ubinary"}
+
+
+def _output_type(body: dict) -> str:
+    """Cohere's `embedding_types`: a list of one type name (float when absent); several at once are refused."""
+    types = body.get("embedding_types")
+    if types is None:
+        return "float32"
+    names = {http: ours for ours, http in HTTP_TYPES.items()}
+    if not (isinstance(types, list) and len(types) == 1 and types[0] in names):
+        raise ApiError(400, f"embedding_types must be a list of one of {', '.join(names)} (one type per request), "
+                       f"got {types!r}", "embedding_types")
+    return names[types[0]]
 
 
 def _optional_int(body: dict, field: str) -> int | None:
@@ -317,11 +334,12 @@ class HttpApi:
         overflow = body.get("overflow")
         if overflow is not None and overflow not in OVERFLOWS:
             raise ApiError(400, f"overflow must be one of {', '.join(OVERFLOWS)}, got {overflow!r}", "overflow")
+        output_type = _output_type(body)
         done = await self.core.embed(texts, dimensions=dimensions, ticket=ticket, request_id=request_id,
                                      field="input", input_type=input_type, truncate=truncate,
                                      truncation_direction=direction, overflow=overflow,
-                                     chunk_overlap=_optional_int(body, "chunk_overlap"))
-        vectors = done.vectors.astype("<f4", copy=False)
+                                     chunk_overlap=_optional_int(body, "chunk_overlap"), output_type=output_type)
+        vectors = done.vectors.astype("<f4", copy=False) if output_type == "float32" else done.vectors
         if encoding == "base64":
             encoded = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
         else:
@@ -330,7 +348,7 @@ class HttpApi:
         payload = {"object": "list", "data": data, "model": model_id,
                    "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens},
                    "input_tokens": done.text_tokens, "truncated": done.truncated,
-                   "embedding_space": done.embedding_space}
+                   "embedding_space": done.embedding_space, "embedding_type": HTTP_TYPES[output_type]}
         return web.json_response(payload, headers=reply_headers(done))
 
     async def _rerank(self, request: web.Request) -> web.Response:

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from embedforge.io import UnsafeFileNameError, plain_file_name
 from embedforge.onnxrt import PROVIDERS, create_session, pad_token_ids, shrinking_run
+from embedforge.quantize import Calibration, QuantizeError
 from embedforge.server.embedder import ModelInfo, Tokenized
 from embedforge.st_layout import PROMPT_NAMES
 from embedforge.tokenization import encode_truncated, load_tokenizer
@@ -102,6 +103,22 @@ def read_prompts(manifest: dict, model_dir: Path) -> dict[str, str]:
         raise RuntimeConfigError(f"{model_dir / 'manifest.json'}: prompts must map query and document to strings, "
                                  f"got {prompts!r}")
     return {kind: text for kind, text in prompts.items() if text}
+
+
+def read_calibration(manifest: dict, model_dir: Path) -> Calibration | None:
+    """The manifest's optional int8/uint8 `calibration` ranges (embedforge/quantize.py), checked; None: an export
+    written before output types, which serves float32 and binary only."""
+    record = manifest.get("calibration")
+    if record is None:
+        return None
+    try:
+        calibration = Calibration.from_manifest(record)
+    except (QuantizeError, KeyError, TypeError, ValueError) as error:
+        raise RuntimeConfigError(f"{model_dir / 'manifest.json'}: calibration: {error}") from error
+    if len(calibration.low) != int(manifest["dim"]):
+        raise RuntimeConfigError(f"{model_dir / 'manifest.json'}: calibration has {len(calibration.low)} ranges "
+                                 f"for dim={manifest['dim']}")
+    return calibration
 
 
 def choose_provider(requested: str) -> str:
@@ -184,7 +201,8 @@ class OnnxEmbedder:
                               unnormalized=self._output_name != manifest["output"],
                               matryoshka_dims=read_matryoshka_dims(manifest, model_dir),
                               embedding_space=manifest["embedding_space"],
-                              prompts=read_prompts(manifest, model_dir))
+                              prompts=read_prompts(manifest, model_dir),
+                              calibration=read_calibration(manifest, model_dir))
 
     def tokenize(self, texts: list[str], truncation_direction: str = "right") -> Tokenized:
         """Tokenize with the Rust tokenizer; texts over max_length are truncated and listed: cut at the right

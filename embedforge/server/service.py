@@ -137,6 +137,8 @@ def parse_request(raw: bytes, message_type: type[Message], max_items: int) -> Me
 
 
 INPUT_TYPE_NAMES = {pb.QUERY: "query", pb.DOCUMENT: "document"}  # INPUT_TYPE_UNSPECIFIED: no prompt
+OUTPUT_TYPE_NAMES = {pb.FLOAT32: "float32", pb.INT8: "int8", pb.UINT8: "uint8", pb.BINARY: "binary",
+                     pb.UBINARY: "ubinary"}
 DIRECTION_NAMES = {pb.RIGHT: "right", pb.LEFT: "left"}
 OVERFLOW_NAMES = {pb.TRUNCATE: "truncate", pb.ERROR: "error", pb.CHUNK: "chunk"}  # unspecified: None
 
@@ -185,14 +187,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                    "normalize": request.normalize if request.HasField("normalize") else True,
                    "dimensions": request.dimensions if request.HasField("dimensions") else None,
                    "input_type": INPUT_TYPE_NAMES.get(request.input_type),
-                   "truncation_direction": DIRECTION_NAMES.get(request.truncation_direction, "right")}
+                   "truncation_direction": DIRECTION_NAMES.get(request.truncation_direction, "right"),
+                   "output_type": OUTPUT_TYPE_NAMES.get(request.output_type, f"enum value {request.output_type}")}
         del request  # the message's memory goes now; the core empties texts once they are tokens
         done = await self.core.embed(texts, **options, release_texts=True, ticket=ticket, request_id=request_id)
         vectors = done.vectors
-        return pb.EmbedResponse(vectors=vectors.astype("<f4", copy=False).tobytes(), dim=vectors.shape[1],
-                                count=vectors.shape[0], usage=pb.Usage(tokens=done.tokens),
-                                timing=timing_message(done.timing), embedding_space=done.embedding_space,
-                                text_tokens=done.text_tokens, truncated=done.truncated)
+        if done.output_type == "float32":
+            vectors = vectors.astype("<f4", copy=False)
+        return pb.EmbedResponse(vectors=vectors.tobytes(), dim=done.dim, count=vectors.shape[0],
+                                usage=pb.Usage(tokens=done.tokens), timing=timing_message(done.timing),
+                                embedding_space=done.embedding_space, text_tokens=done.text_tokens,
+                                truncated=done.truncated, output_type=done.output_type.upper(),
+                                row_bytes=vectors.itemsize * vectors.shape[1])
 
     async def _score_rpc(self, box: _Once, ticket: Ticket, request_id: str) -> pb.ScoreResponse:
         request: pb.ScoreRequest = box.take()
