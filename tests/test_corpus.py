@@ -192,6 +192,35 @@ def test_skip_bad_lists_lines_and_no_truncate_refuses_long_text(tiny_export_dir,
     assert result.exit_code == 1 and "long.jsonl:2: text of more than 512 tokens" in result.output
 
 
+@pytest.mark.parametrize("output_type", ["int8", "ubinary"])
+def test_output_types_write_the_codes_of_the_float_vectors(tiny_export_dir, corpus, tmp_path, output_type):
+    from embedforge.quantize import Calibration, quantize
+
+    path, _ = corpus
+    run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "float")
+    run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "codes", "--output-type",
+            output_type)
+    _, floats, _ = read_output(tmp_path / "float")
+    written, codes, _ = read_output(tmp_path / "codes")
+    calibration = Calibration.from_manifest(json.loads((tiny_export_dir / "manifest.json").read_text())["calibration"])
+    ids = sorted(floats)
+    expected = quantize(np.stack([floats[i] for i in ids]), output_type, calibration)
+    got = np.stack([codes[i] for i in ids])
+    assert written["output_type"] == output_type and got.dtype == expected.dtype
+    assert np.array_equal(got, expected)
+    metadata = pq.read_schema(next((tmp_path / "codes").glob("*.parquet"))).metadata
+    assert metadata[b"output_type"] == output_type.encode()
+
+
+def test_int8_output_of_truncated_vectors_is_refused(tiny_export_dir, corpus, tmp_path):
+    export = shutil.copytree(tiny_export_dir, tmp_path / "export")
+    manifest = json.loads((export / "manifest.json").read_text())
+    (export / "manifest.json").write_text(json.dumps({**manifest, "matryoshka_dims": [8, 16]}))
+    result = run_cli("--model-dir", export, "--input", corpus[0], "--output", tmp_path / "a", "--dimensions", "16",
+                     "--output-type", "int8", expect_ok=False)
+    assert result.exit_code == 1 and "--output-type int8: int8 is calibrated for the full" in result.output
+
+
 def test_dimensions_need_matryoshka_sizes_and_cut_and_renormalise(tiny_export_dir, corpus, tmp_path):
     path, texts = corpus
     result = run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "a", "--dimensions",

@@ -136,3 +136,33 @@ def test_grpc_refuses_int8_of_truncated_vectors_and_unnormalised_codes(server):
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details()
         with pytest.raises(ValueError, match="output_type must be one of"):
             client.embed(TEXTS, output_type="int4")
+
+
+def test_evaluate_on_an_export_scores_each_output_type_as_a_store_compares_codes(tiny_export_dir, pairs_file, tmp_path):
+    from click.testing import CliRunner
+
+    from embedforge.corpus.vectors import CorpusEmbedder
+    from embedforge.data import read_pairs
+    from embedforge.evaluate.cli import evaluate_command
+    from embedforge.evaluate.metrics import spearman
+
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(evaluate_command, ["--test-path", str(pairs_file), "--export-dir",
+                                                   str(tiny_export_dir), "--output-types", "float32,int8,binary",
+                                                   "--output", str(report_path)])
+    assert result.exit_code == 0, result.output
+    assert "by output type" in result.output
+    metrics = json.loads(report_path.read_text())["results"][0]["metrics"]
+    assert list(metrics["output_types"]) == ["float32", "int8", "binary"]
+    assert metrics["output_types"]["float32"]["spearman"] == pytest.approx(metrics["spearman"], abs=1e-9)
+    # binary: Spearman of the Hamming similarity of each pair's sign bits against rel, computed here
+    pairs = read_pairs(pairs_file)
+    embedder = CorpusEmbedder(tiny_export_dir)
+    queries, documents = (embedder.embed([getattr(p, side) for p in pairs]).vectors for side in ("query", "document"))
+    dim = queries.shape[1]
+    hamming = ((queries > 0) != (documents > 0)).sum(axis=1)
+    expected = 100 * spearman(1 - 2 * hamming / dim, np.array([p.rel for p in pairs]))
+    assert metrics["output_types"]["binary"]["spearman"] == pytest.approx(expected, abs=1e-6)
+    refused = CliRunner().invoke(evaluate_command, ["--test-path", str(pairs_file), "--export-dir",
+                                                    str(tiny_export_dir), "--output-types", "int4"])
+    assert refused.exit_code == 2 and "choose from float32, int8" in refused.output

@@ -13,6 +13,7 @@ import click
 from embedforge.cli_options import ALLOW_INSECURE_KEY_HELP, client_tls_options, option
 from embedforge.corpus import INPUT_TYPES
 from embedforge.corpus.job import CorpusJob
+from embedforge.quantize import OUTPUT_TYPES
 
 EPILOG = """Examples:
 
@@ -64,13 +65,16 @@ EPILOG = """Examples:
 @option("input_type", type=click.Choice(INPUT_TYPES), default=None, show_default=False,
         help="What the texts are: each gets the model's prompt for that input type (manifest.json `prompts`, "
         "set by `train --query-prompt/--document-prompt`), which counts towards max_length [default: no prompt].")
+@option("output_type", type=click.Choice(OUTPUT_TYPES), default="float32",
+        help="The vector column's type: float32, or codes of the normalised vectors: int8/uint8 (per-dimension "
+        "ranges calibrated at export; full dimensions), binary/ubinary (sign bits, 8 per byte).")
 @option("no_progress", is_flag=True, help="No progress bar (it shows texts/s and the ETA).")
 def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path, text_field: str,
                          id_field: str | None, input_format: str, skip_bad: bool, no_truncate: bool, precision: str,
                          provider: str, threads: int | None, dimensions: int | None, shard_size: int,
                          max_batch_tokens: int, max_batch_size: int, ray_address: str | None,
                          ray_actors: int | None, ray_actor_threads: int, input_type: str | None,
-                         no_progress: bool) -> None:
+                         output_type: str, no_progress: bool) -> None:
     """Embed a corpus (JSONL or plain-text files) into Parquet shards with an exported model."""
     from embedforge.corpus.job import CorpusJob
     from embedforge.corpus.output import JobMismatchError, prepare_output
@@ -87,7 +91,8 @@ def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path,
                         text_field=text_field, id_field=id_field, input_format=input_format, skip_bad=skip_bad,
                         truncate=not no_truncate, precision=precision, provider=provider, threads=threads,
                         dimensions=dimensions, shard_size=shard_size, max_batch_tokens=max_batch_tokens,
-                        max_batch_size=max_batch_size, progress=not no_progress, input_type=input_type)
+                        max_batch_size=max_batch_size, progress=not no_progress, input_type=input_type,
+                        output_type=output_type)
         _warn_without_input_type(job)
         identity = job.identity("local" if ray_address is None else "ray")
         state = prepare_output(output, identity)

@@ -14,7 +14,7 @@ from pathlib import Path
 from embedforge.corpus import MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 from embedforge.corpus.output import shard_stats
 from embedforge.corpus.reader import Problem, describe_file, file_sha256, read_records
-from embedforge.corpus.vectors import input_prompt, output_dims
+from embedforge.corpus.vectors import check_corpus_output_type, input_prompt, output_dims
 from embedforge.onnxrt import PROVIDERS
 from embedforge.server.runtime import choose_precision, choose_provider, model_file_name, read_manifest
 
@@ -38,12 +38,14 @@ class CorpusJob:
     max_batch_size: int = MAX_BATCH_SIZE
     progress: bool = True
     input_type: str | None = None  # "query" or "document": the export's prompt of that name is prefixed
+    output_type: str = "float32"  # or int8, uint8, binary, ubinary codes (embedforge/quantize.py)
     model_manifest: dict = field(init=False)
 
     def __post_init__(self) -> None:
         self.model_manifest = read_manifest(self.model_dir)
         self.dims = output_dims(self.model_manifest, self.dimensions)
         self.prompt = input_prompt(self.model_manifest, self.model_dir, self.input_type)
+        check_corpus_output_type(self.output_type, self.model_manifest, self.model_dir, self.dims)
         self.provider_name = choose_provider(self.provider)
         self.provider_key = next(key for key, name in PROVIDERS.items() if name == self.provider_name)
         self.precision_name = choose_precision(self.precision, list(self.model_manifest["models"]),
@@ -63,6 +65,7 @@ class CorpusJob:
             "dims": self.dims,
             "input_type": self.input_type,
             "prompt": self.prompt,
+            "output_type": self.output_type,
             "text_field": self.text_field,
             "id_field": self.id_field,
             "input_format": self.input_format,
@@ -103,6 +106,7 @@ class CorpusJob:
             "normalized": True,
             "input_type": self.input_type,
             "prompt": self.prompt,
+            "output_type": self.output_type,
             "precision": self.precision_name,
             "provider": self.provider_name,
             "count": count,

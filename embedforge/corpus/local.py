@@ -47,7 +47,8 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
     done = sum(f["rows"] for f in shard_stats(done_shards)[0])
     embedder = CorpusEmbedder(job.model_dir, precision=job.precision_name, provider=job.provider_key,
                               threads=job.threads, dimensions=job.dimensions, max_batch_tokens=job.max_batch_tokens,
-                              max_batch_size=job.max_batch_size, input_type=job.input_type)
+                              max_batch_size=job.max_batch_size, input_type=job.input_type,
+                              output_type=job.output_type)
     records = itertools.islice(job.records([]), done, None)
 
     def next_chunk() -> Chunk | None:
@@ -74,8 +75,8 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
             for batch in embedder.batches(chunk.lengths):
                 vectors[batch] = embedder.embed_batch([chunk.ids[i] for i in batch])
                 bar.update(len(batch))
-            table = shard_table([r.id for r in chunk.records], vectors, chunk.lengths, chunk.truncated,
-                                embedder.info.embedding_space)
+            table = shard_table([r.id for r in chunk.records], embedder.codes(vectors), chunk.lengths,
+                                chunk.truncated, embedder.info.embedding_space, job.output_type)
             write_shard(job.output / SHARD_PATTERN.format(shard_index), table)
             shard_index += 1
     manifest = job.manifest(identity, count, problems, complete_shards(job.output), started,

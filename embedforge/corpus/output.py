@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedforge.io import write_file_atomic, write_json_atomic
+from embedforge.quantize import DTYPES
 
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
@@ -32,21 +33,27 @@ class JobMismatchError(Exception):
 
 
 SPACE_METADATA_KEY = b"embedding_space"  # Parquet schema metadata: the export's embedding space
+OUTPUT_TYPE_KEY = b"output_type"  # and the vectors' output type (embedforge/quantize.py)
 
 
-def shard_schema(dim: int, embedding_space: str) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("tokens", pa.int32()),
-                      ("truncated", pa.bool_())], metadata={SPACE_METADATA_KEY: embedding_space.encode()})
+def shard_schema(width: int, embedding_space: str, output_type: str = "float32") -> pa.Schema:
+    """id, vector (fixed-size list of the output type's values: float32, int8 or uint8; binary types hold
+    ceil(dim / 8) packed bytes), tokens, truncated; the space and output type in the schema's metadata."""
+    values = pa.from_numpy_dtype(np.dtype(DTYPES[output_type]))
+    return pa.schema([("id", pa.string()), ("vector", pa.list_(values, width)), ("tokens", pa.int32()),
+                      ("truncated", pa.bool_())],
+                     metadata={SPACE_METADATA_KEY: embedding_space.encode(), OUTPUT_TYPE_KEY: output_type.encode()})
 
 
 def shard_table(ids: list[str], vectors: np.ndarray, tokens: np.ndarray, truncated: np.ndarray,
-                embedding_space: str) -> pa.Table:
-    """One shard's rows as an Arrow table (vector: fixed-size list of float32), its schema naming the space."""
-    dim = vectors.shape[1]
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
-    return pa.Table.from_arrays([pa.array(ids, type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim),
+                embedding_space: str, output_type: str = "float32") -> pa.Table:
+    """One shard's rows as an Arrow table; `vectors` are float32, or the codes of `output_type`."""
+    width = vectors.shape[1]
+    values = np.ascontiguousarray(vectors, dtype=DTYPES[output_type]).reshape(-1)
+    flat = pa.array(values, type=pa.from_numpy_dtype(values.dtype))
+    return pa.Table.from_arrays([pa.array(ids, type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, width),
                                  pa.array(tokens, type=pa.int32()), pa.array(truncated, type=pa.bool_())],
-                                schema=shard_schema(dim, embedding_space))
+                                schema=shard_schema(width, embedding_space, output_type))
 
 
 def write_shard(path: Path, table: pa.Table) -> Path:

@@ -55,10 +55,11 @@ class EmbedActor:
     """Ray Data callable class: one ONNX Runtime session per actor, built once."""
 
     def __init__(self, model_dir: str, precision: str, provider: str, threads: int, dimensions: int | None,
-                 max_batch_tokens: int, max_batch_size: int, truncate: bool, input_type: str | None = None) -> None:
+                 max_batch_tokens: int, max_batch_size: int, truncate: bool, input_type: str | None = None,
+                 output_type: str = "float32") -> None:
         self.embedder = CorpusEmbedder(model_dir, precision=precision, provider=provider, threads=threads,
                                        dimensions=dimensions, max_batch_tokens=max_batch_tokens,
-                                       max_batch_size=max_batch_size, input_type=input_type)
+                                       max_batch_size=max_batch_size, input_type=input_type, output_type=output_type)
         self.truncate = truncate
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -69,8 +70,8 @@ class EmbedActor:
             raise BadInputError(f"{source}: text of more than {self.embedder.info.max_length} tokens (the model's "
                                 "max_length) and --no-truncate was given")
         vectors = self.embedder.embed_ids(ids, lengths)
-        return shard_table(table.column("id").to_pylist(), vectors, lengths, truncated,
-                           self.embedder.info.embedding_space)
+        return shard_table(table.column("id").to_pylist(), self.embedder.codes(vectors), lengths, truncated,
+                           self.embedder.info.embedding_space, self.embedder.output_type)
 
 
 def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem], started: float, address: str,
@@ -107,7 +108,7 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
                                    "provider": job.provider_key, "threads": actor_threads,
                                    "dimensions": job.dimensions, "max_batch_tokens": job.max_batch_tokens,
                                    "max_batch_size": job.max_batch_size, "truncate": job.truncate,
-                                   "input_type": job.input_type})
+                                   "input_type": job.input_type, "output_type": job.output_type})
         embed_started = time.perf_counter()
         try:
             dataset.write_parquet(str(staging), min_rows_per_file=job.shard_size, ray_remote_args={"num_cpus": 0})

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from embedforge.corpus import INPUT_TYPES, MAX_BATCH_SIZE, MAX_BATCH_TOKENS
+from embedforge.quantize import QuantizeError, check_output_type, quantize
 from embedforge.server.embedder import l2_normalize
-from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_manifest, read_prompts
+from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_calibration, read_manifest, read_prompts
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,14 @@ def input_prompt(manifest: dict, model_dir: Path, input_type: str | None) -> str
     return read_prompts(manifest, model_dir).get(input_type, "")
 
 
+def check_corpus_output_type(output_type: str, manifest: dict, model_dir: Path, dims: int) -> None:
+    """Refuse an output type the export cannot make (int8/uint8 need its calibration and full dimensions)."""
+    try:
+        check_output_type(output_type, read_calibration(manifest, model_dir), dims, int(manifest["dim"]))
+    except QuantizeError as error:
+        raise RuntimeConfigError(f"--output-type {output_type}: {error}") from error
+
+
 def plan_batches(lengths: list[int] | np.ndarray, max_batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
     """Indices of length-sorted batches: each holds at most max_batch_size texts and its size x longest text
     is at most max_batch_tokens (a text longer than the budget gets a batch of its own)."""
@@ -71,10 +80,13 @@ class CorpusEmbedder:
 
     def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
                  threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                 max_batch_size: int = MAX_BATCH_SIZE, input_type: str | None = None) -> None:
+                 max_batch_size: int = MAX_BATCH_SIZE, input_type: str | None = None,
+                 output_type: str = "float32") -> None:
         manifest = read_manifest(Path(model_dir))
         self.dims = output_dims(manifest, dimensions)
         self.prompt = input_prompt(manifest, Path(model_dir), input_type)
+        check_corpus_output_type(output_type, manifest, Path(model_dir), self.dims)
+        self.output_type = output_type
         self.runtime = OnnxEmbedder(model_dir, precision=precision, provider=provider, threads=threads, workers=1)
         self.info = self.runtime.info
         self.max_batch_tokens = max(max_batch_tokens, self.info.max_length)
@@ -94,6 +106,10 @@ class CorpusEmbedder:
     def embed_batch(self, batch: list[np.ndarray]) -> np.ndarray:
         """One model batch of token ids -> float32 [len(batch), dims]: Matryoshka cut, then L2 norm."""
         return l2_normalize(np.ascontiguousarray(self.runtime.run_batch(batch)[:, : self.dims]))
+
+    def codes(self, vectors: np.ndarray) -> np.ndarray:
+        """`vectors` as the job's output type (float32 unchanged)."""
+        return quantize(vectors, self.output_type, self.info.calibration)
 
     def embed_ids(self, ids: list[np.ndarray], lengths: np.ndarray) -> np.ndarray:
         """Vectors of tokenized texts, in their order, computed in length-sorted batches."""

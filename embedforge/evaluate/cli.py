@@ -9,7 +9,8 @@ import click
 from embedforge.checkpoints import SELECT_BY, CheckpointInfo, recorded_select_by, selection_score
 from embedforge.cli_options import option
 from embedforge.evaluate.metrics import DEFAULT_REL_THRESHOLD
-from embedforge.evaluate.runner import MODES, format_table, plot_report, write_report
+from embedforge.evaluate.runner import MODES, format_output_types, format_table, plot_report, write_report
+from embedforge.quantize import OUTPUT_TYPES
 
 
 def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -22,6 +23,14 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
     return ks
 
 
+def _parse_output_types(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    types = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
+    unknown = [name for name in types if name not in OUTPUT_TYPES]
+    if unknown or not types:
+        raise click.BadParameter(f"choose from {', '.join(OUTPUT_TYPES)}, got {value!r}")
+    return types
+
+
 @click.command(name="evaluate")
 @option("test_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
         help="Test pairs (JSON or JSONL).")
@@ -29,6 +38,11 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
         help="Training output dir: evaluate every complete checkpoint in it.")
 @option("checkpoint_dir", type=click.Path(file_okay=False, path_type=Path), help="Evaluate one checkpoint.")
 @option("model_name", help="Evaluate a base model before fine-tuning (a local dir, or all-MiniLM-L6-v2 = bundled).")
+@option("export_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+        help="Evaluate an ONNX export (what serve and embed-corpus run), for each of --output-types.")
+@option("output_types", default=",".join(OUTPUT_TYPES), callback=_parse_output_types, metavar="T1,T2,...",
+        help="With --export-dir: also score the vectors as these output types' codes, as a store compares them "
+        "(int8/uint8: cosine of the codes, calibrated at export; binary: Hamming).")
 @option("select_best", is_flag=True,
         help="With --save-path: record the best checkpoint (by --select-by) in best_checkpoint.json "
              "and copy its model to the save path's root.")
@@ -47,7 +61,8 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
              "or ./eval_report.json for --model-name]. A PNG plot goes beside it for --save-path.")
 @option("device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Path | None,
-                     model_name: str | None, select_best: bool, select_by: str | None, mode: str, ks: tuple[int, ...],
+                     model_name: str | None, export_dir: Path | None, output_types: tuple[str, ...],
+                     select_best: bool, select_by: str | None, mode: str, ks: tuple[int, ...],
                      rel_threshold: float, batch_size: int, output: Path | None, device: str) -> None:
     """Score checkpoints on a test file: NDCG, MRR, MAP, Recall @k (rerank and retrieval) and Spearman.
 
@@ -55,11 +70,13 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
     embedforge evaluate --test-path test.jsonl --save-path output/vector_model --select-best
     embedforge evaluate --test-path test.jsonl --checkpoint-dir output/vector_model/checkpoint-step-400
     embedforge evaluate --test-path test.jsonl --model-name all-MiniLM-L6-v2
+    embedforge evaluate --test-path test.jsonl --export-dir output/vector_model/export --output-types float32,int8
     """
     sources = [name for name, value in (("--save-path", save_path), ("--checkpoint-dir", checkpoint_dir),
-                                        ("--model-name", model_name)) if value is not None]
+                                        ("--model-name", model_name), ("--export-dir", export_dir))
+               if value is not None]
     if len(sources) != 1:
-        raise click.UsageError("give exactly one of --save-path, --checkpoint-dir, --model-name"
+        raise click.UsageError("give exactly one of --save-path, --checkpoint-dir, --model-name, --export-dir"
                                + (f" (got {', '.join(sources)})" if sources else ""))
     if select_best and save_path is None:
         raise click.UsageError("--select-best needs --save-path")
@@ -69,7 +86,9 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
     try:
         select_by = select_by or recorded_select_by(save_path)
         checkpoints, best, default_output = _checkpoints_to_score(save_path, checkpoint_dir, select_by)
-        results = _score(test_path, checkpoints, model_name, settings)
+        if export_dir is not None:
+            default_output = export_dir.parent / f"eval_report_{export_dir.name}.json"
+        results = _score(test_path, checkpoints, model_name, settings, export_dir, output_types)
     except (ValueError, OSError) as error:  # DataError, CheckpointError, ModelError are ValueErrors
         raise click.ClickException(str(error)) from error
 
@@ -80,6 +99,9 @@ def evaluate_command(test_path: Path, save_path: Path | None, checkpoint_dir: Pa
               "best": None if best is None else {"checkpoint": best.name, "step": best.step,
                                                  "val_loss": best.val_loss, "selected_by": selected_by}}
     click.echo(format_table(results, ks, best_name, selected_by))
+    for result in results:
+        if "output_types" in result["metrics"]:
+            click.echo(f"\n{result['name']} by output type:\n" + format_output_types(result["metrics"], ks))
     try:
         _write_outputs(report, output or default_output, save_path, best if select_best else None, selected_by)
     except OSError as error:
@@ -102,10 +124,11 @@ def _checkpoints_to_score(save_path: Path | None, checkpoint_dir: Path | None,
     return [], None, Path("eval_report.json")
 
 
-def _score(test_path: Path, checkpoints: list[CheckpointInfo], model_name: str | None, settings: dict) -> list[dict]:
-    """One result row per checkpoint, then one for the base model if asked for."""
+def _score(test_path: Path, checkpoints: list[CheckpointInfo], model_name: str | None, settings: dict,
+           export_dir: Path | None, output_types: tuple[str, ...]) -> list[dict]:
+    """One result row per checkpoint, then one for the base model or the export if asked for."""
     from embedforge.data import read_pairs
-    from embedforge.evaluate.runner import evaluate_model
+    from embedforge.evaluate.runner import evaluate_export, evaluate_model
     from embedforge.model import BertVectorModel
 
     pairs = read_pairs(test_path)
@@ -119,6 +142,11 @@ def _score(test_path: Path, checkpoints: list[CheckpointInfo], model_name: str |
         click.echo(f"evaluating base model {model_name}", err=True)
         results.append({"name": model_name, "path": None, "step": None, "val_loss": None,
                         "metrics": evaluate_model(BertVectorModel.from_base(model_name), pairs, **settings)})
+    if export_dir is not None:
+        click.echo(f"evaluating export {export_dir}", err=True)
+        options = {key: value for key, value in settings.items() if key != "device"}  # the export's provider
+        results.append({"name": export_dir.name, "path": str(export_dir), "step": None, "val_loss": None,
+                        "metrics": evaluate_export(export_dir, pairs, output_types, **options)})
     return results
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from embedforge.data import Pair
 from embedforge.evaluate.metrics import DEFAULT_KS, DEFAULT_REL_THRESHOLD, pearson, ranking_metrics, spearman
 from embedforge.io import new_figure, save_figure, write_text_atomic
+from embedforge.quantize import Calibration, quantize, scoring_vectors
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 MODES = ("rerank", "retrieval", "both")
@@ -98,7 +99,8 @@ def _percent(metrics: dict[str, float]) -> dict[str, float]:
 def evaluate_pairs(pairs: Sequence[Pair], embed_fn: EmbedFn, ks: Sequence[int] = DEFAULT_KS,
                    rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
                    show_progress: bool = True, dims: Sequence[int] | None = None,
-                   prompts: Mapping[str, str] | None = None) -> dict:
+                   prompts: Mapping[str, str] | None = None, output_types: Sequence[str] = (),
+                   calibration: Calibration | None = None) -> dict:
     """Score a model, given as ``embed_fn(texts) -> [N, dim] vectors``, on ``pairs``.
 
     Returns ``{"pairs", "queries", "documents", "texts", "spearman", "pearson"}`` plus a ``"rerank"`` and/or
@@ -106,7 +108,9 @@ def evaluate_pairs(pairs: Sequence[Pair], embed_fn: EmbedFn, ks: Sequence[int] =
     (see :func:`embedforge.evaluate.metrics.ranking_metrics`). Metrics are x100. With ``dims`` (Matryoshka
     sizes), ``"matryoshka"`` maps each size to the same metrics on the vectors cut to that many components
     and renormalised. ``prompts`` ({"query": ..., "document": ...}, the model's) are prefixed to the queries
-    and the documents before they are embedded.
+    and the documents before they are embedded. With ``output_types`` (embedforge/quantize.py), ``"output_types"``
+    maps each type to the same metrics on its codes, scored as a store compares them (int8/uint8 by cosine of the
+    centred codes, binary by Hamming similarity; int8 and uint8 need the export's ``calibration``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -131,13 +135,21 @@ def evaluate_pairs(pairs: Sequence[Pair], embed_fn: EmbedFn, ks: Sequence[int] =
         cut = [_truncate(matrix, dim) for matrix in (query_vectors, document_vectors)]
         report.setdefault("matryoshka", {})[str(dim)] = _score(pairs, query_ids, document_ids, *cut, ks,
                                                                rel_threshold, mode)
+    for output_type in output_types:
+        coded = [_unit(scoring_vectors(quantize(matrix, output_type, calibration), output_type, matrix.shape[1]))
+                 for matrix in (query_vectors, document_vectors)]
+        report.setdefault("output_types", {})[output_type] = _score(pairs, query_ids, document_ids, *coded, ks,
+                                                                    rel_threshold, mode)
     return report
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def _truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
     """The first `dim` components of each row, L2-normalised again."""
-    cut = vectors[:, :dim]
-    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+    return _unit(vectors[:, :dim])
 
 
 def _score(pairs: Sequence[Pair], query_ids: dict[str, int], document_ids: dict[str, int],
@@ -173,6 +185,20 @@ def model_embed_fn(model, batch_size: int = 64, device: str = "auto") -> EmbedFn
                                       convert_to_numpy=True)
 
 
+def evaluate_export(export_dir: Path, pairs: Sequence[Pair], output_types: Sequence[str],
+                    ks: Sequence[int] = DEFAULT_KS, rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both",
+                    batch_size: int = 64, show_progress: bool = True) -> dict:
+    """:func:`evaluate_pairs` for an ONNX export (what `serve` and `embed-corpus` run: its default precision, its
+    prompts and calibration), with the metrics of each of `output_types` beside the float32 vectors'."""
+    from embedforge.corpus.vectors import CorpusEmbedder
+
+    embedder = CorpusEmbedder(export_dir)
+    info = embedder.info
+    return evaluate_pairs(pairs, lambda texts: embedder.embed(texts).vectors, ks, rel_threshold, mode, batch_size,
+                          show_progress, dims=info.matryoshka_dims or None, prompts=info.prompts,
+                          output_types=output_types, calibration=info.calibration)
+
+
 def evaluate_model(model, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS,
                    rel_threshold: float = DEFAULT_REL_THRESHOLD, mode: str = "both", batch_size: int = 64,
                    device: str = "auto", show_progress: bool = True) -> dict:
@@ -195,6 +221,15 @@ def headline(metrics: dict, ks: Sequence[int]) -> dict[str, float]:
             for name in ("ndcg", "recall", "mrr"):
                 row[f"{mode} {name}@{k}"] = metrics[mode][f"{name}@{k}"]
     return row
+
+
+def format_output_types(metrics: dict, ks: Sequence[int]) -> str:
+    """One line per output type of one result's metrics (evaluate_pairs with output_types)."""
+    rows = {name: headline(figures, ks) for name, figures in metrics["output_types"].items()}
+    header = ["output type", *next(iter(rows.values()))]
+    lines = [header, *([name, *(f"{value:.2f}" for value in row.values())] for name, row in rows.items())]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
 
 
 def format_table(results: Sequence[dict], ks: Sequence[int], best: str | None = None,
