@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from embedforge.cli_options import ALLOW_INSECURE_KEY_HELP, client_tls_options, option
+from embedforge.quantize import OUTPUT_TYPES
 from embedforge.server.config import (
     MAX_BATCH_TOKENS_CPU,
     MAX_BATCH_TOKENS_CUDA,
@@ -188,6 +189,8 @@ TARGET_HELP = "Server HOST:PORT, replicas HOST:PORT,HOST:PORT,... (round robin, 
         help="Only the first N values of each vector, renormalised (a model trained for it: see Info).")
 @option("input_type", type=click.Choice(["query", "document"]), default=None, show_default=False,
         help="What the texts are: the model's prompt of that kind is prefixed (a model trained with prompts).")
+@option("output_type", type=click.Choice(OUTPUT_TYPES), default="float32",
+        help="float32 vectors, or codes: int8/uint8 (calibrated at export), binary/ubinary (packed sign bits).")
 @option("timeout", type=click.FloatRange(0, min_open=True), default=30.0)
 @option("api_key_env", default=DEFAULTS.api_key_env, help="Environment variable holding the API key to send, if set.")
 @client_tls_options
@@ -195,7 +198,7 @@ TARGET_HELP = "Server HOST:PORT, replicas HOST:PORT,HOST:PORT,... (round robin, 
 @option("wait_ready", type=click.FloatRange(0), default=0.0,
         help="Seconds to wait for the server's health to report SERVING first.")
 def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncate: bool, no_normalize: bool,
-                  dimensions: int | None, input_type: str | None, timeout: float, api_key_env: str,
+                  dimensions: int | None, input_type: str | None, output_type: str, timeout: float, api_key_env: str,
                   tls_root_cert: Path | None, tls_cert: Path | None, tls_key: Path | None, allow_insecure_key: bool,
                   wait_ready: float) -> None:
     """Embed TEXTS with a running server; prints one vector per line (space-separated floats)."""
@@ -210,18 +213,18 @@ def embed_command(target: str, texts: tuple[str, ...], as_json: bool, no_truncat
             if wait_ready > 0:
                 client.wait_until_serving(wait_ready)
             result = client.embed(list(texts), truncate=not no_truncate, normalize=not no_normalize,
-                                  dimensions=dimensions, input_type=input_type)
+                                  dimensions=dimensions, input_type=input_type, output_type=output_type)
     except grpc.RpcError as exc:
         raise click.ClickException(f"{target}: {exc.code().name}: {exc.details()}") from exc
     except (TimeoutError, ValueError) as exc:
         raise click.ClickException(f"{target}: {exc}") from exc
     if as_json:
         click.echo(json.dumps({"dim": result.dim, "tokens": result.tokens, "embedding_space": result.embedding_space,
-                               "vectors": result.vectors.tolist()}))
+                               "output_type": result.output_type, "vectors": result.vectors.tolist()}))
     else:
         click.echo(f"embedding_space {result.embedding_space}", err=True)
         for vector in result.vectors:
-            click.echo(" ".join(f"{x:.6g}" for x in vector))
+            click.echo(" ".join(f"{x:.6g}" if output_type == "float32" else str(x) for x in vector.tolist()))
 
 
 @click.command(name="health", epilog="Example: embedforge health --target 127.0.0.1:50051 && echo ready")

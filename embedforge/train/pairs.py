@@ -12,6 +12,7 @@ from embedforge.data import DataError, Pair, read_pairs
 from embedforge.model import BertVectorModel, pad_batch
 from embedforge.train.batching import duplicate_free_batches, hard_negatives, pick_hard_negatives
 from embedforge.train.config import TrainConfig, TrainError
+from embedforge.train.losses import uses_in_batch
 
 LENGTH_WINDOW_BATCHES = 50  # group_by_length sorts windows of this many batches by length
 
@@ -63,6 +64,13 @@ class TokenizedPairs:
         self.unique_texts = unique_texts
         self.negatives = None if negative_threshold is None else hard_negatives(
             self.query, self.document, self.rel.tolist(), positive_threshold, negative_threshold)
+
+    @classmethod
+    def for_config(cls, pairs: Sequence[Pair], model: BertVectorModel, config: TrainConfig) -> TokenizedPairs:
+        """The training data a run's loss needs: duplicate-free batches with hard negatives for in-batch losses."""
+        in_batch = uses_in_batch(config.loss)
+        return cls(pairs, model, unique_texts=in_batch, positive_threshold=config.positive_threshold,
+                   negative_threshold=config.negative_threshold if in_batch else None)
 
     def __len__(self) -> int:
         return len(self.rel)

@@ -214,9 +214,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         resume_from = find_resume_checkpoint(config, save_path)
     seed_everything(config.seed)
     model = load_model(config, device, resume_from)
-    in_batch = uses_in_batch(config.loss)
-    data = TokenizedPairs(train_pairs, model, unique_texts=in_batch, positive_threshold=config.positive_threshold,
-                          negative_threshold=config.negative_threshold if in_batch else None)
+    data = TokenizedPairs.for_config(train_pairs, model, config)
     batches_per_epoch = len(data.batches(config.batch_size, config.seed, 0, config.group_by_length, rank, world_size))
     total_steps = _count_steps(config, batches_per_epoch)
     learner = build_learner(config, model, device, total_steps)
