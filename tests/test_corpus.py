@@ -221,6 +221,67 @@ def test_int8_output_of_truncated_vectors_is_refused(tiny_export_dir, corpus, tm
     assert result.exit_code == 1 and "--output-type int8: int8 is calibrated for the full" in result.output
 
 
+def reference_windows(export: Path, text: str, overlap: int) -> list[list[int]]:
+    """The windows of a long text, cut here from its whole tokenization: max_length - 2 text tokens each, neighbours
+    sharing `overlap`, each between the [CLS] and [SEP] of the whole text."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(export / "tokenizer.json"))
+    tokenizer.no_truncation()
+    ids = tokenizer.encode(text).ids
+    size = json.loads((export / "manifest.json").read_text())["max_length"] - 2
+    windows, start = [], 0
+    while True:
+        windows.append([ids[0], *ids[1:-1][start:start + size], ids[-1]])
+        if start + size >= len(ids) - 2:
+            return windows
+        start += size - overlap
+
+
+def test_overflow_chunk_writes_a_row_per_window_with_its_span(tiny_export_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    long = " ".join(f"word{i % 50} egg" for i in range(900))  # about 2,700 tokens: 6 windows
+    texts = ["rice and coffee", long, "hot water"]
+    path = write_corpus(tmp_path / "docs.jsonl", texts)
+    run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "out", "--overflow", "chunk",
+            "--chunk-overlap", "32", "--shard-size", "2")
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    table = pq.read_table(tmp_path / "out")
+    windows = reference_windows(tiny_export_dir, long, 32)
+    assert manifest["count"] == 3 and manifest["rows"] == 2 + len(windows) and manifest["truncated"] == 0
+    assert table.column("id").to_pylist() == ["docs.jsonl:1", *["docs.jsonl:2"] * len(windows), "docs.jsonl:3"]
+    assert table.column("chunk_index").to_pylist() == [0, *range(len(windows)), 0]
+    starts, ends = table.column("char_start").to_pylist(), table.column("char_end").to_pylist()
+    assert (starts[0], ends[0]) == (0, len(texts[0])) and starts[1] == 0 and ends[len(windows)] == len(long)
+    tokenizer = Tokenizer.from_file(str(tiny_export_dir / "tokenizer.json"))
+    for row, window in enumerate(windows, start=1):  # each span holds exactly its window's tokens
+        assert tokenizer.encode(long[starts[row]:ends[row]], add_special_tokens=False).ids == window[1:-1]
+    runtime = OnnxEmbedder(tiny_export_dir, threads=1)
+    expected = runtime.run_batch([np.array(w, dtype=np.int32) for w in windows])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    vectors = np.asarray(table.column("vector").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    assert cosine_rows(vectors[1:-1], expected).min() >= 0.99999
+    assert table.column("tokens").to_pylist()[1:-1] == [len(w) for w in windows]
+
+
+def test_a_restarted_chunked_job_counts_records_not_rows(tiny_export_dir, tmp_path):
+    long = " ".join(f"word{i % 50} egg" for i in range(400))
+    path = write_corpus(tmp_path / "docs.jsonl", ["rice", long, "egg", long + " tail", "coffee"])
+    args = ["--model-dir", tiny_export_dir, "--input", path, "--overflow", "chunk", "--shard-size", "2"]
+    run_cli(*args, "--output", tmp_path / "whole")
+    partial = shutil.copytree(tmp_path / "whole", tmp_path / "partial")
+    (partial / MANIFEST_FILE).unlink()
+    (partial / "part-00002.parquet").unlink()
+    (partial / "part-00001.parquet").unlink()
+    run_cli(*args, "--output", partial)  # resumes after the first shard's 2 records (and their 1 + 2+ rows)
+    for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
+        assert (partial / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert json.loads((partial / MANIFEST_FILE).read_text())["count"] == 5
+    result = run_cli(*args, "--output", tmp_path / "x", "--no-truncate", expect_ok=False)
+    assert result.exit_code == 2 and "--no-truncate contradicts --overflow chunk" in result.output
+
+
 def test_dimensions_need_matryoshka_sizes_and_cut_and_renormalise(tiny_export_dir, corpus, tmp_path):
     path, texts = corpus
     result = run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "a", "--dimensions",

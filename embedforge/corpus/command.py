@@ -13,6 +13,7 @@ import click
 from embedforge.cli_options import ALLOW_INSECURE_KEY_HELP, client_tls_options, option
 from embedforge.corpus import INPUT_TYPES
 from embedforge.corpus.job import CorpusJob
+from embedforge.corpus.vectors import CHUNK_OVERLAP, OVERFLOWS
 from embedforge.quantize import OUTPUT_TYPES
 
 EPILOG = """Examples:
@@ -40,8 +41,13 @@ EPILOG = """Examples:
         help="auto: .jsonl/.ndjson/.json files are JSONL, others plain text (one text a line).")
 @option("skip_bad", is_flag=True, help="Leave out lines that are not JSON, lack a field or hold an empty text "
         "(counted and listed in the manifest) instead of stopping.")
-@option("no_truncate", is_flag=True, help="Stop on a text longer than the model's max_length instead of "
-        "truncating it.")
+@option("overflow", type=click.Choice(OVERFLOWS), default="truncate",
+        help="A text longer than the model's max_length: truncate it, stop the job (error), or chunk it into "
+        "windows of max_length tokens, one row each, with its chunk_index and its characters [char_start, "
+        "char_end) in the text.")
+@option("chunk_overlap", type=click.IntRange(0), default=CHUNK_OVERLAP, help="--overflow chunk: tokens shared by "
+        "neighbouring windows.")
+@option("no_truncate", is_flag=True, help="The same as --overflow error.")
 @option("precision", type=click.Choice(["auto", "fp32", "int8", "fp16"]), default="auto",
         help="Which exported model; auto = fp16 on CUDA, else fp32.")
 @option("provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -70,7 +76,8 @@ EPILOG = """Examples:
         "ranges calibrated at export; full dimensions), binary/ubinary (sign bits, 8 per byte).")
 @option("no_progress", is_flag=True, help="No progress bar (it shows texts/s and the ETA).")
 def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path, text_field: str,
-                         id_field: str | None, input_format: str, skip_bad: bool, no_truncate: bool, precision: str,
+                         id_field: str | None, input_format: str, skip_bad: bool, overflow: str, chunk_overlap: int,
+                         no_truncate: bool, precision: str,
                          provider: str, threads: int | None, dimensions: int | None, shard_size: int,
                          max_batch_tokens: int, max_batch_size: int, ray_address: str | None,
                          ray_actors: int | None, ray_actor_threads: int, input_type: str | None,
@@ -81,6 +88,9 @@ def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path,
     from embedforge.corpus.reader import BadInputError, resolve_inputs
     from embedforge.server.runtime import RuntimeConfigError
 
+    if no_truncate and overflow == "chunk":
+        raise click.UsageError(f"--no-truncate contradicts --overflow {overflow}")
+    overflow = "error" if no_truncate else overflow
     if ray_address is None and ray_actors is not None:
         raise click.UsageError("--ray-actors needs --ray")
     if ray_address is not None and threads is not None:
@@ -89,7 +99,8 @@ def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path,
     try:
         job = CorpusJob(model_dir=model_dir, inputs=resolve_inputs(list(inputs)), output=output,
                         text_field=text_field, id_field=id_field, input_format=input_format, skip_bad=skip_bad,
-                        truncate=not no_truncate, precision=precision, provider=provider, threads=threads,
+                        overflow=overflow, chunk_overlap=chunk_overlap, precision=precision, provider=provider,
+                        threads=threads,
                         dimensions=dimensions, shard_size=shard_size, max_batch_tokens=max_batch_tokens,
                         max_batch_size=max_batch_size, progress=not no_progress, input_type=input_type,
                         output_type=output_type)

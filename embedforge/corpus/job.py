@@ -14,7 +14,7 @@ from pathlib import Path
 from embedforge.corpus import MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 from embedforge.corpus.output import shard_stats
 from embedforge.corpus.reader import Problem, describe_file, file_sha256, read_records
-from embedforge.corpus.vectors import check_corpus_output_type, input_prompt, output_dims
+from embedforge.corpus.vectors import CHUNK_OVERLAP, check_corpus_output_type, input_prompt, output_dims
 from embedforge.onnxrt import PROVIDERS
 from embedforge.server.runtime import choose_precision, choose_provider, model_file_name, read_manifest
 
@@ -28,7 +28,8 @@ class CorpusJob:
     id_field: str | None = None
     input_format: str = "auto"
     skip_bad: bool = False
-    truncate: bool = True
+    overflow: str = "truncate"  # a text over max_length: "truncate", "error" (stop) or "chunk" (a row per window)
+    chunk_overlap: int = CHUNK_OVERLAP  # tokens shared by neighbouring windows of a chunked text
     precision: str = "auto"
     provider: str = "auto"
     threads: int | None = None
@@ -70,7 +71,8 @@ class CorpusJob:
             "id_field": self.id_field,
             "input_format": self.input_format,
             "skip_bad": self.skip_bad,
-            "truncate": self.truncate,
+            "overflow": self.overflow,
+            "chunk_overlap": self.chunk_overlap if self.overflow == "chunk" else None,
             "shard_size": self.shard_size,
             "max_batch_tokens": self.max_batch_tokens,
             "max_batch_size": self.max_batch_size,
@@ -92,9 +94,9 @@ class CorpusJob:
                  extra: dict) -> dict:
         """_manifest.json: the model, the vectors, the inputs, the shards, the skipped lines and the time taken."""
         files, tokens, truncated = shard_stats(shards)
-        written = sum(f["rows"] for f in files)
+        written = sum(f["records"] for f in files)
         if written != count:
-            raise RuntimeError(f"{self.output}: the shards hold {written} rows, the inputs {count} records")
+            raise RuntimeError(f"{self.output}: the shards hold {written} records, the inputs {count}")
         seconds = time.time() - started
         return {
             "model": {"dir": identity["model_dir"], "name": str(self.model_manifest.get("base_model") or ""),
@@ -110,6 +112,8 @@ class CorpusJob:
             "precision": self.precision_name,
             "provider": self.provider_name,
             "count": count,
+            "rows": sum(f["rows"] for f in files),
+            "overflow": self.overflow,
             "tokens": tokens,
             "truncated": truncated,
             "skipped": {"count": len(problems), "lines": [p.to_json() for p in problems]},

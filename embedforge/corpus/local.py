@@ -27,16 +27,14 @@ from embedforge.corpus.output import (
     write_shard,
 )
 from embedforge.corpus.reader import BadInputError, Problem, Record
-from embedforge.corpus.vectors import CorpusEmbedder
+from embedforge.corpus.vectors import CorpusEmbedder, Rows
 from embedforge.io import write_json_atomic
 
 
 @dataclass
 class Chunk:
     records: list[Record]
-    ids: list[np.ndarray]
-    lengths: np.ndarray
-    truncated: np.ndarray
+    rows: Rows  # one per record, or with --overflow chunk one per window of a long record
 
 
 def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem], started: float) -> dict:
@@ -44,24 +42,24 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
     for stale in job.output.glob(".part-*"):  # the temporary file of a shard a killed run was writing
         stale.unlink()
     done_shards = complete_shards(job.output)
-    done = sum(f["rows"] for f in shard_stats(done_shards)[0])
+    done = sum(f["records"] for f in shard_stats(done_shards)[0])
     embedder = CorpusEmbedder(job.model_dir, precision=job.precision_name, provider=job.provider_key,
                               threads=job.threads, dimensions=job.dimensions, max_batch_tokens=job.max_batch_tokens,
                               max_batch_size=job.max_batch_size, input_type=job.input_type,
-                              output_type=job.output_type)
+                              output_type=job.output_type, chunk_overlap=job.chunk_overlap)
     records = itertools.islice(job.records([]), done, None)
 
     def next_chunk() -> Chunk | None:
         chunk = list(itertools.islice(records, job.shard_size))
         if not chunk:
             return None
-        ids, lengths, truncated = embedder.tokenize([r.text for r in chunk])
-        if not job.truncate and truncated.any():
-            first = chunk[int(np.argmax(truncated))]
+        rows = embedder.rows([r.text for r in chunk], chunk=job.overflow == "chunk")
+        if job.overflow == "error" and rows.truncated.any():
+            first = chunk[int(rows.owner[np.argmax(rows.truncated)])]
             raise BadInputError(f"{first.source}: text of more than {embedder.info.max_length} tokens (the "
-                                f"model's max_length) and --no-truncate was given; {int(truncated.sum())} such "
-                                "text(s) in this chunk")
-        return Chunk(chunk, ids, lengths, truncated)
+                                f"model's max_length) and --overflow error was given; {int(rows.truncated.sum())} "
+                                "such text(s) in this chunk")
+        return Chunk(chunk, rows)
 
     shard_index = len(done_shards)
     embed_started = time.perf_counter()
@@ -71,12 +69,14 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
         pending = reader.submit(next_chunk)
         while (chunk := pending.result()) is not None:
             pending = reader.submit(next_chunk)
-            vectors = np.empty((len(chunk.records), embedder.dims), dtype=np.float32)
-            for batch in embedder.batches(chunk.lengths):
-                vectors[batch] = embedder.embed_batch([chunk.ids[i] for i in batch])
-                bar.update(len(batch))
-            table = shard_table([r.id for r in chunk.records], embedder.codes(vectors), chunk.lengths,
-                                chunk.truncated, embedder.info.embedding_space, job.output_type)
+            rows = chunk.rows
+            vectors = np.empty((len(rows.ids), embedder.dims), dtype=np.float32)
+            for batch in embedder.batches(rows.lengths):
+                vectors[batch] = embedder.embed_batch([rows.ids[i] for i in batch])
+                bar.update(int(np.sum(rows.chunk_index[batch] == 0)))  # records: a record's first row
+            table = shard_table([chunk.records[i].id for i in rows.owner], embedder.codes(vectors), rows.lengths,
+                                rows.truncated, embedder.info.embedding_space, job.output_type,
+                                (rows.chunk_index, rows.spans) if job.overflow == "chunk" else None)
             write_shard(job.output / SHARD_PATTERN.format(shard_index), table)
             shard_index += 1
     manifest = job.manifest(identity, count, problems, complete_shards(job.output), started,

@@ -34,26 +34,37 @@ class JobMismatchError(Exception):
 
 SPACE_METADATA_KEY = b"embedding_space"  # Parquet schema metadata: the export's embedding space
 OUTPUT_TYPE_KEY = b"output_type"  # and the vectors' output type (embedforge/quantize.py)
+CHUNK_COLUMNS = ("chunk_index", "char_start", "char_end")  # a chunked job's window of each row
 
 
-def shard_schema(width: int, embedding_space: str, output_type: str = "float32") -> pa.Schema:
+def shard_schema(width: int, embedding_space: str, output_type: str = "float32", chunked: bool = False) -> pa.Schema:
     """id, vector (fixed-size list of the output type's values: float32, int8 or uint8; binary types hold
-    ceil(dim / 8) packed bytes), tokens, truncated; the space and output type in the schema's metadata."""
+    ceil(dim / 8) packed bytes), tokens, truncated, and for a chunked job chunk_index, char_start, char_end; the
+    space and output type in the schema's metadata."""
     values = pa.from_numpy_dtype(np.dtype(DTYPES[output_type]))
-    return pa.schema([("id", pa.string()), ("vector", pa.list_(values, width)), ("tokens", pa.int32()),
-                      ("truncated", pa.bool_())],
-                     metadata={SPACE_METADATA_KEY: embedding_space.encode(), OUTPUT_TYPE_KEY: output_type.encode()})
+    fields = [("id", pa.string()), ("vector", pa.list_(values, width)), ("tokens", pa.int32()),
+              ("truncated", pa.bool_())]
+    if chunked:
+        fields += [(name, pa.int32()) for name in CHUNK_COLUMNS]
+    return pa.schema(fields, metadata={SPACE_METADATA_KEY: embedding_space.encode(),
+                                       OUTPUT_TYPE_KEY: output_type.encode()})
 
 
 def shard_table(ids: list[str], vectors: np.ndarray, tokens: np.ndarray, truncated: np.ndarray,
-                embedding_space: str, output_type: str = "float32") -> pa.Table:
-    """One shard's rows as an Arrow table; `vectors` are float32, or the codes of `output_type`."""
+                embedding_space: str, output_type: str = "float32",
+                chunks: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
+    """One shard's rows as an Arrow table; `vectors` are float32, or the codes of `output_type`. chunks: each
+    row's chunk_index and character span [start, end) in its text (a chunked job)."""
     width = vectors.shape[1]
     values = np.ascontiguousarray(vectors, dtype=DTYPES[output_type]).reshape(-1)
     flat = pa.array(values, type=pa.from_numpy_dtype(values.dtype))
-    return pa.Table.from_arrays([pa.array(ids, type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, width),
-                                 pa.array(tokens, type=pa.int32()), pa.array(truncated, type=pa.bool_())],
-                                schema=shard_schema(width, embedding_space, output_type))
+    columns = [pa.array(ids, type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, width),
+               pa.array(tokens, type=pa.int32()), pa.array(truncated, type=pa.bool_())]
+    if chunks is not None:
+        index, spans = chunks
+        columns += [pa.array(index, type=pa.int32()), pa.array(spans[:, 0], type=pa.int32()),
+                    pa.array(spans[:, 1], type=pa.int32())]
+    return pa.Table.from_arrays(columns, schema=shard_schema(width, embedding_space, output_type, chunks is not None))
 
 
 def write_shard(path: Path, table: pa.Table) -> Path:
@@ -114,11 +125,15 @@ def describe_differences(previous: dict, job: dict) -> list[str]:
 
 
 def shard_stats(shards: list[Path]) -> tuple[list[dict], int, int]:
-    """([{file, rows}], tokens, truncated) over written shards, read back from the files."""
+    """([{file, rows, records}], tokens, truncated) over written shards, read back from the files. records: the
+    input records a shard holds (rows, less the second and later windows of chunked texts)."""
     files, tokens, truncated = [], 0, 0
     for shard in shards:
-        table = pq.read_table(shard, columns=["tokens", "truncated"])
-        files.append({"file": shard.name, "rows": table.num_rows})
+        chunked = "chunk_index" in pq.read_schema(shard).names
+        table = pq.read_table(shard, columns=["tokens", "truncated", *(["chunk_index"] if chunked else [])])
+        records = int(pc.sum(pc.equal(table["chunk_index"], 0).cast(pa.int64())).as_py() or 0) if chunked \
+            else table.num_rows
+        files.append({"file": shard.name, "rows": table.num_rows, "records": records})
         tokens += int(pc.sum(table["tokens"]).as_py() or 0)
         truncated += int(pc.sum(table["truncated"].cast(pa.int64())).as_py() or 0)
     return files, tokens, truncated

@@ -26,7 +26,7 @@ import pyarrow as pa
 from embedforge.corpus.job import CorpusJob
 from embedforge.corpus.output import MANIFEST_FILE, SHARD_PATTERN, shard_table
 from embedforge.corpus.reader import BadInputError, Problem, read_file, split_lines
-from embedforge.corpus.vectors import CorpusEmbedder
+from embedforge.corpus.vectors import CHUNK_OVERLAP, CorpusEmbedder
 from embedforge.io import write_json_atomic
 
 PART_LINES = 512
@@ -55,23 +55,25 @@ class EmbedActor:
     """Ray Data callable class: one ONNX Runtime session per actor, built once."""
 
     def __init__(self, model_dir: str, precision: str, provider: str, threads: int, dimensions: int | None,
-                 max_batch_tokens: int, max_batch_size: int, truncate: bool, input_type: str | None = None,
-                 output_type: str = "float32") -> None:
+                 max_batch_tokens: int, max_batch_size: int, overflow: str, input_type: str | None = None,
+                 output_type: str = "float32", chunk_overlap: int = CHUNK_OVERLAP) -> None:
         self.embedder = CorpusEmbedder(model_dir, precision=precision, provider=provider, threads=threads,
                                        dimensions=dimensions, max_batch_tokens=max_batch_tokens,
-                                       max_batch_size=max_batch_size, input_type=input_type, output_type=output_type)
-        self.truncate = truncate
+                                       max_batch_size=max_batch_size, input_type=input_type, output_type=output_type,
+                                       chunk_overlap=chunk_overlap)
+        self.overflow = overflow
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        texts = table.column("text").to_pylist()
-        ids, lengths, truncated = self.embedder.tokenize(texts)
-        if not self.truncate and truncated.any():
-            source = table.column("source")[int(np.argmax(truncated))].as_py()
+        rows = self.embedder.rows(table.column("text").to_pylist(), chunk=self.overflow == "chunk")
+        if self.overflow == "error" and rows.truncated.any():
+            source = table.column("source")[int(rows.owner[np.argmax(rows.truncated)])].as_py()
             raise BadInputError(f"{source}: text of more than {self.embedder.info.max_length} tokens (the model's "
-                                "max_length) and --no-truncate was given")
-        vectors = self.embedder.embed_ids(ids, lengths)
-        return shard_table(table.column("id").to_pylist(), self.embedder.codes(vectors), lengths, truncated,
-                           self.embedder.info.embedding_space, self.embedder.output_type)
+                                "max_length) and --overflow error was given")
+        vectors = self.embedder.embed_ids(rows.ids, rows.lengths)
+        ids = table.column("id").to_pylist()
+        return shard_table([ids[i] for i in rows.owner], self.embedder.codes(vectors), rows.lengths, rows.truncated,
+                           self.embedder.info.embedding_space, self.embedder.output_type,
+                           (rows.chunk_index, rows.spans) if self.overflow == "chunk" else None)
 
 
 def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem], started: float, address: str,
@@ -107,7 +109,8 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
             fn_constructor_kwargs={"model_dir": str(job.model_dir.resolve()), "precision": job.precision_name,
                                    "provider": job.provider_key, "threads": actor_threads,
                                    "dimensions": job.dimensions, "max_batch_tokens": job.max_batch_tokens,
-                                   "max_batch_size": job.max_batch_size, "truncate": job.truncate,
+                                   "max_batch_size": job.max_batch_size, "overflow": job.overflow,
+                                   "chunk_overlap": job.chunk_overlap,
                                    "input_type": job.input_type, "output_type": job.output_type})
         embed_started = time.perf_counter()
         try:

@@ -18,6 +18,22 @@ from embedforge.quantize import QuantizeError, check_output_type, quantize
 from embedforge.server.embedder import l2_normalize
 from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_calibration, read_manifest, read_prompts
 
+OVERFLOWS = ("truncate", "error", "chunk")  # what a text over max_length becomes (embed-corpus --overflow)
+CHUNK_OVERLAP = 64  # tokens shared by neighbouring windows, as the server's --chunk-overlap
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A chunk of texts as the rows of its output: one per text, or with overflow "chunk" one per window of
+    each text over max_length (windows of max_length tokens sharing `chunk_overlap` tokens, in order)."""
+
+    owner: np.ndarray  # int [rows]: the text each row belongs to
+    ids: list[np.ndarray]  # token ids of each row
+    lengths: np.ndarray  # int32 [rows]: tokens of each row
+    truncated: np.ndarray  # bool [rows]: the row is a text cut at max_length (never, when chunking)
+    chunk_index: np.ndarray  # int32 [rows]: 0 for a whole text, else the window's position in its text
+    spans: np.ndarray  # int32 [rows, 2]: the row's characters [start, end) in its text
+
 
 @dataclass(frozen=True)
 class Embedded:
@@ -81,7 +97,7 @@ class CorpusEmbedder:
     def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
                  threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  max_batch_size: int = MAX_BATCH_SIZE, input_type: str | None = None,
-                 output_type: str = "float32") -> None:
+                 output_type: str = "float32", chunk_overlap: int = CHUNK_OVERLAP) -> None:
         manifest = read_manifest(Path(model_dir))
         self.dims = output_dims(manifest, dimensions)
         self.prompt = input_prompt(manifest, Path(model_dir), input_type)
@@ -89,6 +105,10 @@ class CorpusEmbedder:
         self.output_type = output_type
         self.runtime = OnnxEmbedder(model_dir, precision=precision, provider=provider, threads=threads, workers=1)
         self.info = self.runtime.info
+        if not 0 <= chunk_overlap < self.info.max_length // 2:
+            raise RuntimeConfigError(f"--chunk-overlap must be from 0 to {self.info.max_length // 2 - 1} tokens, "
+                                     f"got {chunk_overlap}")
+        self.chunk_overlap = chunk_overlap
         self.max_batch_tokens = max(max_batch_tokens, self.info.max_length)
         self.max_batch_size = max_batch_size
 
@@ -99,6 +119,28 @@ class CorpusEmbedder:
         truncated = np.zeros(len(texts), dtype=bool)
         truncated[tokenized.truncated] = True
         return tokenized.ids, np.asarray(tokenized.lengths, dtype=np.int32), truncated
+
+    def rows(self, texts: list[str], chunk: bool) -> Rows:
+        """The output rows of `texts`: one per text, or (chunk) one per window of a text over max_length."""
+        ids, lengths, truncated = self.tokenize(texts)
+        whole = np.array([[0, len(text)] for text in texts], dtype=np.int32).reshape(-1, 2)
+        if not (chunk and truncated.any()):
+            return Rows(np.arange(len(texts)), ids, lengths, truncated, np.zeros(len(texts), np.int32), whole)
+        owner, row_ids, spans, index = [], [], [], []
+        cut = len(self.prompt)  # spans count in the text as written, without the prompt
+        for i, text in enumerate(texts):
+            if truncated[i]:
+                windows, window_spans = self.runtime.token_windows_with_spans(self.prompt + text, self.chunk_overlap)
+                window_spans = [(max(start - cut, 0), max(end - cut, 0)) for start, end in window_spans]
+            else:
+                windows, window_spans = [ids[i]], [tuple(whole[i])]
+            owner += [i] * len(windows)
+            row_ids += windows
+            spans += window_spans
+            index += range(len(windows))
+        return Rows(np.array(owner), row_ids, np.array([len(x) for x in row_ids], dtype=np.int32),
+                    np.zeros(len(row_ids), dtype=bool), np.array(index, dtype=np.int32),
+                    np.array(spans, dtype=np.int32))
 
     def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         return plan_batches(lengths, self.max_batch_tokens, self.max_batch_size)
