@@ -24,15 +24,15 @@ PACKAGE = ROOT / "embedforge"
 
 LAYERS = {
     "io": 0, "net": 0, "tokenization": 0, "onnxrt": 0, "data": 0, "devices": 0, "sample_data": 0, "cli_options": 0,
-    "_proto": 0, "st_layout": 0,
+    "_proto": 0, "st_layout": 0, "quantize": 0,
     "checkpoints": 1, "model": 1, "client": 1,
     "model_card": 1.5,
-    "testing": 2, "evaluate": 2, "server": 2,
+    "testing": 2, "server": 2, "evaluate": 2.5,
     "train": 3, "export": 3, "loadtest": 3, "corpus": 3,
     "cli": 4, "__main__": 5,
 }
 TORCH_FREE = {"io", "net", "tokenization", "onnxrt", "data", "sample_data", "cli_options", "_proto", "st_layout",
-              "client", "server", "loadtest", "corpus", "cli", "__main__"}
+              "quantize", "client", "server", "loadtest", "corpus", "cli", "__main__"}
 TORCH_LIBRARIES = {"torch", "transformers", "sentence_transformers", "safetensors"}
 
 

@@ -190,13 +190,18 @@ def evaluate_export(export_dir: Path, pairs: Sequence[Pair], output_types: Seque
                     batch_size: int = 64, show_progress: bool = True) -> dict:
     """:func:`evaluate_pairs` for an ONNX export (what `serve` and `embed-corpus` run: its default precision, its
     prompts and calibration), with the metrics of each of `output_types` beside the float32 vectors'."""
-    from embedforge.corpus.vectors import CorpusEmbedder
+    from embedforge.server.embedder import l2_normalize
+    from embedforge.server.runtime import OnnxEmbedder
 
-    embedder = CorpusEmbedder(export_dir)
-    info = embedder.info
-    return evaluate_pairs(pairs, lambda texts: embedder.embed(texts).vectors, ks, rel_threshold, mode, batch_size,
-                          show_progress, dims=info.matryoshka_dims or None, prompts=info.prompts,
-                          output_types=output_types, calibration=info.calibration)
+    runtime = OnnxEmbedder(export_dir, workers=1)
+    info = runtime.info
+
+    def embed(texts: list[str]) -> np.ndarray:  # texts of similar length (embed_texts sorts them)
+        return l2_normalize(runtime.run_batch(runtime.tokenize(texts).ids))
+
+    return evaluate_pairs(pairs, embed, ks, rel_threshold, mode, batch_size, show_progress,
+                          dims=info.matryoshka_dims or None, prompts=info.prompts, output_types=output_types,
+                          calibration=info.calibration)
 
 
 def evaluate_model(model, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS,
