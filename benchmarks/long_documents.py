@@ -5,13 +5,14 @@ holding one relevant sentence: the document of an STS-B test pair with rel >= 0.
 half of the documents and in the first 300 tokens of the others; the pair's other sentence is the query. Each
 query ranks every document:
 
-- chunk: `embed-corpus --overflow chunk` rows (windows of max_length tokens sharing 64), a document scored by its
-  best window;
+- chunk N: `embed-corpus --overflow chunk --chunk-tokens N` rows (windows of N tokens, max_length by default,
+  sharing min(64, N / 4)), a document scored by its best window;
 - pooled chunk: the normalised mean of its windows (the server's `overflow=chunk` vector);
 - truncate: its first max_length tokens;
 - sentence alone: the same queries against the relevant sentences alone (the ceiling).
 
-Target: Recall@10 of chunk >= 0.9x the sentence alone.
+Target: Recall@10 of chunk >= 0.9x the sentence alone. The relevant sentence is one of 10-20 sentences in a
+max_length window of 256 tokens (all-MiniLM-L6-v2), so smaller windows are scored too.
 
 Throughput: `embedforge serve` embeds the documents with overflow=chunk (one document per call, 4 clients) and
 then the same windows sent as separate texts (each window's character span, one document's windows per call),
@@ -69,35 +70,38 @@ def build_documents(count: int, embedder: CorpusEmbedder, seed: int) -> tuple[li
     return [p.query for p in pairs], [p.document for p in pairs], documents, late
 
 
-def recall_at_10(queries: np.ndarray, scores_of) -> np.ndarray:
-    """Per query: 1 when its own document (same index) is among the 10 best by scores_of(query vectors)."""
-    scores = scores_of(queries)
-    own = scores[np.arange(len(queries)), np.arange(len(queries))]
+def recall_at_10(scores: np.ndarray) -> np.ndarray:
+    """Per query (row): 1 when its own document (the same index) is among the 10 best scores."""
+    own = scores[np.arange(len(scores)), np.arange(len(scores))]
     return ((scores > own[:, None]).sum(axis=1) < 10).astype(float)
 
 
-def retrieval(embedder: CorpusEmbedder, queries: list[str], sentences: list[str], documents: list[str],
-              late: list[bool]) -> dict[str, dict[str, float]]:
+def retrieval(export_dir: Path, queries: list[str], sentences: list[str], documents: list[str], late: list[bool],
+              sizes: list[int]) -> dict[str, dict[str, float]]:
+    """Recall@10 of each method, over all queries and the early and late halves."""
+    embedder = CorpusEmbedder(export_dir, precision="fp32", provider="cpu")
     query_vectors = embedder.embed(queries).vectors
-    sentence_vectors = embedder.embed(sentences).vectors
-    rows = embedder.rows(documents, chunk=True)
-    windows = embedder.embed_ids(rows.ids, rows.lengths)
-    print(f"{len(documents)} documents, {int(rows.lengths.sum())} tokens in {len(rows.ids)} windows")
-    owner = rows.owner
-    pooled = np.stack([windows[owner == i].mean(axis=0) for i in range(len(documents))])
-    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
-    first = windows[rows.chunk_index == 0]
-
-    def best_window(q: np.ndarray) -> np.ndarray:
-        per_window = q @ windows.T
-        return np.stack([per_window[:, owner == i].max(axis=1) for i in range(len(documents))], axis=1)
-
-    methods = {"chunk": best_window, "pooled chunk": lambda q: q @ pooled.T, "truncate": lambda q: q @ first.T,
-               "sentence alone": lambda q: q @ sentence_vectors.T}
-    late_mask = np.array(late)
-    figures = {}
-    for name, scores_of in methods.items():
-        hits = recall_at_10(query_vectors, scores_of)
+    methods = {"sentence alone": embedder.embed(sentences).vectors}
+    for size in [embedder.info.max_length, *sizes]:
+        sized = CorpusEmbedder(export_dir, precision="fp32", provider="cpu", chunk_tokens=size,
+                               chunk_overlap=min(CHUNK_OVERLAP, size // 4))
+        rows = sized.rows(documents, chunk=True)
+        windows = sized.embed_ids(rows.ids, rows.lengths)
+        print(f"{len(documents)} documents, {int(rows.lengths.sum())} tokens in {len(rows.ids)} windows of {size}")
+        methods[f"chunk {size}"] = (windows, rows.owner)
+        if size == embedder.info.max_length:
+            pooled = np.stack([windows[rows.owner == i].mean(axis=0) for i in range(len(documents))])
+            methods["pooled chunk"] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+            methods["truncate"] = windows[rows.chunk_index == 0]
+    late_mask, figures = np.array(late), {}
+    for name, vectors in methods.items():
+        if isinstance(vectors, tuple):  # a document scores as its best window
+            windows, owner = vectors
+            per_window = query_vectors @ windows.T
+            scores = np.stack([per_window[:, owner == i].max(axis=1) for i in range(len(documents))], axis=1)
+        else:
+            scores = query_vectors @ vectors.T
+        hits = recall_at_10(scores)
         figures[name] = {"recall@10": 100 * hits.mean(), "early": 100 * hits[~late_mask].mean(),
                          "late": 100 * hits[late_mask].mean()}
     return figures
@@ -131,7 +135,7 @@ async def tokens_per_second(target: str, calls: list[list[str]], overflow: str |
 
 def throughput(export_dir: Path, embedder: CorpusEmbedder, documents: list[str], rounds: int) -> dict[str, float]:
     windows = window_texts(embedder, documents)
-    process, target, _ = start_server(export_dir, "fp32", 2, [])
+    process, target, _ = start_server(export_dir, "fp32", 2, ["--max-chars-per-text", "200000"])
     rates: dict[str, list[float]] = {"chunked": [], "windows as texts": []}
     try:
         asyncio.run(tokens_per_second(target, [[d] for d in documents[:4]], "chunk"))  # warm-up
@@ -144,10 +148,12 @@ def throughput(export_dir: Path, embedder: CorpusEmbedder, documents: list[str],
 
 
 def headline(figures: dict[str, dict[str, float]], rates: dict[str, float]) -> str:
-    chunk, alone = figures["chunk"]["recall@10"], figures["sentence alone"]["recall@10"]
-    return (f"Recall@10 chunk {chunk:.1f} = {chunk / alone:.2f}x the sentence alone ({alone:.1f}); pooled "
-            f"{figures['pooled chunk']['recall@10']:.1f}, truncate {figures['truncate']['recall@10']:.1f}; chunked "
-            f"serving {rates['chunked'] / rates['windows as texts']:.2f}x the windows as texts in tokens/s")
+    alone = figures["sentence alone"]["recall@10"]
+    chunks = ", ".join(f"{name} {row['recall@10']:.1f} ({row['recall@10'] / alone:.2f}x)"
+                       for name, row in figures.items() if name.startswith("chunk "))
+    return (f"Recall@10 x100, sentence alone {alone:.1f}: {chunks}, pooled {figures['pooled chunk']['recall@10']:.1f}, "
+            f"truncate {figures['truncate']['recall@10']:.1f}; chunked serving "
+            f"{rates['chunked'] / rates['windows as texts']:.2f}x the windows as texts in tokens/s")
 
 
 def main() -> None:
@@ -156,12 +162,14 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=60, help="documents (and queries) for retrieval")
     parser.add_argument("--serve-docs", type=int, default=16, help="documents sent to the server per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-tokens", type=int, nargs="*", default=[64, 128],
+                        help="smaller windows to score beside max_length's (embed-corpus --chunk-tokens)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     export_dir = args.export_dir or export_bundled(Path(tempfile.mkdtemp(prefix="embedforge-long-")), ("fp32",))
     embedder = CorpusEmbedder(export_dir, precision="fp32", provider="cpu")
     queries, sentences, documents, late = build_documents(args.docs, embedder, args.seed)
-    figures = retrieval(embedder, queries, sentences, documents, late)
+    figures = retrieval(export_dir, queries, sentences, documents, late, args.chunk_tokens)
     print(f"\n{cpu_name()}; Recall@10 x100 over {len(queries)} queries (early: relevant sentence in the first 300 "
           "tokens; late: after token 512)")
     print(f"{'method':<16}{'all':>8}{'early':>8}{'late':>8}")

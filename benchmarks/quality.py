@@ -65,6 +65,8 @@ RUNS = {
     "graded w1 fn0": ["--loss", "weighted-mse+in-batch", "--symmetric", "--positive-threshold", "0.25",
                       "--negative-threshold", "0.2", "--rel-power", "2", "--in-batch-weight", "1",
                       "--false-negative-margin", "0"],
+    "graded w1": ["--loss", "weighted-mse+in-batch", "--symmetric", "--positive-threshold", "0.25",
+                  "--negative-threshold", "0.2", "--rel-power", "2", "--in-batch-weight", "1"],
 }
 TABLE_RUNS = ["similarity", "balanced", "retrieval", "st-cosine", "st-mnrl"]
 FIGURES = ("val spearman", "val ndcg@10", "spearman", "ndcg@10")

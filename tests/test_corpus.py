@@ -265,6 +265,26 @@ def test_overflow_chunk_writes_a_row_per_window_with_its_span(tiny_export_dir, t
     assert table.column("tokens").to_pylist()[1:-1] == [len(w) for w in windows]
 
 
+def test_chunk_tokens_cuts_smaller_windows_and_leaves_short_texts_whole(tiny_export_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    medium = " ".join(f"word{i % 50} egg" for i in range(40))  # about 120 tokens: under max_length, over 32
+    path = write_corpus(tmp_path / "docs.jsonl", ["rice", medium])
+    run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "out", "--overflow", "chunk",
+            "--chunk-tokens", "32", "--chunk-overlap", "4")
+    table = pq.read_table(tmp_path / "out")
+    tokens, index = table.column("tokens").to_pylist(), table.column("chunk_index").to_pylist()
+    assert index[:2] == [0, 0] and index[1:] == list(range(len(index) - 1)) and len(index) >= 3
+    assert tokens[0] == 3 and max(tokens[1:]) == 32
+    tokenizer = Tokenizer.from_file(str(tiny_export_dir / "tokenizer.json"))
+    starts, ends = table.column("char_start").to_pylist(), table.column("char_end").to_pylist()
+    for row in range(1, len(index)):
+        assert len(tokenizer.encode(medium[starts[row]:ends[row]], add_special_tokens=False).ids) == tokens[row] - 2
+    refused = run_cli("--model-dir", tiny_export_dir, "--input", path, "--output", tmp_path / "bad", "--overflow",
+                      "chunk", "--chunk-tokens", "32", "--chunk-overlap", "16", expect_ok=False)
+    assert refused.exit_code == 1 and "--chunk-overlap must be from 0 to 15 tokens" in refused.output
+
+
 def test_a_restarted_chunked_job_counts_records_not_rows(tiny_export_dir, tmp_path):
     long = " ".join(f"word{i % 50} egg" for i in range(400))
     path = write_corpus(tmp_path / "docs.jsonl", ["rice", long, "egg", long + " tail", "coffee"])

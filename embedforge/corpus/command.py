@@ -47,6 +47,9 @@ EPILOG = """Examples:
         "char_end) in the text.")
 @option("chunk_overlap", type=click.IntRange(0), default=CHUNK_OVERLAP, help="--overflow chunk: tokens shared by "
         "neighbouring windows.")
+@option("chunk_tokens", type=click.IntRange(1), default=None, show_default=False,
+        help="--overflow chunk: tokens per window, special tokens included; texts longer than this are chunked. "
+        "Smaller windows let one passage stand out (see docs/corpus.md) [default: the model's max_length].")
 @option("no_truncate", is_flag=True, help="The same as --overflow error.")
 @option("precision", type=click.Choice(["auto", "fp32", "int8", "fp16"]), default="auto",
         help="Which exported model; auto = fp16 on CUDA, else fp32.")
@@ -77,6 +80,7 @@ EPILOG = """Examples:
 @option("no_progress", is_flag=True, help="No progress bar (it shows texts/s and the ETA).")
 def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path, text_field: str,
                          id_field: str | None, input_format: str, skip_bad: bool, overflow: str, chunk_overlap: int,
+                         chunk_tokens: int | None,
                          no_truncate: bool, precision: str,
                          provider: str, threads: int | None, dimensions: int | None, shard_size: int,
                          max_batch_tokens: int, max_batch_size: int, ray_address: str | None,
@@ -99,7 +103,8 @@ def embed_corpus_command(model_dir: Path, inputs: tuple[str, ...], output: Path,
     try:
         job = CorpusJob(model_dir=model_dir, inputs=resolve_inputs(list(inputs)), output=output,
                         text_field=text_field, id_field=id_field, input_format=input_format, skip_bad=skip_bad,
-                        overflow=overflow, chunk_overlap=chunk_overlap, precision=precision, provider=provider,
+                        overflow=overflow, chunk_overlap=chunk_overlap, chunk_tokens=chunk_tokens, precision=precision,
+                        provider=provider,
                         threads=threads,
                         dimensions=dimensions, shard_size=shard_size, max_batch_tokens=max_batch_tokens,
                         max_batch_size=max_batch_size, progress=not no_progress, input_type=input_type,

@@ -30,6 +30,7 @@ class CorpusJob:
     skip_bad: bool = False
     overflow: str = "truncate"  # a text over max_length: "truncate", "error" (stop) or "chunk" (a row per window)
     chunk_overlap: int = CHUNK_OVERLAP  # tokens shared by neighbouring windows of a chunked text
+    chunk_tokens: int | None = None  # a chunked text's window size (special tokens included); None: max_length
     precision: str = "auto"
     provider: str = "auto"
     threads: int | None = None
@@ -73,6 +74,7 @@ class CorpusJob:
             "skip_bad": self.skip_bad,
             "overflow": self.overflow,
             "chunk_overlap": self.chunk_overlap if self.overflow == "chunk" else None,
+            "chunk_tokens": self.chunk_tokens if self.overflow == "chunk" else None,
             "shard_size": self.shard_size,
             "max_batch_tokens": self.max_batch_tokens,
             "max_batch_size": self.max_batch_size,

@@ -46,7 +46,8 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
     embedder = CorpusEmbedder(job.model_dir, precision=job.precision_name, provider=job.provider_key,
                               threads=job.threads, dimensions=job.dimensions, max_batch_tokens=job.max_batch_tokens,
                               max_batch_size=job.max_batch_size, input_type=job.input_type,
-                              output_type=job.output_type, chunk_overlap=job.chunk_overlap)
+                              output_type=job.output_type, chunk_overlap=job.chunk_overlap,
+                              chunk_tokens=job.chunk_tokens)
     records = itertools.islice(job.records([]), done, None)
 
     def next_chunk() -> Chunk | None:

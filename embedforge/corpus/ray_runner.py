@@ -56,11 +56,12 @@ class EmbedActor:
 
     def __init__(self, model_dir: str, precision: str, provider: str, threads: int, dimensions: int | None,
                  max_batch_tokens: int, max_batch_size: int, overflow: str, input_type: str | None = None,
-                 output_type: str = "float32", chunk_overlap: int = CHUNK_OVERLAP) -> None:
+                 output_type: str = "float32", chunk_overlap: int = CHUNK_OVERLAP,
+                 chunk_tokens: int | None = None) -> None:
         self.embedder = CorpusEmbedder(model_dir, precision=precision, provider=provider, threads=threads,
                                        dimensions=dimensions, max_batch_tokens=max_batch_tokens,
                                        max_batch_size=max_batch_size, input_type=input_type, output_type=output_type,
-                                       chunk_overlap=chunk_overlap)
+                                       chunk_overlap=chunk_overlap, chunk_tokens=chunk_tokens)
         self.overflow = overflow
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -110,7 +111,7 @@ def run_ray(job: CorpusJob, identity: dict, count: int, problems: list[Problem],
                                    "provider": job.provider_key, "threads": actor_threads,
                                    "dimensions": job.dimensions, "max_batch_tokens": job.max_batch_tokens,
                                    "max_batch_size": job.max_batch_size, "overflow": job.overflow,
-                                   "chunk_overlap": job.chunk_overlap,
+                                   "chunk_overlap": job.chunk_overlap, "chunk_tokens": job.chunk_tokens,
                                    "input_type": job.input_type, "output_type": job.output_type})
         embed_started = time.perf_counter()
         try:

@@ -20,6 +20,7 @@ from embedforge.server.runtime import OnnxEmbedder, RuntimeConfigError, read_cal
 
 OVERFLOWS = ("truncate", "error", "chunk")  # what a text over max_length becomes (embed-corpus --overflow)
 CHUNK_OVERLAP = 64  # tokens shared by neighbouring windows, as the server's --chunk-overlap
+MIN_CHUNK_TOKENS = 16  # the smallest window embed-corpus --chunk-tokens takes
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class CorpusEmbedder:
     def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
                  threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  max_batch_size: int = MAX_BATCH_SIZE, input_type: str | None = None,
-                 output_type: str = "float32", chunk_overlap: int = CHUNK_OVERLAP) -> None:
+                 output_type: str = "float32", chunk_overlap: int = CHUNK_OVERLAP,
+                 chunk_tokens: int | None = None) -> None:
         manifest = read_manifest(Path(model_dir))
         self.dims = output_dims(manifest, dimensions)
         self.prompt = input_prompt(manifest, Path(model_dir), input_type)
@@ -105,9 +107,13 @@ class CorpusEmbedder:
         self.output_type = output_type
         self.runtime = OnnxEmbedder(model_dir, precision=precision, provider=provider, threads=threads, workers=1)
         self.info = self.runtime.info
-        if not 0 <= chunk_overlap < self.info.max_length // 2:
-            raise RuntimeConfigError(f"--chunk-overlap must be from 0 to {self.info.max_length // 2 - 1} tokens, "
-                                     f"got {chunk_overlap}")
+        self.chunk_tokens = chunk_tokens or self.info.max_length
+        if not MIN_CHUNK_TOKENS <= self.chunk_tokens <= self.info.max_length:
+            raise RuntimeConfigError(f"--chunk-tokens must be from {MIN_CHUNK_TOKENS} to the model's max_length "
+                                     f"{self.info.max_length}, got {chunk_tokens}")
+        if not 0 <= chunk_overlap < self.chunk_tokens // 2:
+            raise RuntimeConfigError(f"--chunk-overlap must be from 0 to {self.chunk_tokens // 2 - 1} tokens (under "
+                                     f"half a window), got {chunk_overlap}")
         self.chunk_overlap = chunk_overlap
         self.max_batch_tokens = max(max_batch_tokens, self.info.max_length)
         self.max_batch_size = max_batch_size
@@ -121,8 +127,11 @@ class CorpusEmbedder:
         return tokenized.ids, np.asarray(tokenized.lengths, dtype=np.int32), truncated
 
     def rows(self, texts: list[str], chunk: bool) -> Rows:
-        """The output rows of `texts`: one per text, or (chunk) one per window of a text over max_length."""
+        """The output rows of `texts`: one per text, or (chunk) one per window of chunk_tokens tokens of a text over
+        chunk_tokens (max_length by default)."""
         ids, lengths, truncated = self.tokenize(texts)
+        if chunk and self.chunk_tokens < self.info.max_length:
+            truncated = truncated | (lengths > self.chunk_tokens)
         whole = np.array([[0, len(text)] for text in texts], dtype=np.int32).reshape(-1, 2)
         if not (chunk and truncated.any()):
             return Rows(np.arange(len(texts)), ids, lengths, truncated, np.zeros(len(texts), np.int32), whole)
@@ -130,7 +139,8 @@ class CorpusEmbedder:
         cut = len(self.prompt)  # spans count in the text as written, without the prompt
         for i, text in enumerate(texts):
             if truncated[i]:
-                windows, window_spans = self.runtime.token_windows_with_spans(self.prompt + text, self.chunk_overlap)
+                windows, window_spans = self.runtime.token_windows_with_spans(self.prompt + text, self.chunk_overlap,
+                                                                              self.chunk_tokens)
                 window_spans = [(max(start - cut, 0), max(end - cut, 0)) for start, end in window_spans]
             else:
                 windows, window_spans = [ids[i]], [tuple(whole[i])]

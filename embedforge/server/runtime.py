@@ -231,12 +231,14 @@ class OnnxEmbedder:
     def token_windows(self, text: str, overlap: int) -> list[np.ndarray]:
         return self.token_windows_with_spans(text, overlap)[0]
 
-    def token_windows_with_spans(self, text: str, overlap: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-        """`token_windows`, and each window's characters [start, end) in `text` (from the tokenizer's offsets)."""
+    def token_windows_with_spans(self, text: str, overlap: int, window: int | None = None
+                                 ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """`token_windows` (of `window` tokens, special ones included; default max_length), and each window's
+        characters [start, end) in `text` (from the tokenizer's offsets)."""
         encoding = self._whole_tokenizer.encode(text)
         ids, offsets = encoding.ids, encoding.offsets
         first, body, last = ids[:1], ids[1:-1], ids[-1:]
-        size = self.max_length - 2  # the window's text tokens, between the special ones
+        size = (window or self.max_length) - 2  # the window's text tokens, between the special ones
         starts = range(0, max(len(body) - overlap, 1), size - overlap)
         windows = [np.array(first + body[start:start + size] + last, dtype=np.int32) for start in starts]
         # body token j is ids[1 + j]: a window's first token is offsets[1 + start], its last offsets[end]
