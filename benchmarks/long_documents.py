@@ -83,9 +83,9 @@ def retrieval(export_dir: Path, queries: list[str], sentences: list[str], docume
     query_vectors = embedder.embed(queries).vectors
     methods = {"sentence alone": embedder.embed(sentences).vectors}
     for size in [embedder.info.max_length, *sizes]:
-        sized = CorpusEmbedder(export_dir, precision="fp32", provider="cpu", chunk_tokens=size,
+        sized = CorpusEmbedder(export_dir, precision="fp32", provider="cpu", chunk=True, chunk_tokens=size,
                                chunk_overlap=min(CHUNK_OVERLAP, size // 4))
-        rows = sized.rows(documents, chunk=True)
+        rows = sized.rows(documents)
         windows = sized.embed_ids(rows.ids, rows.lengths)
         print(f"{len(documents)} documents, {int(rows.lengths.sum())} tokens in {len(rows.ids)} windows of {size}")
         methods[f"chunk {size}"] = (windows, rows.owner)
@@ -107,9 +107,9 @@ def retrieval(export_dir: Path, queries: list[str], sentences: list[str], docume
     return figures
 
 
-def window_texts(embedder: CorpusEmbedder, documents: list[str]) -> list[list[str]]:
-    """Each document's windows as the text of their character spans."""
-    rows = embedder.rows(documents, chunk=True)
+def window_texts(export_dir: Path, documents: list[str]) -> list[list[str]]:
+    """Each document's max_length windows (the server's) as the text of their character spans."""
+    rows = CorpusEmbedder(export_dir, precision="fp32", provider="cpu", chunk=True).rows(documents)
     texts: list[list[str]] = [[] for _ in documents]
     for owner, (start, end) in zip(rows.owner, rows.spans, strict=True):
         texts[owner].append(documents[owner][start:end])
@@ -133,8 +133,8 @@ async def tokens_per_second(target: str, calls: list[list[str]], overflow: str |
         return total / (time.perf_counter() - start)
 
 
-def throughput(export_dir: Path, embedder: CorpusEmbedder, documents: list[str], rounds: int) -> dict[str, float]:
-    windows = window_texts(embedder, documents)
+def throughput(export_dir: Path, documents: list[str], rounds: int) -> dict[str, float]:
+    windows = window_texts(export_dir, documents)
     process, target, _ = start_server(export_dir, "fp32", 2, ["--max-chars-per-text", "200000"])
     rates: dict[str, list[float]] = {"chunked": [], "windows as texts": []}
     try:
@@ -175,7 +175,7 @@ def main() -> None:
     print(f"{'method':<16}{'all':>8}{'early':>8}{'late':>8}")
     for name, row in figures.items():
         print(f"{name:<16}{row['recall@10']:>8.1f}{row['early']:>8.1f}{row['late']:>8.1f}")
-    rates = throughput(export_dir, embedder, documents[:args.serve_docs], args.rounds)
+    rates = throughput(export_dir, documents[:args.serve_docs], args.rounds)
     print(f"\nserving, median of {args.rounds} interleaved rounds, 4 clients: "
           + ", ".join(f"{name} {rate:.0f} tokens/s" for name, rate in rates.items())
           + f"; ratio {rates['chunked'] / rates['windows as texts']:.3f}")

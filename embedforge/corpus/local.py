@@ -46,15 +46,15 @@ def run_local(job: CorpusJob, identity: dict, count: int, problems: list[Problem
     embedder = CorpusEmbedder(job.model_dir, precision=job.precision_name, provider=job.provider_key,
                               threads=job.threads, dimensions=job.dimensions, max_batch_tokens=job.max_batch_tokens,
                               max_batch_size=job.max_batch_size, input_type=job.input_type,
-                              output_type=job.output_type, chunk_overlap=job.chunk_overlap,
-                              chunk_tokens=job.chunk_tokens)
+                              output_type=job.output_type, chunk=job.overflow == "chunk",
+                              chunk_overlap=job.chunk_overlap, chunk_tokens=job.chunk_tokens)
     records = itertools.islice(job.records([]), done, None)
 
     def next_chunk() -> Chunk | None:
         chunk = list(itertools.islice(records, job.shard_size))
         if not chunk:
             return None
-        rows = embedder.rows([r.text for r in chunk], chunk=job.overflow == "chunk")
+        rows = embedder.rows([r.text for r in chunk])
         if job.overflow == "error" and rows.truncated.any():
             first = chunk[int(rows.owner[np.argmax(rows.truncated)])]
             raise BadInputError(f"{first.source}: text of more than {embedder.info.max_length} tokens (the "

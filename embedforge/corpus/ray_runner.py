@@ -61,11 +61,12 @@ class EmbedActor:
         self.embedder = CorpusEmbedder(model_dir, precision=precision, provider=provider, threads=threads,
                                        dimensions=dimensions, max_batch_tokens=max_batch_tokens,
                                        max_batch_size=max_batch_size, input_type=input_type, output_type=output_type,
-                                       chunk_overlap=chunk_overlap, chunk_tokens=chunk_tokens)
+                                       chunk=overflow == "chunk", chunk_overlap=chunk_overlap,
+                                       chunk_tokens=chunk_tokens)
         self.overflow = overflow
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        rows = self.embedder.rows(table.column("text").to_pylist(), chunk=self.overflow == "chunk")
+        rows = self.embedder.rows(table.column("text").to_pylist())
         if self.overflow == "error" and rows.truncated.any():
             source = table.column("source")[int(rows.owner[np.argmax(rows.truncated)])].as_py()
             raise BadInputError(f"{source}: text of more than {self.embedder.info.max_length} tokens (the model's "

@@ -98,8 +98,10 @@ class CorpusEmbedder:
     def __init__(self, model_dir: str | Path, precision: str = "auto", provider: str = "auto",
                  threads: int | None = None, dimensions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  max_batch_size: int = MAX_BATCH_SIZE, input_type: str | None = None,
-                 output_type: str = "float32", chunk_overlap: int = CHUNK_OVERLAP,
+                 output_type: str = "float32", chunk: bool = False, chunk_overlap: int = CHUNK_OVERLAP,
                  chunk_tokens: int | None = None) -> None:
+        """chunk: `rows` cuts a text longer than chunk_tokens (default max_length) into windows sharing
+        chunk_overlap tokens, a row each."""
         manifest = read_manifest(Path(model_dir))
         self.dims = output_dims(manifest, dimensions)
         self.prompt = input_prompt(manifest, Path(model_dir), input_type)
@@ -107,11 +109,11 @@ class CorpusEmbedder:
         self.output_type = output_type
         self.runtime = OnnxEmbedder(model_dir, precision=precision, provider=provider, threads=threads, workers=1)
         self.info = self.runtime.info
-        self.chunk_tokens = chunk_tokens or self.info.max_length
-        if not MIN_CHUNK_TOKENS <= self.chunk_tokens <= self.info.max_length:
+        self.chunk, self.chunk_tokens = chunk, chunk_tokens or self.info.max_length
+        if chunk and not MIN_CHUNK_TOKENS <= self.chunk_tokens <= self.info.max_length:
             raise RuntimeConfigError(f"--chunk-tokens must be from {MIN_CHUNK_TOKENS} to the model's max_length "
                                      f"{self.info.max_length}, got {chunk_tokens}")
-        if not 0 <= chunk_overlap < self.chunk_tokens // 2:
+        if chunk and not 0 <= chunk_overlap < self.chunk_tokens // 2:
             raise RuntimeConfigError(f"--chunk-overlap must be from 0 to {self.chunk_tokens // 2 - 1} tokens (under "
                                      f"half a window), got {chunk_overlap}")
         self.chunk_overlap = chunk_overlap
@@ -126,14 +128,14 @@ class CorpusEmbedder:
         truncated[tokenized.truncated] = True
         return tokenized.ids, np.asarray(tokenized.lengths, dtype=np.int32), truncated
 
-    def rows(self, texts: list[str], chunk: bool) -> Rows:
+    def rows(self, texts: list[str]) -> Rows:
         """The output rows of `texts`: one per text, or (chunk) one per window of chunk_tokens tokens of a text over
         chunk_tokens (max_length by default)."""
         ids, lengths, truncated = self.tokenize(texts)
-        if chunk and self.chunk_tokens < self.info.max_length:
+        if self.chunk and self.chunk_tokens < self.info.max_length:
             truncated = truncated | (lengths > self.chunk_tokens)
         whole = np.array([[0, len(text)] for text in texts], dtype=np.int32).reshape(-1, 2)
-        if not (chunk and truncated.any()):
+        if not (self.chunk and truncated.any()):
             return Rows(np.arange(len(texts)), ids, lengths, truncated, np.zeros(len(texts), np.int32), whole)
         owner, row_ids, spans, index = [], [], [], []
         cut = len(self.prompt)  # spans count in the text as written, without the prompt
