@@ -411,12 +411,21 @@ def test_ray_run_matches_the_local_run(tiny_export_dir, corpus, tmp_path):
     common = ["--model-dir", tiny_export_dir, "--input", path, "--input", second, "--id-field", "doc_id",
               "--shard-size", "128"]
     run_cli(*common, "--output", local, "--threads", "1")
+    run_cli(*common, "--output", tmp_path / "local-chunks", "--threads", "1", "--overflow", "chunk")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         run_cli(*common, "--output", on_ray, "--ray", "auto", "--ray-actors", "2")
+        run_cli(*common, "--output", tmp_path / "ray-chunks", "--ray", "auto", "--overflow", "chunk")
     finally:
         ray.shutdown()
+    chunks = [pq.read_table(tmp_path / name).sort_by([("id", "ascending"), ("chunk_index", "ascending")])
+              for name in ("local-chunks", "ray-chunks")]
+    for column in ("id", "chunk_index", "char_start", "char_end", "tokens"):
+        assert chunks[0].column(column).to_pylist() == chunks[1].column(column).to_pylist()
+    assert max(chunks[1].column("chunk_index").to_pylist()) >= 1  # the long text became windows on Ray too
+    chunk_vectors = [np.asarray(t.column("vector").combine_chunks().flatten()).reshape(t.num_rows, -1) for t in chunks]
+    assert cosine_rows(*chunk_vectors).min() >= 0.99999
     local_manifest, local_vectors, local_tokens = read_output(local)
     ray_manifest, ray_vectors, ray_tokens = read_output(on_ray)
     assert sorted(ray_vectors) == sorted(local_vectors) and len(ray_vectors) == len(texts) + 150
