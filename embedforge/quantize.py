@@ -64,10 +64,14 @@ class Calibration:
         return hashlib.sha256(self.low.tobytes() + self.high.tobytes()).hexdigest()[:16]
 
 
+def unknown_type(output_type: str) -> QuantizeError:
+    return QuantizeError(f"unknown output type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+
+
 def check_output_type(output_type: str, calibration: Calibration | None, dims: int, dim: int) -> None:
     """Raise QuantizeError unless `output_type` can be made for vectors of `dims` of the model's `dim` values."""
     if output_type not in OUTPUT_TYPES:
-        raise QuantizeError(f"unknown output type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+        raise unknown_type(output_type)
     if output_type in CALIBRATED_TYPES:
         if calibration is None:
             raise QuantizeError(f"{output_type} needs the calibration ranges that `embedforge export` writes into "
@@ -86,7 +90,7 @@ def quantize(vectors: np.ndarray, output_type: str, calibration: Calibration | N
         packed = np.packbits(vectors > 0, axis=-1)
         return packed if output_type == "ubinary" else (packed.astype(np.int16) - 128).astype(np.int8)
     if output_type not in CALIBRATED_TYPES:
-        raise QuantizeError(f"unknown output type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+        raise unknown_type(output_type)
     if calibration is None:
         raise QuantizeError(f"{output_type} needs a calibration")
     step = np.maximum(calibration.high - calibration.low, 1e-12) / 255
@@ -104,4 +108,4 @@ def scoring_vectors(codes: np.ndarray, output_type: str, dim: int) -> np.ndarray
         packed = codes if output_type == "ubinary" else (codes.astype(np.int16) + 128).astype(np.uint8)
         bits = np.unpackbits(packed, axis=-1)[:, :dim]
         return bits.astype(np.float32) * 2 - 1
-    raise QuantizeError(f"unknown output type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+    raise unknown_type(output_type)
