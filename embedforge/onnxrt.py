@@ -24,9 +24,9 @@ def create_session(model_path: str | Path, threads: int, providers: list[str]) -
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # The CPU memory arena serves a run's many intermediate tensors without malloc/free (one thread, 4 texts of
-    # 256-640 tokens: 5.2 texts/s with it, 4.4 without); `shrinking_run` returns its unused memory at the end of
-    # each run, so the largest batch's working memory does not stay for good (RSS after 48 such batches: 354 MB
-    # against 477 MB without shrinking, 337 MB without an arena).
+    # 256-640 tokens: 5.2 texts/s with it, 4.4 without); a run with `shrinking_run` returns its unused memory,
+    # so the largest batch's working memory does not stay for good (RSS after 48 such batches: 354 MB against
+    # 477 MB without shrinking, 337 MB without an arena); the server does so once idle (runtime.release_memory).
     options.enable_cpu_mem_arena = True
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

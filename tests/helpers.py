@@ -165,6 +165,9 @@ class HookedEmbedder:
     def token_windows(self, text, overlap):
         return self.inner.token_windows(text, overlap)
 
+    def release_memory(self):
+        self.inner.release_memory()
+
     def run_batch(self, batch, alone=True):
         time.sleep(self.delay_s + self.delay_per_text_s * len(batch))
         if self.hang.is_set():

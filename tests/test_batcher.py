@@ -184,6 +184,29 @@ def test_several_workers_run_batches_at_once():
     assert peak[0] == 2
 
 
+def test_on_idle_runs_once_per_idle_spell_and_never_between_busy_batches(monkeypatch):
+    monkeypatch.setattr("embedforge.server.batcher.IDLE_RELEASE_S", 0.2)
+    idle_calls: list[int] = []
+
+    async def main():
+        recorder = Recorder()
+        batcher = Batcher(recorder, **LIMITS, on_idle=lambda: idle_calls.append(len(recorder.batches)))
+        batcher.start()
+        await asyncio.sleep(0.3)  # after start: the warm-up's memory goes back
+        assert idle_calls == [0]
+        for i in range(10):  # busy: a batch every 50 ms, never idle for 0.2 s
+            await batcher.submit([i], [4])
+            await asyncio.sleep(0.05)
+        assert idle_calls == [0]
+        await asyncio.sleep(0.4)
+        assert idle_calls == [0, 10]  # once, after the last batch
+        await asyncio.sleep(0.4)
+        assert idle_calls == [0, 10]  # no batch since: nothing to give back
+        await batcher.stop()
+
+    run(main())
+
+
 def test_queue_full_is_refused_at_once_for_single_texts_too():
     async def main():
         recorder = Recorder(gated=True)
@@ -233,6 +256,39 @@ def test_the_wait_estimate_shares_the_throughput_as_least_attained_service_does(
     (short, long), rate, batch_s = run(main())
     assert short == pytest.approx((10 + 10 + 10 + 4) / rate + batch_s)
     assert long == pytest.approx((1000 + 200 + 200 + 4) / rate + batch_s)
+
+
+def test_a_newcomer_that_would_make_a_queued_request_late_is_named():
+    """Least attained service lets a newcomer of n tokens overtake queued request r by min(n, F_r) tokens;
+    delays_past_deadline says so when that pushes r's wait (times the safety factor) past its deadline, and not
+    for a short newcomer, a request without a deadline, or one that would be late anyway."""
+    async def main():
+        recorder = Recorder(gated=True)
+        batcher = await started(recorder, max_batch_tokens=64, min_batch_tokens=100, workers=1)
+        batcher.record_batch(tokens=300, seconds=3.0)  # 100 tokens/s, 3 s per batch
+        running = asyncio.create_task(batcher.submit([0], [3]))
+        await wait_entered(recorder)  # one batch in flight: 3 s more before anything queued runs
+        now = time.monotonic()
+        tight = asyncio.create_task(batcher.submit([1] * 5, [40] * 5, deadline=now + 8.0))  # waits 2 + 3 = 5 s
+        await asyncio.sleep(0)
+        verdicts = {"100 tokens": batcher.delays_past_deadline(100, 1.5),  # (5 + 1) x 1.5 = 9 > 8: late
+                    "10 tokens": batcher.delays_past_deadline(10, 1.5)}  # (5 + 0.1) x 1.5 = 7.65: in time
+        tight.cancel()
+        for deadline, label in ((None, "no deadline"), (now + 6.0, "late anyway")):  # 5 x 1.5 = 7.5 > 6
+            other = asyncio.create_task(batcher.submit([2] * 5, [40] * 5, deadline=deadline))
+            await asyncio.sleep(0)
+            verdicts[label] = batcher.delays_past_deadline(100, 1.5)
+            other.cancel()
+            await asyncio.sleep(0)
+        recorder.gate.set()
+        await running
+        await batcher.stop()
+        return verdicts
+
+    verdicts = run(main())
+    assert verdicts["100 tokens"] == pytest.approx(5.0, abs=0.05)
+    assert verdicts["10 tokens"] is None
+    assert verdicts["no deadline"] is None and verdicts["late anyway"] is None
 
 
 def test_cancelled_and_expired_work_is_never_computed():

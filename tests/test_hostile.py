@@ -562,3 +562,48 @@ def test_bound_malloc_applies_where_the_c_library_is_glibc():
     from embedforge.server.memory import bound_malloc
 
     assert bound_malloc() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_release_memory_gives_a_large_batchs_arena_back(tiny_export_dir):
+    """Batches keep their working memory (the next batch reuses it); release_memory, which the batcher calls once
+    idle, returns it: the process shrinks by most of what the large batch added."""
+    import ctypes
+
+    import numpy as np
+
+    from embedforge.server.runtime import OnnxEmbedder
+
+    def rss() -> int:
+        ctypes.CDLL(None).malloc_trim(0)  # what the allocator still caches is not the arena's doing
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    runtime = OnnxEmbedder(tiny_export_dir, threads=1)
+    runtime.warmup()
+    runtime.release_memory()
+    before = rss()
+    batch = runtime.tokenize(["word " * 200] * 256).ids
+    vectors = runtime.run_batch(batch)
+    kept = rss() - before
+    runtime.release_memory()
+    released = kept - (rss() - before)
+    assert kept > 20e6, kept  # the arena holds the batch's working memory
+    assert released > 0.8 * kept, (kept, released)
+    np.testing.assert_allclose(runtime.run_batch(batch), vectors, rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_that_would_make_a_queued_call_late_is_refused_with_that_calls_wait_as_the_hint():
+    class Queue:  # the batcher's answers, fixed: a newcomer over 100 tokens would make a queued call late
+        def estimated_wait_s(self, tokens):
+            return 0.1
+
+        def delays_past_deadline(self, tokens, safety):
+            return 2.5 if tokens > 100 else None
+
+    admission = Admission(AdmissionLimits(max_body_bytes=100, max_pending_bytes=1000, body_timeout_s=1.0,
+                                          default_deadline_s=5.0))
+    admission.queue = Queue()
+    ticket = admission.open(10.0)
+    admission.check_wait(ticket, 50)
+    with pytest.raises(Overloaded, match="miss its deadline") as refused:
+        admission.check_wait(ticket, 500)
+    assert refused.value.retry_after_s == 2.5

@@ -243,6 +243,9 @@ def test_unset_normalize_defaults_true_and_false_passes_raw_vectors():
         def run_batch(self, batch, alone=True):
             return np.array([[float(n), 0.0] for n in batch], dtype=np.float32)
 
+        def release_memory(self):
+            pass
+
     with ServerThread(Raw()) as running, EmbedClient(running.target, timeout=10) as c:
         np.testing.assert_allclose(c.embed(["abc"]).vectors, [[1.0, 0.0]])
         np.testing.assert_allclose(c.embed(["abc"], normalize=False).vectors, [[3.0, 0.0]])

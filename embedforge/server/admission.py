@@ -11,11 +11,13 @@ before any Python object is built (`max_texts_per_request`). Every call has a de
 with a retry hint, before its body is read, again once its texts are parsed (tokens estimated from their
 characters, so a hopeless call costs no tokenization) and once its tokens are known: the batcher serves least
 attained service first, so a short call waits for little even behind a long queue, and a long one is judged
-against all of it. A refusal's retry hint holds for its connection: a call that comes sooner on the same
-connection is refused at once, before its body is read (a client that ignores the hint costs the server no
-more than one header each time). RESOURCE_EXHAUSTED / 429 means that a byte or queue budget is spent, that the
-deadline cannot be met, or that the connection's retry hint has not passed, nothing else. Health and Info are
-never admitted, so never refused for load.
+against all of it. Since a newcomer overtakes queued calls, it is also refused if it would make one of them
+miss a deadline that it would meet otherwise (an admitted call is not made late by later ones). A refusal's
+retry hint holds for its connection: a call that comes sooner on the same connection is refused at once,
+before its body is read (a client that ignores the hint costs the server no more than one header each time).
+RESOURCE_EXHAUSTED / 429 means that a byte or queue budget is spent, that the deadline cannot be met, or that
+the connection's retry hint has not passed, nothing else. Health and Info are never admitted, so never refused
+for load.
 
 Front ends call `open` (before reading), `read_message` (gRPC) or `read_chunks` (HTTP), hand the `Ticket` to
 `EmbeddingCore`, which calls `check_texts_wait`, `check_wait` and `Ticket.tokenized` once the texts are
@@ -29,6 +31,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 WAIT_SAFETY = 1.5
 """A call is admitted only if its estimated wait, times this, fits in its deadline: the estimate assumes the
@@ -42,8 +45,15 @@ REMEMBERED_CONNECTIONS = 4096
 """Connections with a retry hint pending are forgotten once their hint has passed, checked when this many are
 remembered."""
 
-WaitEstimate = Callable[[int], "float | None"]
-"""Seconds until a request of n tokens would be computed behind the queued work; None while unknown."""
+class QueuedWork(Protocol):
+    """What admission asks of the queue (the batcher answers)."""
+
+    def estimated_wait_s(self, tokens: int) -> float | None:
+        """Seconds until a request of `tokens` tokens would be computed behind the queued work; None: unknown."""
+
+    def delays_past_deadline(self, tokens: int, safety: float) -> float | None:
+        """Seconds until a queued request that a newcomer of `tokens` tokens would make late is computed; None
+        when it would make none late."""
 
 
 @dataclass(frozen=True)
@@ -120,12 +130,12 @@ class Ticket:
 
 
 class Admission:
-    """The admission policy above; `wait_estimate` is set once the model serves (the batcher's)."""
+    """The admission policy above; `queue` is set once the model serves (the batcher)."""
 
     def __init__(self, limits: AdmissionLimits) -> None:
         self.limits = limits
         self.budget = ByteBudget(limits.max_pending_bytes)
-        self.wait_estimate: WaitEstimate | None = None
+        self.queue: QueuedWork | None = None
         self._retry_at: dict[str, float] = {}  # connection -> time.monotonic() its retry hint passes
 
     def open(self, timeout_s: float | None, reserve: int = 0, connection: str | None = None) -> Ticket:
@@ -149,9 +159,9 @@ class Admission:
         return Ticket(self.budget, time.monotonic() + timeout_s)
 
     def check_wait(self, ticket: Ticket, tokens: int) -> None:
-        """Overloaded (with the estimated wait as the retry hint) if `tokens` cannot be computed before the
-        ticket's deadline behind the work queued now."""
-        wait = None if self.wait_estimate is None else self.wait_estimate(tokens)
+        """Overloaded (with an estimated wait as the retry hint) if `tokens` cannot be computed before the
+        ticket's deadline behind the work queued now, or if computing them first would make a queued call late."""
+        wait = None if self.queue is None else self.queue.estimated_wait_s(tokens)
         if wait is None:
             return
         remaining = ticket.remaining_s()
@@ -159,6 +169,10 @@ class Admission:
             raise Overloaded(f"the queued work would take about {wait:.2f} s before this call's {tokens} tokens "
                              f"are computed, and its deadline is {max(remaining, 0.0):.2f} s away",
                              retry_after_s=wait)
+        endangered = self.queue.delays_past_deadline(tokens, WAIT_SAFETY)
+        if endangered is not None:
+            raise Overloaded(f"this call's {tokens} tokens, served first, would make a call queued earlier miss its "
+                             f"deadline; it is done in about {endangered:.2f} s", retry_after_s=endangered)
 
     def refused(self, connection: str | None, exc: Exception) -> float:
         """A call on `connection` is answered RESOURCE_EXHAUSTED because of `exc`: its retry hint in seconds

@@ -302,7 +302,7 @@ class EmbeddingServer:
                                max_wait_ms=cfg.max_wait_ms, max_queue_tokens=cfg.max_queue_tokens,
                                max_request_tokens=cfg.queue_tokens_for(info.max_length) // QUEUE_REQUESTS,
                                max_failures=cfg.max_failures, on_batch=self.metrics.on_batch,
-                               on_health=self._on_batch_health)
+                               on_health=self._on_batch_health, on_idle=self.embedder.release_memory)
         if warmup_batch:
             self.batcher.record_batch(*warmup_batch)
         self.metrics.watch_queue(self.batcher)

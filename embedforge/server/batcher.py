@@ -38,7 +38,12 @@ batches of at least min_batch_tokens real tokens only (a lone short query is mos
 would make long work look several times slower than it runs); the server starts it from its warm-up batch. Under least
 attained service a request of n tokens finishes once every queued request has had up to n tokens of service,
 so `estimated_wait_s(n)` = (n + sum of min(queued tokens of each request, n)) / throughput, plus one batch's
-time while batches run.
+time while batches run. The newcomer overtakes queued requests by as much, so `delays_past_deadline(n)` says
+whether admitting it would make a queued request late that would otherwise finish in time.
+
+Memory: a backend keeps the working memory of its largest batch for the next one (allocating it again costs
+each batch time); `on_idle`, run in a worker thread once nothing has been queued for IDLE_RELEASE_S after a
+batch, is where it gives that memory back, so a burst's memory leaves when the burst ends, not after every batch.
 
 Health: after `max_failures` failed batches in a row `healthy` turns False (and `on_health(False)` is called);
 the next successful batch turns it back. A worker task that dies is logged and replaced. `stop(timeout)`
@@ -68,6 +73,7 @@ WINDOW_BATCHES = 4  # how many batches' worth of queued tokens are sorted togeth
 WIDEN_LIMIT = 4  # a chunk is closed before a text over 4x its longest (a short text does not wait for long ones)
 AGEING_EVERY = 4  # every 4th batch serves the oldest request (no request starves)
 RATE_SMOOTHING = 0.2  # weight of the newest batch in the throughput average
+IDLE_RELEASE_S = 1.0  # on_idle runs once the queue has been empty this long after a batch
 
 
 def _smooth(average: float | None, sample: float) -> float:
@@ -195,7 +201,8 @@ class Batcher:
     def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int, min_batch_tokens: int, max_wait_ms: float,
                  max_queue_tokens: int, max_failures: int, workers: int = 1, max_request_tokens: int | None = None,
                  on_batch: Callable[[BatchStats], None] | None = None,
-                 on_health: Callable[[bool], None] | None = None) -> None:
+                 on_health: Callable[[bool], None] | None = None,
+                 on_idle: Callable[[], None] | None = None) -> None:
         """The limits are explained above; the server takes them from `embedforge.server.config.ServeConfig`.
         max_request_tokens: the most one request may queue (None: max_queue_tokens)."""
         max_request_tokens = max_request_tokens or max_queue_tokens
@@ -211,6 +218,8 @@ class Batcher:
         self.max_failures = max_failures
         self._on_batch = on_batch
         self._on_health = on_health
+        self._on_idle = on_idle
+        self._idle_due = on_idle is not None  # batches ran since on_idle last did (the warm-up counts)
         self.workers = workers
         self.tokens_per_s: float | None = None  # recent throughput (see the module docstring); None: no batch yet
         self._batch_s = 0.0  # recent seconds per batch
@@ -237,6 +246,32 @@ class Batcher:
             return None
         ahead = tokens + sum(min(request.queued_tokens, tokens) for request in self._requests)
         return ahead / self.tokens_per_s + (self._batch_s if self._in_flight else 0.0)
+
+    def delays_past_deadline(self, tokens: int, safety: float) -> float | None:
+        """Whether a new request of `tokens` tokens would make a queued request miss its deadline: the seconds
+        until the first such request is computed (a retry hint), else None (and None until a batch has been
+        timed). Served least attained service first, the newcomer overtakes queued request r for up to
+        min(tokens, F_r) tokens, where F_r = r's served + queued tokens; r itself finishes after
+        sum over queued requests q of min(queued tokens of q, F_r - served of q, 0 at least). A request counts
+        when its wait, times `safety`, fits in the time it has left without the newcomer and not with it."""
+        if self.tokens_per_s is None:
+            return None
+        now = time.monotonic()
+        extra_s = self._batch_s if self._in_flight else 0.0
+        whole_queue_s = (self._queued_tokens + tokens) / self.tokens_per_s + extra_s
+        deadlines = [r.deadline for r in self._requests if r.deadline is not None]
+        if not deadlines or (min(deadlines) - now) >= whole_queue_s * safety:
+            return None  # the whole queue and the newcomer fit before the nearest deadline
+        for request in self._requests:
+            if request.deadline is None or request.future.done():
+                continue
+            finish = request.served + request.queued_tokens
+            ahead = sum(min(other.queued_tokens, max(0, finish - other.served)) for other in self._requests)
+            wait_s = ahead / self.tokens_per_s + extra_s
+            delay_s = min(tokens, finish) / self.tokens_per_s
+            if wait_s * safety <= request.deadline - now < (wait_s + delay_s) * safety:
+                return wait_s
+        return None
 
     @property
     def queued_texts(self) -> int:
@@ -332,6 +367,7 @@ class Batcher:
                     self._deliver(batch, vectors, seconds)
                     self._on_outcome(ok=True)
                     self.record_batch(sum(it.length for it in batch), seconds, running)
+                    self._idle_due = self._on_idle is not None
             except Exception as exc:  # one failing batch fails only its own requests
                 ids = sorted({it.request.request_id for it in batch})
                 log.error("event=batch_failed size=%d request_ids=%s error=%r", len(batch), ",".join(ids), exc)
@@ -391,7 +427,13 @@ class Batcher:
             self._drop_dead()
             if not self._requests:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                if self._idle_due:
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), IDLE_RELEASE_S)
+                    except asyncio.TimeoutError:
+                        await self._run_on_idle()
+                else:
+                    await self._wakeup.wait()
                 idle = True
                 continue
             if not idle and self._queued_tokens < self.min_batch_tokens:
@@ -404,6 +446,16 @@ class Batcher:
                         idle = True  # waited long enough: run what is there
                     continue
             return self._take_batch()
+
+    async def _run_on_idle(self) -> None:
+        """on_idle in a worker thread, once per idle spell (several workers may time out together)."""
+        if not self._idle_due:
+            return
+        self._idle_due = False
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._on_idle)
+        except Exception as exc:  # giving memory back is best effort; serving goes on
+            log.warning("event=on_idle_failed error=%r", exc)
 
     def _drop_dead(self) -> None:
         """Remove queued requests that are finished (cancelled, failed) or past their deadline."""

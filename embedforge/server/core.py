@@ -196,7 +196,7 @@ class EmbeddingCore:
         """Serve calls with this (loaded, warmed-up) model and its running batcher."""
         self.embedder = embedder
         self.batcher = batcher
-        self.admission.wait_estimate = batcher.estimated_wait_s
+        self.admission.queue = batcher
 
     def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False)

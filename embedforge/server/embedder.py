@@ -57,6 +57,10 @@ class Embedder(Protocol):
         False (the servicer L2-normalises them); called from a worker thread. alone: no other batch is running
         or waiting (the batcher's hint), so this one may use every core."""
 
+    def release_memory(self) -> None:
+        """Give memory kept from past batches back to the system; called from a worker thread once the server
+        is idle (the batcher's on_idle)."""
+
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """v / max(||v||_2, 1e-12) per row, in place."""

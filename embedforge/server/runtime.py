@@ -158,7 +158,8 @@ class OnnxEmbedder:
         self.dim = int(manifest["dim"])
         self._input_names = list(manifest["inputs"])
         self._output_name = manifest.get("unnormalized_output") or manifest["output"]
-        self._run_options = shrinking_run()  # a run gives its arena memory back when it ends
+        self._shrinking_run = shrinking_run()  # for release_memory
+        self._used_sessions: dict[int, ort.InferenceSession] = {}  # run since the last release_memory
         provider_name = choose_provider(provider)
         precision = choose_precision(precision, list(manifest["models"]), provider_name)
         manifest_path = model_dir / "manifest.json"
@@ -271,12 +272,23 @@ class OnnxEmbedder:
         with self._lock:
             session = pair[0] if alone and self._running == 0 else pair[1]
             self._running += 1
+            self._used_sessions[id(session)] = session
         try:
-            (vectors,) = session.run([self._output_name], feeds, self._run_options)
+            (vectors,) = session.run([self._output_name], feeds)
         finally:
             with self._lock:
                 self._running -= 1
         return np.asarray(vectors, dtype=np.float32)
+
+    def release_memory(self) -> None:
+        """Give the memory arenas' unused blocks back to the system (the batcher calls this once it is idle).
+        ONNX Runtime shrinks an arena only as a run ends, so each session used since the last release runs
+        one empty text with arena shrinkage; shrinking after every batch instead cost 5-15% of throughput."""
+        with self._lock:
+            sessions, self._used_sessions = list(self._used_sessions.values()), {}
+        feeds = self._feeds(self.tokenize([""]).ids)
+        for session in sessions:
+            session.run([self._output_name], feeds, self._shrinking_run)
 
     def _feeds(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
         input_ids, mask = pad_token_ids(batch)
@@ -292,6 +304,7 @@ class OnnxEmbedder:
             sessions = (self.session, self._shared_session, *(self._unpadded or ()))
             for session in {id(s): s for s in sessions}.values():
                 session.run([self._output_name], self._feeds(tokenized.ids))
+                self._used_sessions[id(session)] = session
         started = time.perf_counter()
         self.session.run([self._output_name], self._feeds(tokenized.ids))
         return int(sum(tokenized.lengths)), time.perf_counter() - started
