@@ -13,8 +13,9 @@ Phases, --phase-s seconds each, a bystander (a process of its own) sending one s
 Attackers send each call once (a refused call is counted, and the client sends its next call 50 ms later).
 Printed per phase: the server's peak RSS, the bystander's calls and p50/p99 (and where its slowest calls spent
 their time, from the timing the server returns), the attackers' statuses (DEADLINE_EXCEEDED split into bodies
-the server dropped and calls the server admitted that then ran out of time), how fast refusals came back (client
-side, and server side from its metrics) and the server's batches' mean time, beside the duration of one
+the server dropped and calls the server admitted that then ran out of time), how fast refusals came back (to the
+attackers, whose one process pushes every flood body; to a prober in the bystander's process sending the same
+call every 0.5 s; and server side from its metrics) and the server's batches' mean time, beside the duration of one
 full-budget batch (the default --max-batch-tokens in 512-token texts, on the session a batch uses under load).
 Targets (issue 25): slow clients: every bystander call through, p99 <= 2x the quiet p99, RSS <= quiet + 256 MB;
 floods: RSS <= quiet + 1 GB, bystander p50 <= 0.5x and p99 <= 1.5x one full-budget batch, no admitted call past
@@ -56,7 +57,8 @@ def export_fp32(workdir: Path) -> Path:
     from embedforge.model import BertVectorModel
 
     checkpoint = workdir / "checkpoint-step-0"
-    BertVectorModel.from_base(None).save_pretrained(checkpoint)
+    # max_length 512, the server's longest inputs: at the bundled model's own 256 every document is cut to one length
+    BertVectorModel.from_base(None, max_length=512).save_pretrained(checkpoint)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 0, "val_loss": None}))
     print("exporting the bundled model (fp32) ...", flush=True)
     export_checkpoint(checkpoint, workdir / "export", precisions=("fp32",), parity_texts=["a short text"] * 8)
@@ -148,10 +150,38 @@ async def bystander(target: str, stop: float) -> tuple[list[tuple[float, ...]], 
     return calls, codes
 
 
-def bystander_process(target: str, stop: float, results) -> None:
-    """The bystander in a process of its own, so that its latency is the server's, not that of a client
-    process busy sending the attackers' bodies."""
-    results.put(asyncio.run(bystander(target, stop)))
+async def prober(target: str, stop: float, method: str, body: bytes) -> tuple[list[float], collections.Counter]:
+    """One attacker's call every 0.5 s on a connection of its own, each sent once: (seconds to each refusal,
+    status counts). How fast a refusal reaches a client whose own process is not also sending the flood."""
+    import grpc
+
+    refusals: list[float] = []
+    codes: collections.Counter = collections.Counter()
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        call = channel.unary_unary(f"/embedforge.v1.EmbeddingService/{method}", **IDENTITY)
+        while time.time() < stop:
+            started = time.monotonic()
+            try:
+                await call(body, timeout=30)
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refusals.append(time.monotonic() - started)
+            await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+    return refusals, codes
+
+
+def bystander_process(target: str, stop: float, probe: tuple[str, bytes] | None, results) -> None:
+    """The bystander (and the prober, with `probe` = (method, body)) in a process of their own, so that their
+    latency is the server's, not that of a client process busy sending the attackers' bodies."""
+    async def both():
+        probing = prober(target, stop, *probe) if probe else asyncio.sleep(0, ([], collections.Counter()))
+        return await asyncio.gather(bystander(target, stop), probing)
+
+    (calls, codes), (refusals, probe_codes) = asyncio.run(both())
+    results.put((calls, codes, refusals, probe_codes))
 
 
 async def attacker(channel, method: str, body: bytes, stop: float, codes: collections.Counter,
@@ -267,6 +297,7 @@ async def run_phases(target: str, http_port: int, sampler: RssSampler, args: arg
                ("grpc.use_local_subchannel_pool", 1)]
     channels: list = []
     slow_grpc = args.slow_clients // 2
+    probes = [None, None, ("Embed", flood_body), ("Score", score_body)]  # the phase's attacker call, probed
     phases = [("bystander alone", lambda stop, codes, refusals: []),
               (f"+ {args.slow_clients} slow clients ({args.slow_clients - slow_grpc} HTTP, {slow_grpc} gRPC) "
                "holding incomplete bodies",
@@ -282,20 +313,21 @@ async def run_phases(target: str, http_port: int, sampler: RssSampler, args: arg
                                               for i in range(args.documenters)])]
     rows = []
     try:
-        for name, attackers in phases:
+        for (name, attackers), probe in zip(phases, probes, strict=True):
             channels[:] = [grpc.aio.insecure_channel(target, options=options)
                            for _ in range(max(args.flooders, args.documenters, args.slow_clients, 1))]
             sampler.take()
             stop = time.monotonic() + args.phase_s
             spawn = multiprocessing.get_context("spawn")
             results = spawn.Queue()
-            watcher = spawn.Process(target=bystander_process, args=(target, time.time() + args.phase_s, results))
+            watcher = spawn.Process(target=bystander_process, args=(target, time.time() + args.phase_s, probe,
+                                                                              results))
             watcher.start()
             at_codes: collections.Counter = collections.Counter()
             refusals: list[float] = []
             metrics_before = server_metrics(metrics_port)
             await asyncio.gather(*attackers(stop, at_codes, refusals))
-            calls, by_codes = await asyncio.to_thread(results.get, timeout=120)  # the loop keeps running
+            calls, by_codes, probe_refusals, probe_codes = await asyncio.to_thread(results.get, timeout=120)
             latencies = [call[0] for call in calls]
             watcher.join()
             rows.append({"phase": name, "peak_rss_mb": sampler.take() / 1e6, "bystander_calls": by_codes["OK"],
@@ -305,6 +337,7 @@ async def run_phases(target: str, http_port: int, sampler: RssSampler, args: arg
                          "p99_s": float(np.quantile(latencies, 0.99)) if latencies else float("nan"),
                          "slowest_calls": slowest_breakdown(calls), "attackers": dict(at_codes),
                          "refusal_p90_ms": ms(refusals, 0.9), "refusal_max_ms": ms(refusals, 1.0),
+                         "probe": dict(probe_codes), "probe_refusal_p90_ms": ms(probe_refusals, 0.9),
                          **phase_metrics(metrics_before, server_metrics(metrics_port))})
             print(json.dumps(rows[-1]), flush=True)
             await asyncio.sleep(2)  # let the last attackers' calls finish before the next phase
@@ -367,14 +400,16 @@ def main() -> None:
           f"session): {batch_s * 1e3:.0f} ms; server alive after the floods: {alive}\n")
     quiet = rows[0]["peak_rss_mb"]
     print("| load | peak RSS | bystander calls | p50 | p99 | p99 / quiet p99 | p50 / batch | p99 / batch | "
-          "attackers | refusal p90 (client) | refused within 100 ms (server) | batches (server) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "attackers | refusal p90 (attackers) | probe | refusal p90 (probe) | refused within 100 ms (server) | "
+          "batches (server) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['phase']} | {row['peak_rss_mb']:.0f} MB (+{row['peak_rss_mb'] - quiet:.0f}) | "
               f"{row['bystander_calls']} {row['bystander_errors'] or ''} | {row['p50_ms']} ms | {row['p99_ms']} ms | "
               f"{row['p99_s'] / rows[0]['p99_s']:.2f} | "
               f"{row['p50_s'] / batch_s:.2f} | {row['p99_s'] / batch_s:.2f} | {row['attackers'] or '-'} | "
-              f"{row['refusal_p90_ms']} ms | {row['server_refusals_within_100ms']} "
+              f"{row['refusal_p90_ms']} ms | {row['probe'] or '-'} | {row['probe_refusal_p90_ms']} ms | "
+              f"{row['server_refusals_within_100ms']} "
               f"({row['server_refusals_within_1s']} within 1 s) | {row['server_batches']} |")
     path = write_result("hostile_load", {"headline": headline(rows, batch_s), "batch_s": batch_s,
                                          "server_alive": alive, "phases": rows})
