@@ -162,13 +162,7 @@ async def prober(target: str, stop: float, method: str, body: bytes) -> tuple[li
         call = channel.unary_unary(f"/embedforge.v1.EmbeddingService/{method}", **IDENTITY)
         while time.time() < stop:
             started = time.monotonic()
-            try:
-                await call(body, timeout=30)
-                codes["OK"] += 1
-            except grpc.aio.AioRpcError as exc:
-                codes[exc.code().name] += 1
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    refusals.append(time.monotonic() - started)
+            await call_once(call, body, codes, refusals)
             await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
     return refusals, codes
 
@@ -189,18 +183,24 @@ async def attacker(channel, method: str, body: bytes, stop: float, codes: collec
     """Calls back to back, each sent once; a refused one is followed by the next call 50 ms later."""
     call = channel.unary_unary(f"/embedforge.v1.EmbeddingService/{method}", **IDENTITY)
     while time.monotonic() < stop:
-        started = time.monotonic()
-        try:
-            await call(body, timeout=30)
-            codes["OK"] += 1
-        except Exception as exc:
-            code = exc.code().name
-            if code == "DEADLINE_EXCEEDED":  # the server dropped a slow body, or an admitted call ran out of time
-                code += " (body dropped)" if "did not arrive" in (exc.details() or "") else " (admitted)"
-            codes[code] += 1
-            if code == "RESOURCE_EXHAUSTED":
-                refusals.append(time.monotonic() - started)
-                await asyncio.sleep(0.05)
+        if await call_once(call, body, codes, refusals) == "RESOURCE_EXHAUSTED":
+            await asyncio.sleep(0.05)
+
+
+async def call_once(call, body: bytes, codes: collections.Counter, refusals: list[float]) -> str:
+    """Send one call: its status is counted (and returned), a refusal's seconds kept in `refusals`."""
+    started = time.monotonic()
+    try:
+        await call(body, timeout=30)
+        code = "OK"
+    except Exception as exc:
+        code = exc.code().name
+        if code == "DEADLINE_EXCEEDED":  # the server dropped a slow body, or an admitted call ran out of time
+            code += " (body dropped)" if "did not arrive" in (exc.details() or "") else " (admitted)"
+        if code == "RESOURCE_EXHAUSTED":
+            refusals.append(time.monotonic() - started)
+    codes[code] += 1
+    return code
 
 
 async def slow_http_client(port: int, stop: float, codes: collections.Counter) -> None:
