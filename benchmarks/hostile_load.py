@@ -50,6 +50,10 @@ from embedforge.server.config import FIELD_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTE
 WORDS = ("the a is of to and in how what egg boil water pasta salt minutes bread bake oven coffee tea cup hot cold "
          "cook rice pan fry soup recipe kitchen knife onion garlic sauce sugar flour butter milk").split()
 IDENTITY = {"request_serializer": None, "response_deserializer": None}
+# Attackers' and the prober's channels: maximal bodies out, replies of any size in; each its own connection
+# (gRPC shares one between channels otherwise), as separate client processes would have.
+CLIENT_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20),
+                  ("grpc.use_local_subchannel_pool", 1)]
 
 
 def export_fp32(workdir: Path) -> Path:
@@ -157,8 +161,7 @@ async def prober(target: str, stop: float, method: str, body: bytes) -> tuple[li
 
     refusals: list[float] = []
     codes: collections.Counter = collections.Counter()
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    async with grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS) as channel:
         call = channel.unary_unary(f"/embedforge.v1.EmbeddingService/{method}", **IDENTITY)
         while time.time() < stop:
             started = time.monotonic()
@@ -291,10 +294,8 @@ async def run_phases(target: str, http_port: int, sampler: RssSampler, args: arg
                                       for _ in range(limits.max_texts_per_request)]).SerializeToString()
     documents = [words(rng, 3000) for _ in range(64)]  # ~600 tokens each
     score_body = build_score_request("how to boil an egg", documents).SerializeToString()
-    # One connection per client, as separate client processes would have (gRPC shares one otherwise), new ones
-    # for each phase: its attackers are other clients than the last phase's.
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20),
-               ("grpc.use_local_subchannel_pool", 1)]
+    # One connection per client (CLIENT_OPTIONS), new ones for each phase: its attackers are other clients than
+    # the last phase's.
     channels: list = []
     slow_grpc = args.slow_clients // 2
     probes = [None, None, ("Embed", flood_body), ("Score", score_body)]  # the phase's attacker call, probed
@@ -314,7 +315,7 @@ async def run_phases(target: str, http_port: int, sampler: RssSampler, args: arg
     rows = []
     try:
         for (name, attackers), probe in zip(phases, probes, strict=True):
-            channels[:] = [grpc.aio.insecure_channel(target, options=options)
+            channels[:] = [grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
                            for _ in range(max(args.flooders, args.documenters, args.slow_clients, 1))]
             sampler.take()
             stop = time.monotonic() + args.phase_s
